@@ -251,7 +251,7 @@ def field_docs(cls: type) -> dict[str, str]:
     tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
     body = tree.body[0].body  # type: ignore[attr-defined]
     docs: dict[str, str] = {}
-    for node, nxt in zip(body, body[1:]):
+    for node, nxt in zip(body, body[1:], strict=False):
         if (
             isinstance(node, ast.AnnAssign)
             and isinstance(node.target, ast.Name)
@@ -328,9 +328,7 @@ def make(cls: type, values: dict[str, Any]) -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)
     if unknown:
-        raise ConfigError(
-            f"unknown key {unknown[0]!r} for {cls.__name__}; allowed keys: {', '.join(sorted(names))}"
-        )
+        raise ConfigError(f"unknown key {unknown[0]!r} for {cls.__name__}; allowed keys: {', '.join(sorted(names))}")
     return cls(**{k: coerce(cls, k, v) for k, v in values.items()})
 
 

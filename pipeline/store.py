@@ -1,0 +1,504 @@
+"""The activation store, format version 1: the only module that knows how a store is laid out on disk.
+
+```
+run.zarr/                     Zarr v3 group; attrs["sae_store"]: format version, model, corpus, seq_len, sites,
+                              d_model, storage dtype, chunk_rows, shard_rows, codec, seed, tool version
+  activations/<site>          (n_rows, d_model); bfloat16 kept as uint16 bits (attr logical_dtype), or
+                              float16/float32; chunks (chunk_rows, d), one shard file per shard_rows rows
+  tokens    (n_rows,) int32   token id at the row
+  context   (n_rows,) int64   packed context the row came from
+  position  (n_rows,) int32   position inside that context
+  input_ids (n_contexts, seq_len) int32
+                              the packed contexts themselves, written by init, so array tasks need not
+                              re-read the corpus and rows map back to text
+  plan.json                   written last by init: the fingerprint of the settings, row and shard counts
+  markers/shard-NNNNN.json    one per finished shard, written atomically after its data: checksums, statistics
+  manifest.json               written by finalize: shard list with checksums, per-site statistics
+```
+Rows are numbered context-major (row = context·seq_len + position) and shard s owns rows
+[s·shard_rows, (s+1)·shard_rows); inside a shard they are stored in a seeded permutation. Shards are written
+whole (partial-shard writes from two processes corrupt data), and a reader trusts the manifest, never the mere
+presence of chunk files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+import zarr
+from zarr.codecs import BloscCodec
+
+from . import __version__, atomic
+from .errors import SaeError
+
+FORMAT_VERSION = 1
+META_ARRAYS = ("tokens", "context", "position")
+_META_DTYPES = {"tokens": "int32", "context": "int64", "position": "int32"}
+_STORAGE = {"bfloat16": np.dtype("uint16"), "float16": np.dtype("float16"), "float32": np.dtype("float32")}
+_TORCH = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+# Settings that decide a store's content; a rerun must match them all to resume.
+FINGERPRINT_KEYS = (
+    "model", "corpus", "seq_len", "n_contexts_max", "sites", "d_model", "dtype", "codec", "chunk_rows",
+    "shard_rows", "seed",
+)  # fmt: skip
+
+
+class SiteStats(NamedTuple):
+    """Whole-store statistics of one site, from the manifest."""
+
+    mean: torch.Tensor
+    """Mean activation vector [d_model], float32."""
+    mean_norm: float
+    """Mean L2 norm of the rows."""
+    variance: float
+    """Total variance: mean squared distance of a row from the mean vector."""
+    n_rows: int
+    """Rows the statistics cover."""
+
+
+class ChunkMeta(NamedTuple):
+    """Where the rows of one chunk came from."""
+
+    tokens: np.ndarray
+    """Token id at each row."""
+    context: np.ndarray
+    """Index of the packed context (row of `input_ids`) each row came from."""
+    position: np.ndarray
+    """Position of each row inside its context (0 is BOS)."""
+
+
+def default_chunk_rows(d_model: int) -> int:
+    """Largest power of two with at most 5 Mi values per chunk: 8192 rows at d=576, 4096 at d=768."""
+    return 1 << max(0, int(np.floor(np.log2(5 * 2**20 / d_model))))
+
+
+def to_storage(x: torch.Tensor, dtype: str) -> np.ndarray:
+    """Activations (any float dtype, any device) → numpy in the store's storage dtype."""
+    x = x.detach().to(_TORCH[dtype]).cpu()
+    if dtype == "bfloat16":
+        return x.view(torch.int16).numpy().view(np.uint16)
+    return x.numpy()
+
+
+def from_storage(a: np.ndarray, dtype: str) -> torch.Tensor:
+    """Stored numpy rows → torch tensor in the logical dtype (bf16 bits reinterpreted, no copy)."""
+    t = torch.from_numpy(np.ascontiguousarray(a).view(np.int16) if dtype == "bfloat16" else a)
+    return t.view(torch.bfloat16) if dtype == "bfloat16" else t
+
+
+def _codec(codec: str, itemsize: int) -> list:
+    if codec == "none":
+        return []
+    if codec == "blosc-zstd":
+        # zstd level 1 + byte shuffle: ~1.45x on bf16 activations at >1 GB/s; higher levels and bitshuffle
+        # cost far more time than they save space (DESIGN.md).
+        return [BloscCodec(typesize=itemsize, cname="zstd", clevel=1, shuffle="shuffle", blocksize=1 << 20)]
+    raise SaeError(f"unknown codec {codec!r}; use blosc-zstd or none")
+
+
+def _site_key(site: str) -> str:
+    return f"activations/{site}"
+
+
+def _digest(a: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()
+
+
+def _accumulate(x: torch.Tensor) -> dict[str, Any]:
+    x64 = x.double()
+    norms = x64.norm(dim=1)
+    return {
+        "n": int(x.shape[0]),
+        "sum": x64.sum(0).tolist(),
+        "sum_norm": float(norms.sum()),
+        "sum_sq": float((norms * norms).sum()),
+    }
+
+
+class Store:
+    """Read access to a store. `Store.open` needs a finalized store (one with manifest.json)."""
+
+    def __init__(self, path: Path, group: zarr.Group, meta: dict[str, Any], manifest: dict[str, Any] | None):
+        self.path = path
+        self.group = group
+        self.attrs = meta
+        self.manifest = manifest
+        self.sites: list[str] = list(meta["sites"])
+        self.d_model: int = int(meta["d_model"])
+        self.seq_len: int = int(meta["seq_len"])
+        self.dtype: str = meta["dtype"]
+        self.chunk_rows: int = int(meta["chunk_rows"])
+        self.shard_rows: int = int(meta["shard_rows"])
+        plan = _read_json(path / "plan.json") or {}
+        self.n_rows: int = int((manifest or plan).get("n_rows", 0))
+        self.n_contexts: int = int((manifest or plan).get("n_contexts", 0))
+        self._arrays: dict[str, zarr.Array] = {}
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, *, finalized: bool = True) -> Store:
+        """Open the store at `path`; SaeError if it is not a store, or (with `finalized`) not finished."""
+        path = Path(path)
+        meta = read_attrs(path)
+        manifest = _read_json(path / "manifest.json")
+        if finalized and manifest is None:
+            plan = _read_json(path / "plan.json")
+            if plan is None:
+                raise SaeError(f"store {path} was never initialised completely; rerun `sae harvest`")
+            done = len(_done_shards(path))
+            raise SaeError(
+                f"store {path} is not finished: {done} of {plan['n_shards']} shards are written and it has no "
+                "manifest.json; rerun the same `sae harvest` command (or `sae harvest --finalize`)"
+            )
+        return cls(path, zarr.open_group(path, mode="r"), meta, manifest)
+
+    def array(self, name: str) -> zarr.Array:
+        """A store array by name: a site, `tokens`, `context`, `position` or `input_ids`."""
+        if name not in self._arrays:
+            key = _site_key(name) if name in self.sites else name
+            if name not in self.sites and name not in (*META_ARRAYS, "input_ids"):
+                raise SaeError(f"store {self.path} has no site {name!r}; its sites: {', '.join(self.sites)}")
+            self._arrays[name] = self.group[key]  # type: ignore[assignment]
+        return self._arrays[name]
+
+    @property
+    def n_chunks(self) -> int:
+        return -(-self.n_rows // self.chunk_rows)
+
+    @property
+    def input_ids(self) -> zarr.Array:
+        """The packed contexts, [n_contexts, seq_len] int32."""
+        return self.array("input_ids")
+
+    def chunk_range(self, i: int) -> tuple[int, int]:
+        """Row range [start, stop) of chunk i."""
+        if not 0 <= i < self.n_chunks:
+            raise IndexError(f"chunk {i} out of range (store has {self.n_chunks})")
+        return i * self.chunk_rows, min((i + 1) * self.chunk_rows, self.n_rows)
+
+    def chunk_numpy(self, site: str, i: int) -> np.ndarray:
+        """Chunk i of `site` as stored (uint16 bits for bfloat16). One contiguous slice: integer-array reads
+        on sharded arrays are 10-20x slower."""
+        start, stop = self.chunk_range(i)
+        return self.array(site)[start:stop]  # type: ignore[return-value]
+
+    def chunk(self, site: str, i: int) -> torch.Tensor:
+        """Chunk i of `site` as a CPU tensor in the logical dtype ([rows, d_model])."""
+        return from_storage(self.chunk_numpy(site, i), self.dtype)
+
+    def chunk_meta(self, i: int) -> ChunkMeta:
+        """Token id, context and position of every row of chunk i."""
+        start, stop = self.chunk_range(i)
+        return ChunkMeta(*(self.array(n)[start:stop] for n in META_ARRAYS))  # type: ignore[arg-type]
+
+    def complete_chunks(self) -> list[int]:
+        """Chunks whose rows all lie in shards the manifest lists as complete."""
+        if self.manifest is None:
+            return []
+        rows = sorted((s["start"], s["stop"]) for s in self.manifest["shards"])
+        out = []
+        for i in range(self.n_chunks):
+            a, b = self.chunk_range(i)
+            if any(s <= a and b <= e for s, e in rows):
+                out.append(i)
+        return out
+
+    def stats(self, site: str, *, skip_bos: bool = False) -> SiteStats:
+        """Manifest statistics of `site` over all rows, or over the rows at position > 0."""
+        if self.manifest is None:
+            raise SaeError(f"store {self.path} has no manifest yet; finish the harvest first")
+        if site not in self.sites:
+            raise SaeError(f"store {self.path} has no site {site!r}; its sites: {', '.join(self.sites)}")
+        s = self.manifest["stats"][site]["no_bos" if skip_bos else "all"]
+        return SiteStats(torch.tensor(s["mean"], dtype=torch.float32), s["mean_norm"], s["variance"], s["n_rows"])
+
+    def disk_bytes(self) -> int:
+        """Bytes the store takes on disk."""
+        return sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
+
+
+# --------------------------------------------------------------------------------------------------
+# Writing: init (plan), whole-shard writes with markers, finalize (manifest).
+
+
+def read_attrs(path: Path) -> dict[str, Any]:
+    """The store attributes at `path`; SaeError when `path` is no store of ours."""
+    zj = _read_json(Path(path) / "zarr.json")
+    if zj is None or "sae_store" not in zj.get("attributes", {}):
+        raise SaeError(f"{path} is not an activation store (no zarr.json with sae_store attributes)")
+    meta = zj["attributes"]["sae_store"]
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise SaeError(
+            f"store {path} has format version {meta.get('format_version')}; this tool reads {FORMAT_VERSION}"
+        )
+    return meta
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+
+
+def _done_shards(path: Path) -> set[int]:
+    d = path / "markers"
+    return {int(p.stem.split("-")[1]) for p in d.glob("shard-*.json")} if d.is_dir() else set()
+
+
+def _marker_path(path: Path, s: int) -> Path:
+    return path / "markers" / f"shard-{s:05d}.json"
+
+
+@contextlib.contextmanager
+def _init_lock(path: Path) -> Iterator[None]:
+    # flock is released by the kernel when its holder dies, so a killed init never leaves a stale lock.
+    path.mkdir(parents=True, exist_ok=True)
+    with open(path / ".init.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _check_fingerprint(path: Path, meta: dict[str, Any]) -> None:
+    old = read_attrs(path)
+    diff = [k for k in FINGERPRINT_KEYS if old.get(k) != meta.get(k)]
+    if diff:
+        shown = "; ".join(f"{k}: store has {old.get(k)!r}, this run {meta.get(k)!r}" for k in diff)
+        raise SaeError(
+            f"{path} holds a store made with different settings ({shown}). Nothing was changed; pass "
+            "--overwrite to start afresh, or choose another --out"
+        )
+
+
+def _is_removable(path: Path) -> bool:
+    """Only an empty folder or something that is recognisably a store of ours may be deleted."""
+    if not path.exists():
+        return True
+    if path.is_dir() and not any(p.name != ".init.lock" for p in path.iterdir()):
+        return True
+    zj = _read_json(path / "zarr.json") if path.is_dir() else None
+    return bool(zj and "sae_store" in zj.get("attributes", {}))
+
+
+class StoreWriter:
+    """Write access to an initialised store: which shards exist, which are done, writing one whole shard."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.meta = read_attrs(path)
+        self.plan = _read_json(path / "plan.json")
+        self.group = zarr.open_group(path, mode="r+")
+        self.n_rows: int = self.plan["n_rows"]
+        self.n_shards: int = self.plan["n_shards"]
+        self.shard_rows: int = self.meta["shard_rows"]
+        self.seq_len: int = self.meta["seq_len"]
+
+    def shard_range(self, s: int) -> tuple[int, int]:
+        """Rows [start, stop) owned by shard s."""
+        return s * self.shard_rows, min((s + 1) * self.shard_rows, self.n_rows)
+
+    def task_shards(self, task: int = 0, n_tasks: int = 1) -> list[int]:
+        """The fixed, contiguous, shard-aligned slice of shards that array task `task` of `n_tasks` owns."""
+        if not 0 <= task < n_tasks:
+            raise SaeError(f"shard task {task} is not in 0..{n_tasks - 1}")
+        lo, hi = task * self.n_shards // n_tasks, (task + 1) * self.n_shards // n_tasks
+        return list(range(lo, hi))
+
+    def done(self) -> set[int]:
+        return _done_shards(self.path)
+
+    def permutation(self, s: int) -> np.ndarray:
+        """Seeded within-shard row order: stored row j of shard s is planned row start + perm[j]."""
+        start, stop = self.shard_range(s)
+        return np.random.default_rng([self.meta["seed"], s]).permutation(stop - start)
+
+    def write_shard(self, s: int, acts: dict[str, torch.Tensor], tokens: np.ndarray) -> None:
+        """Write shard s whole, then its marker. `acts[site]` and `tokens` hold the shard's rows in planned
+        (context-major) order; the within-shard permutation is applied here."""
+        start, stop = self.shard_range(s)
+        n = stop - start
+        perm = self.permutation(s)
+        rows = start + perm
+        meta = {
+            "tokens": np.asarray(tokens, dtype=np.int32)[perm],
+            "context": (rows // self.seq_len).astype(np.int64),
+            "position": (rows % self.seq_len).astype(np.int32),
+        }
+        marker: dict[str, Any] = {"shard": s, "start": start, "stop": stop, "checksums": {}, "stats": {}}
+        not_bos = torch.from_numpy(meta["position"] != 0)
+        for site in self.meta["sites"]:
+            x = acts[site]
+            if x.shape != (n, self.meta["d_model"]):
+                raise ValueError(f"shard {s} of {site}: got {tuple(x.shape)}, want {(n, self.meta['d_model'])}")
+            stored = to_storage(x[torch.from_numpy(perm)], self.meta["dtype"])
+            self.group[_site_key(site)][start:stop] = stored
+            marker["checksums"][site] = _digest(stored)
+            logical = from_storage(stored, self.meta["dtype"]).float()
+            marker["stats"][site] = {"all": _accumulate(logical), "no_bos": _accumulate(logical[not_bos])}
+        for name, a in meta.items():
+            self.group[name][start:stop] = a
+            marker["checksums"][name] = _digest(a)
+        (self.path / "markers").mkdir(exist_ok=True)
+        atomic.write_json(_marker_path(self.path, s), marker)
+
+
+def init_store(
+    path: str | os.PathLike, meta: dict[str, Any], contexts: Iterable[np.ndarray], *, overwrite: bool = False
+) -> StoreWriter:
+    """Create the store at `path` (or reopen it to resume) and return a writer.
+
+    `meta` holds the attributes (FINGERPRINT_KEYS among them); `contexts` yields the packed [seq_len] token
+    rows and is only consumed when the store is new. An existing store with other settings is refused and
+    left untouched; `overwrite` deletes it first. Safe to call from many array tasks at once: one of them
+    initialises under a lock, the others wait and reuse its plan.
+    """
+    path = Path(path)
+    meta = {"format_version": FORMAT_VERSION, **meta, "tool_version": __version__}
+    if path.exists() and not path.is_dir():
+        raise SaeError(f"{path} exists and is not a folder; choose another --out")
+    if overwrite:
+        if not _is_removable(path):
+            raise SaeError(f"{path} is not an activation store; refusing to delete it even with --overwrite")
+        shutil.rmtree(path, ignore_errors=True)
+    if (path / "plan.json").exists():
+        _check_fingerprint(path, meta)
+        return StoreWriter(path)
+    if not _is_removable(path):
+        raise SaeError(f"{path} exists and is not an activation store; choose another --out")
+    with _init_lock(path):
+        if (path / "plan.json").exists():  # another task finished init while we waited
+            _check_fingerprint(path, meta)
+            return StoreWriter(path)
+        zj = _read_json(path / "zarr.json")
+        if zj is not None:
+            # A previous init was killed before writing its plan; nothing in it is finished work.
+            _check_fingerprint(path, meta)
+            for p in path.iterdir():
+                if p.name != ".init.lock":
+                    shutil.rmtree(p) if p.is_dir() else p.unlink()
+        _create(path, meta, contexts)
+    return StoreWriter(path)
+
+
+def _create(path: Path, meta: dict[str, Any], contexts: Iterable[np.ndarray]) -> None:
+    seq_len, d = meta["seq_len"], meta["d_model"]
+    chunk_rows, shard_rows = meta["chunk_rows"], meta["shard_rows"]
+    if shard_rows % chunk_rows:
+        raise SaeError(f"shard_rows ({shard_rows}) must be a multiple of chunk_rows ({chunk_rows})")
+    group = zarr.open_group(path, mode="w", attributes={"sae_store": meta})
+    ctx_chunk = max(1, (1 << 20) // (4 * seq_len))
+    ids = group.create_array(
+        "input_ids",
+        shape=(0, seq_len),
+        chunks=(ctx_chunk, seq_len),
+        dtype="int32",
+        compressors=_codec("blosc-zstd", 4),
+    )
+    buf: list[np.ndarray] = []
+    n = 0
+
+    def flush() -> None:
+        nonlocal n
+        block = np.stack(buf).astype(np.int32)
+        ids.resize((n + len(block), seq_len))
+        ids[n : n + len(block)] = block
+        n += len(block)
+        buf.clear()
+
+    cap = meta.get("n_contexts_max")
+    for row in contexts:
+        if len(row) != seq_len:
+            raise ValueError(f"context of length {len(row)}, expected {seq_len}")
+        buf.append(row)
+        if len(buf) == ctx_chunk:
+            flush()
+        if cap is not None and n + len(buf) >= cap:
+            break
+    if buf:
+        flush()
+    if n == 0:
+        shutil.rmtree(path / "input_ids", ignore_errors=True)
+        raise SaeError("the corpus gave no context: it is empty or shorter than one --seq-len context")
+    n_rows = n * seq_len
+    storage = _STORAGE[meta["dtype"]]
+    for site in meta["sites"]:
+        group.create_array(
+            _site_key(site), shape=(n_rows, d), chunks=(chunk_rows, d), shards=(shard_rows, d),
+            dtype=storage, compressors=_codec(meta["codec"], storage.itemsize), fill_value=0,
+            attributes={"logical_dtype": meta["dtype"]},
+        )  # fmt: skip
+    for name in META_ARRAYS:
+        group.create_array(
+            name, shape=(n_rows,), chunks=(chunk_rows,), shards=(shard_rows,), dtype=_META_DTYPES[name],
+            compressors=_codec("blosc-zstd", np.dtype(_META_DTYPES[name]).itemsize), fill_value=0,
+        )  # fmt: skip
+    plan = {
+        "n_contexts": n,
+        "n_rows": n_rows,
+        "n_shards": -(-n_rows // shard_rows),
+        "fingerprint": {k: meta.get(k) for k in FINGERPRINT_KEYS},
+    }
+    atomic.write_json(path / "plan.json", plan)
+
+
+def finalize(path: str | os.PathLike) -> Store:
+    """Check every shard's marker against the plan and write manifest.json; SaeError listing what is missing."""
+    path = Path(path)
+    read_attrs(path)
+    plan = _read_json(path / "plan.json")
+    if plan is None:
+        raise SaeError(f"store {path} has no plan.json: its init step never finished; rerun `sae harvest`")
+    writer = StoreWriter(path)
+    missing = [s for s in range(plan["n_shards"]) if s not in writer.done()]
+    if missing:
+        shown = ", ".join(map(str, missing[:20])) + (" ..." if len(missing) > 20 else "")
+        raise SaeError(
+            f"store {path}: {len(missing)} of {plan['n_shards']} shards are not finished (shards {shown}); "
+            "rerun their harvest tasks, then finalize again"
+        )
+    shards, totals = [], {}
+    for s in range(plan["n_shards"]):
+        m = _read_json(_marker_path(path, s))
+        if (m["start"], m["stop"]) != writer.shard_range(s):
+            raise SaeError(f"store {path}: marker of shard {s} covers rows {m['start']}..{m['stop']}, not the plan's")
+        shards.append({"index": s, "start": m["start"], "stop": m["stop"], "checksums": m["checksums"]})
+        for site, parts in m["stats"].items():
+            for part, acc in parts.items():
+                t = totals.setdefault(site, {}).setdefault(part, {"n": 0, "sum": 0.0, "sum_norm": 0.0, "sum_sq": 0.0})
+                t["n"] += acc["n"]
+                t["sum"] = t["sum"] + np.asarray(acc["sum"])
+                t["sum_norm"] += acc["sum_norm"]
+                t["sum_sq"] += acc["sum_sq"]
+    stats = {}
+    for site, parts in totals.items():
+        stats[site] = {}
+        for part, t in parts.items():
+            n = max(t["n"], 1)
+            mean = np.asarray(t["sum"]) / n
+            stats[site][part] = {
+                "n_rows": t["n"],
+                "mean": mean.tolist(),
+                "mean_norm": t["sum_norm"] / n,
+                "variance": max(t["sum_sq"] / n - float(mean @ mean), 0.0),
+            }
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "n_rows": plan["n_rows"],
+        "n_contexts": plan["n_contexts"],
+        "shards": shards,
+        "stats": stats,
+    }
+    atomic.write_json(path / "manifest.json", manifest)
+    return Store.open(path)
