@@ -114,15 +114,20 @@ def _digest(a: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()
 
 
-def _accumulate(x: torch.Tensor) -> dict[str, Any]:
-    x64 = x.double()
-    norms = x64.norm(dim=1)
-    return {
-        "n": int(x.shape[0]),
-        "sum": x64.sum(0).tolist(),
-        "sum_norm": float(norms.sum()),
-        "sum_sq": float((norms * norms).sum()),
-    }
+def _accumulate(x: torch.Tensor, keep: torch.Tensor, block: int = 65536) -> dict[str, Any]:
+    """Sums for the mean vector, mean norm and variance of the rows of `x` where `keep`, in float64 blocks
+    (a whole shard in float64 would take gigabytes)."""
+    total = torch.zeros(x.shape[1], dtype=torch.float64)
+    sum_norm = sum_sq = 0.0
+    n = 0
+    for i in range(0, x.shape[0], block):
+        xb = x[i : i + block][keep[i : i + block]].double()
+        norms = xb.norm(dim=1)
+        total += xb.sum(0)
+        sum_norm += float(norms.sum())
+        sum_sq += float((norms * norms).sum())
+        n += xb.shape[0]
+    return {"n": n, "sum": total.tolist(), "sum_norm": sum_norm, "sum_sq": sum_sq}
 
 
 class Store:
@@ -337,6 +342,7 @@ class StoreWriter:
             "position": (rows % self.seq_len).astype(np.int32),
         }
         marker: dict[str, Any] = {"shard": s, "start": start, "stop": stop, "checksums": {}, "stats": {}}
+        everything = torch.ones(n, dtype=torch.bool)
         not_bos = torch.from_numpy(meta["position"] != 0)
         for site in self.meta["sites"]:
             x = acts[site]
@@ -345,8 +351,8 @@ class StoreWriter:
             stored = to_storage(x[torch.from_numpy(perm)], self.meta["dtype"])
             self.group[_site_key(site)][start:stop] = stored
             marker["checksums"][site] = _digest(stored)
-            logical = from_storage(stored, self.meta["dtype"]).float()
-            marker["stats"][site] = {"all": _accumulate(logical), "no_bos": _accumulate(logical[not_bos])}
+            logical = from_storage(stored, self.meta["dtype"])
+            marker["stats"][site] = {"all": _accumulate(logical, everything), "no_bos": _accumulate(logical, not_bos)}
         for name, a in meta.items():
             self.group[name][start:stop] = a
             marker["checksums"][name] = _digest(a)
