@@ -96,9 +96,9 @@ def harvest(**kwargs: Any) -> None:
     Resumable: rerunning the same command skips finished shards. For array jobs, each task runs with
     --shard i/N and a last step runs --finalize.
     """
+    cfg = _run(lambda: build(HarvestConfig, kwargs))
     from .harvest import harvest as run_harvest
 
-    cfg = build(HarvestConfig, kwargs)
     _run(lambda: run_harvest(cfg))
 
 
@@ -106,9 +106,9 @@ def harvest(**kwargs: Any) -> None:
 @config_options(TrainConfig, arguments={"store": {"type": click.Path(path_type=Path)}})
 def train(**kwargs: Any) -> None:
     """Train sparse autoencoders on one site of STORE; a sweep (comma lists) reads the data once."""
+    cfg = _run(lambda: build(TrainConfig, kwargs))
     from .train import train as run_train
 
-    cfg = build(TrainConfig, kwargs)
     _run(lambda: run_train(cfg))
 
 
@@ -116,9 +116,9 @@ def train(**kwargs: Any) -> None:
 @config_options(EvalConfig, arguments={"sae_dirs": {"nargs": -1, "required": True, "type": click.Path(path_type=Path)}})
 def eval_(**kwargs: Any) -> None:
     """Splice SAE_DIRS into the LM on held-out text; write report.json, report.md and plots to --out."""
+    cfg = _run(lambda: build(EvalConfig, kwargs))
     from .evaluate import evaluate as run_eval
 
-    cfg = build(EvalConfig, kwargs)
     _run(lambda: run_eval(cfg))
 
 
