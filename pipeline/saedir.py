@@ -1,0 +1,686 @@
+"""The SAE directory (SAELens layout) and the inference-time `SparseAutoencoder` shared by train and eval.
+
+```
+<sae dir>/
+  cfg.json                  SAELens 6 config: architecture (jumprelu | topk | standard), d_in, d_sae, dtype,
+                            device, apply_b_dec_to_input, normalize_activations ("none"), reshape_activations,
+                            k (topk), metadata {sae_lens_version, model_name, hook_name, ... our keys}
+  sae_weights.safetensors   W_enc [d_in, d_sae], W_dec [d_sae, d_in], b_enc [d_sae], b_dec [d_in],
+                            threshold [d_sae] (jumprelu only)
+```
+`sae_lens.SAE.load_from_disk(dir)` loads it unchanged: SAELens reads the top-level fields of its config class,
+ignores unknown top-level keys and keeps every `metadata` key as an attribute of `cfg.metadata`, so our own
+fields live there (see `SaeConfig`). Weights are in raw activation units: the dataset-level input scale used in
+training is folded in on export, so `normalize_activations` is "none".
+
+How each trained architecture is written:
+| trained as | architecture | encode (inference) |
+|---|---|---|
+| batchtopk | jumprelu, threshold = θ·1 | a = relu(pre)·1[pre > θ]; `encode_batch` keeps the k·B largest |
+| topk | topk, k | the k largest of relu(pre) in each row |
+| relu (L1) | standard | relu(pre) |
+| jumprelu | jumprelu, per-latent threshold | relu(pre)·1[pre > θ_i] |
+with pre = (x − b_dec)·W_enc + b_enc (b_dec subtracted when apply_b_dec_to_input, as SAELens does).
+
+Writes are atomic: a complete directory is built beside the target and renamed over it; a kill leaves the
+old directory or the new one, never a half-written one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from . import __version__
+from .errors import SaeError
+
+CFG_FILE = "cfg.json"
+"""SAELens' config file name."""
+
+WEIGHTS_FILE = "sae_weights.safetensors"
+"""SAELens' weights file name."""
+
+ARCHITECTURES = ("jumprelu", "topk", "standard")
+"""Inference architectures (SAELens names) that `load_sae` reads and `save_sae` writes."""
+
+TRAINED_AS = {"batchtopk": "jumprelu", "topk": "topk", "relu": "standard", "jumprelu": "jumprelu"}
+"""The SAELens architecture each of our training architectures is exported as."""
+
+SAE_LENS_FORMAT_VERSION = "6.0.0"
+"""Written as metadata.sae_lens_version: SAELens treats configs without one (or older than 6.0) as pre-6.0
+and rebuilds their metadata from top-level keys, dropping ours. It names the config format, not a tool run."""
+
+_SAELENS_RESERVED = {"get", "keys", "values", "items", "to_dict", "from_dict"}
+# SAELens turns every metadata key into an attribute of its SAEMetadata; these would shadow its methods.
+
+CHECKPOINT_DIR = "checkpoint"
+"""Folder of training checkpoints under `TrainConfig.out` (written by sae.train.checkpoint)."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Config
+
+
+@dataclass
+class SaeConfig:
+    """What cfg.json says about an SAE. Fields SAELens knows are written where SAELens reads them; the rest
+    go into cfg.json's `metadata`, which SAELens keeps but does not interpret."""
+
+    architecture: str
+    """Inference architecture, SAELens' name: jumprelu (BatchTopK is exported as one), topk or standard."""
+
+    d_in: int
+    """Input width (the site's d_model)."""
+
+    d_sae: int
+    """Number of latents F."""
+
+    k: float | None = None
+    """topk: latents kept per row. BatchTopK-trained: mean latents per row, used by `encode_batch`."""
+
+    dtype: str = "float32"
+    """Dtype of the stored weights."""
+
+    apply_b_dec_to_input: bool = True
+    """Subtract b_dec from the input before encoding (always true for ours)."""
+
+    rescale_acts_by_decoder_norm: bool = False
+    """SAELens topk option (foreign directories only): select and decode with pre-activations scaled by the
+    decoder row norms."""
+
+    model_name: str | None = None
+    """Model the SAE reads (SAELens metadata.model_name)."""
+
+    hook_name: str | None = None
+    """Site, TransformerLens name such as `blocks.6.hook_resid_post` (SAELens metadata.hook_name)."""
+
+    training_architecture: str | None = None
+    """How it was trained: batchtopk, topk, relu or jumprelu for ours; SAELens writes its own name here."""
+
+    theta: float | None = None
+    """BatchTopK: the global inference threshold θ (fp32 EMA), in pre-activation units (unchanged by export)."""
+
+    input_scale: float | None = None
+    """Dataset-level scale c used in training (x_train = c·x_raw); already folded into the weights."""
+
+    complete: bool = False
+    """Training finished: the trainer writes True only on its final save (`is_complete` checks it)."""
+
+    metadata: dict[str, Any] = field(default_factory=dict)
+    """Every other metadata key, kept as it is: e.g. store, model {id, revision, sha256}, corpus, keep_bos,
+    context_size, tokens_seen, lr, seed, and SAELens' own keys for SAELens-made directories."""
+
+    # Fields of ours that live inside cfg.json's metadata.
+    _META_FIELDS = ("model_name", "hook_name", "training_architecture", "theta", "input_scale", "complete")
+
+    def to_dict(self) -> dict[str, Any]:
+        """cfg.json content, loadable unchanged by `sae_lens.SAE.load_from_disk`."""
+        if self.architecture not in ARCHITECTURES:
+            raise SaeError(f"architecture {self.architecture!r} is not one of {', '.join(ARCHITECTURES)}")
+        bad = sorted(_SAELENS_RESERVED & set(self.metadata))
+        if bad:
+            raise SaeError(f"metadata key(s) {bad} would shadow SAELens' SAEMetadata methods; rename them")
+        meta: dict[str, Any] = {
+            "sae_lens_version": SAE_LENS_FORMAT_VERSION,
+            "sae_lens_training_version": None,
+            "sae_pipeline_version": __version__,
+            "hook_head_index": None,
+            "prepend_bos": True,
+        }
+        meta.update(self.metadata)
+        for name in self._META_FIELDS:
+            meta[name] = getattr(self, name)
+        if self.k is not None:
+            meta["k"] = self.k
+        out: dict[str, Any] = {
+            "architecture": self.architecture,
+            "d_in": int(self.d_in),
+            "d_sae": int(self.d_sae),
+            "dtype": self.dtype,
+            "device": "cpu",
+            "apply_b_dec_to_input": bool(self.apply_b_dec_to_input),
+            "normalize_activations": "none",
+            "reshape_activations": "none",
+            "metadata": meta,
+        }
+        if self.architecture == "topk":
+            if self.k is None or int(self.k) != self.k or self.k < 1:
+                raise SaeError(f"a topk SAE needs an integer k ≥ 1, got {self.k!r}")
+            out["k"] = int(self.k)
+            out["rescale_acts_by_decoder_norm"] = bool(self.rescale_acts_by_decoder_norm)
+        return json.loads(json.dumps(out))  # fail here, not half-way through a write, on non-JSON values
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], where: str = "cfg.json") -> SaeConfig:
+        """Read ours and SAELens' (6.x, and the pre-6.0 flat layout) cfg.json."""
+        if not isinstance(d, dict):
+            raise SaeError(f"{where}: expected a JSON object")
+        meta = d.get("metadata")
+        meta = dict(meta) if isinstance(meta, dict) else {}
+        arch = d.get("architecture")
+        if arch is None:  # SAELens < 6: flat config, TopK marked by its activation function
+            act = d.get("activation_fn", d.get("activation_fn_str"))
+            kw = d.get("activation_fn_kwargs") or {}
+            arch = "topk" if act == "topk" and kw.get("k") is not None else "standard"
+            if arch == "topk":
+                d = {**d, "k": kw["k"]}
+            for key in ("model_name", "hook_name", "hook_point", "context_size", "prepend_bos", "dataset_path"):
+                if key in d and key not in meta:
+                    meta["hook_name" if key == "hook_point" else key] = d[key]
+        if arch not in ARCHITECTURES:
+            raise SaeError(
+                f"{where}: architecture {arch!r} is not supported; supported: {', '.join(ARCHITECTURES)} "
+                "(BatchTopK SAEs are stored as jumprelu)"
+            )
+        norm = d.get("normalize_activations", "none")
+        if norm in (None, False):
+            norm = "none"
+        # SAELens applies "expected_average_only_in" only when it knows the factor (pretrained registry);
+        # from disk it runs such an SAE as-is, and so do we.
+        if norm not in ("none", "expected_average_only_in"):
+            raise SaeError(
+                f"{where}: normalize_activations {norm!r} is not supported (only 'none'); fold the "
+                "normalization into the weights first"
+            )
+        if d.get("reshape_activations", "none") not in ("none", None):
+            raise SaeError(f"{where}: reshape_activations {d['reshape_activations']!r} (hook_z SAEs) is not supported")
+        for key in ("d_in", "d_sae"):
+            v = d.get(key)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise SaeError(f"{where}: {key} must be a positive integer, got {v!r}")
+        k = d.get("k", meta.get("k"))
+        if k is None and isinstance(meta.get("training_architecture_details"), dict):
+            k = meta["training_architecture_details"].get("k")  # SAELens BatchTopK saved as jumprelu
+        if arch == "topk" and (not isinstance(k, (int, float)) or int(k) != k or k < 1):
+            raise SaeError(f"{where}: a topk SAE needs an integer k ≥ 1, got {k!r}")
+        known = {name: meta.pop(name) for name in cls._META_FIELDS if name in meta and meta[name] is not None}
+        meta.pop("k", None)
+        for name in ("sae_lens_version", "sae_lens_training_version", "sae_pipeline_version"):
+            if meta.get(name) is None:
+                meta.pop(name, None)
+        if "theta" in known and not isinstance(known["theta"], (int, float)):
+            raise SaeError(f"{where}: metadata.theta must be a number, got {known['theta']!r}")
+        return cls(
+            architecture=arch,
+            d_in=d["d_in"],
+            d_sae=d["d_sae"],
+            k=k,
+            dtype=str(d.get("dtype") or "float32").removeprefix("torch."),
+            apply_b_dec_to_input=bool(d.get("apply_b_dec_to_input", True)),
+            rescale_acts_by_decoder_norm=bool(d.get("rescale_acts_by_decoder_norm", False)),
+            metadata=meta,
+            **known,
+        )
+
+    def replace(self, **changes: Any) -> SaeConfig:
+        """A copy with `changes` applied (metadata copied, not shared)."""
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        values["metadata"] = dict(self.metadata)
+        values.update(changes)
+        return SaeConfig(**values)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The dataclass as a plain dict (for logs and reports)."""
+        return asdict(self)
+
+
+# --------------------------------------------------------------------------------------------------
+# Exact batch top-k (shared with training)
+
+
+def flat_nonzero(mask: Tensor) -> Tensor:
+    """Ascending flat indices of the True entries of a contiguous bool tensor. On CPU a first pass finds the
+    8-byte words holding any True (for sparse masks ~2x faster than `nonzero` over every byte)."""
+    flat = mask.reshape(-1)
+    n = flat.numel()
+    n8 = n - n % 8
+    if flat.device.type != "cpu" or n8 == 0 or not flat.is_contiguous():
+        return flat.nonzero().squeeze(1)
+    words = flat[:n8].view(torch.int64).nonzero().squeeze(1)
+    inner = flat[:n8].view(-1, 8)[words].nonzero()
+    idx = words[inner[:, 0]] * 8 + inner[:, 1]
+    if n8 < n:
+        idx = torch.cat([idx, flat[n8:].nonzero().squeeze(1) + n8])
+    return idx
+
+
+def _coprime_stride(target: int, row: int) -> int:
+    s = max(1, target)
+    while math.gcd(s, row) != 1:
+        s += 1
+    return s
+
+
+class _Ranks:
+    """The few collectives the distributed selection needs; without a group every call is local."""
+
+    def __init__(self, group: Any = None):
+        self.group = group
+        if group is not None:
+            import torch.distributed as dist
+
+            self.dist = dist
+            self.world = dist.get_world_size(group)
+            self.rank = dist.get_rank(group)
+
+    def sum(self, n: int | Tensor, device: torch.device) -> int:
+        if self.group is None:
+            return int(n)
+        t = torch.as_tensor(n, dtype=torch.long, device=device).reshape(1).clone()
+        self.dist.all_reduce(t, group=self.group)
+        return int(t)
+
+    def counts(self, n: int, device: torch.device) -> list[int]:
+        """Every rank's `n`, in rank order."""
+        if self.group is None:
+            return [n]
+        out = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(self.world)]
+        self.dist.all_gather(out, torch.tensor([n], dtype=torch.long, device=device), group=self.group)
+        return [int(t) for t in out]
+
+    def cat(self, t: Tensor) -> Tensor:
+        """Concatenation of every rank's 1-D `t`, in rank order (lengths may differ)."""
+        if self.group is None:
+            return t
+        sizes = self.counts(t.numel(), t.device)
+        padded = t.new_zeros(max(sizes))
+        padded[: t.numel()] = t
+        parts = [torch.empty_like(padded) for _ in sizes]
+        self.dist.all_gather(parts, padded, group=self.group)
+        return torch.cat([p[:n] for p, n in zip(parts, sizes, strict=True)])
+
+
+def batch_topk_indices(pre: Tensor, k_total: int, group: Any = None) -> Tensor:
+    """Flat indices, ascending, of the `k_total` largest *positive* entries of `pre` (any shape).
+
+    Exact: the same set as `torch.topk(pre.flatten().relu(), k_total)` restricted to positive values, with
+    ties at the cut resolved towards the lower flat index (deterministic). Fewer than `k_total` indices come
+    back only when `pre` has fewer positive entries.
+
+    With a torch.distributed `group`, `pre` is this rank's share of a global batch (the ranks' rows
+    concatenated in rank order) and `k_total` counts over the global batch: each rank gets the indices of its
+    own entries among the global top k_total, exactly what one process would select from the whole batch.
+
+    Why not `torch.topk` over all B·F values: on CPU it costs ~3× the encoder matmul. Instead a strided
+    sample gives a lower bound t of the cut, one comparison pass collects the ~1.1·k_total entries above t,
+    and `kthvalue` over those finds the exact cut. A sample that misses (too few candidates) lowers t and
+    retries, so the result never depends on the sample, only the time does.
+    """
+    flat = pre.detach().reshape(-1)
+    ranks = _Ranks(group)
+    n = ranks.sum(flat.numel(), flat.device)
+    if k_total <= 0 or n == 0:
+        return torch.empty(0, dtype=torch.long, device=pre.device)
+    row = pre.shape[-1] if pre.dim() > 0 else 1
+    sample = flat[:0]
+    rank: int | None = None
+    if k_total * 4 < n:  # else a dense selection: no point in sampling
+        # ~2048 expected hits in the sample; a stride coprime with the row length mixes rows and latents
+        sample = ranks.cat(flat[:: _coprime_stride(k_total // 2048, row)])
+        expect = sample.numel() * k_total / n
+        rank = int(expect * 1.1 + 5 * math.sqrt(expect) + 8)
+    while True:
+        if rank is None or rank >= sample.numel():
+            thr = 0.0
+        else:
+            thr = max(float(torch.topk(sample, rank, sorted=False).values.min()), 0.0)
+        idx = flat_nonzero(flat > thr)
+        count = ranks.sum(idx.numel(), flat.device)
+        if count >= k_total or thr == 0.0:
+            break
+        rank = 4 * rank  # type: ignore[operator]  # the sample's bound was above the cut: lower it
+    if count <= k_total:
+        return idx
+    vals = flat[idx]
+    every = ranks.cat(vals)
+    kth = torch.kthvalue(every.float(), every.numel() - k_total + 1).values.to(vals.dtype)
+    keep = vals > kth
+    ties = vals == kth
+    n_ties = k_total - ranks.sum(keep.sum(), flat.device)  # how many entries equal to the cut to keep
+    before = sum(ranks.counts(int(ties.sum()), flat.device)[: ranks.rank]) if group is not None else 0
+    keep |= ties & (ties.cumsum(0) + before <= n_ties)
+    return idx[keep]
+
+
+# --------------------------------------------------------------------------------------------------
+# The inference module
+
+
+class SparseAutoencoder(nn.Module):
+    """An SAE in raw activation units: x → a = encode(x) → x̂ = decode(a).
+
+    Parameters W_enc [d_in, d_sae], b_enc [d_sae], W_dec [d_sae, d_in], b_dec [d_in], and threshold [d_sae]
+    for jumprelu; the names and layout of SAELens, so `state_dict()` is a valid sae_weights.safetensors.
+    Inputs may have any leading shape [..., d_in].
+    """
+
+    def __init__(self, cfg: SaeConfig, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+        super().__init__()
+        if cfg.architecture not in ARCHITECTURES:
+            raise SaeError(f"architecture {cfg.architecture!r} is not one of {', '.join(ARCHITECTURES)}")
+        self.cfg = cfg
+        d, f = cfg.d_in, cfg.d_sae
+        kw = dict(device=device, dtype=dtype)
+        self.W_enc = nn.Parameter(torch.zeros(d, f, **kw))
+        self.b_enc = nn.Parameter(torch.zeros(f, **kw))
+        self.W_dec = nn.Parameter(torch.zeros(f, d, **kw))
+        self.b_dec = nn.Parameter(torch.zeros(d, **kw))
+        if cfg.architecture == "jumprelu":
+            self.threshold = nn.Parameter(torch.zeros(f, **kw))
+
+    @property
+    def d_in(self) -> int:
+        return self.cfg.d_in
+
+    @property
+    def d_sae(self) -> int:
+        return self.cfg.d_sae
+
+    def pre_acts(self, x: Tensor) -> Tensor:
+        """Pre-activations (x − b_dec)·W_enc + b_enc, [..., d_sae]."""
+        x = x.to(self.W_enc.dtype)
+        if self.cfg.apply_b_dec_to_input:
+            x = x - self.b_dec
+        pre = x @ self.W_enc + self.b_enc
+        if self.cfg.rescale_acts_by_decoder_norm:
+            pre = pre * self.W_dec.norm(dim=-1)
+        return pre
+
+    def _activate(self, pre: Tensor) -> Tensor:
+        arch = self.cfg.architecture
+        if arch == "jumprelu":
+            return pre.relu() * (pre > self.threshold)
+        if arch == "topk":
+            top = torch.topk(pre, int(self.cfg.k), dim=-1, sorted=False)
+            return torch.zeros_like(pre).scatter_(-1, top.indices, top.values.relu())
+        return pre.relu()
+
+    def encode(self, x: Tensor) -> Tensor:
+        """Latent activations [..., d_sae] at inference: jumprelu (and BatchTopK) relu(pre)·1[pre > θ];
+        topk the k largest of relu(pre) per row; standard relu(pre). As SAELens computes them."""
+        return self._activate(self.pre_acts(x))
+
+    @property
+    def batch_topk(self) -> bool:
+        """Whether `encode_batch` selects over the batch (a BatchTopK-trained SAE with a known k)."""
+        trained = self.cfg.training_architecture
+        return self.cfg.architecture == "jumprelu" and self.cfg.k is not None and trained in (None, "batchtopk")
+
+    def encode_batch(self, x: Tensor) -> Tensor:
+        """BatchTopK SAEs: keep the round(k·N) largest entries of relu(pre) over all N rows of `x` (ties to the
+        earlier row/latent). Other SAEs: the same as `encode`."""
+        if not self.batch_topk:
+            return self.encode(x)
+        pre = self.pre_acts(x)
+        n_rows = pre.numel() // pre.shape[-1]
+        idx = batch_topk_indices(pre, round(float(self.cfg.k) * n_rows))
+        out = torch.zeros_like(pre)
+        out.view(-1)[idx] = pre.reshape(-1)[idx]
+        return out
+
+    def decode(self, a: Tensor) -> Tensor:
+        """Reconstruction a·W_dec + b_dec, [..., d_in]."""
+        a = a.to(self.W_dec.dtype)
+        if self.cfg.rescale_acts_by_decoder_norm:
+            a = a / self.W_dec.norm(dim=-1)
+        return a @ self.W_dec + self.b_dec
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.decode(self.encode(x))
+
+    def extra_repr(self) -> str:
+        c = self.cfg
+        return f"{c.architecture}, d_in={c.d_in}, d_sae={c.d_sae}, k={c.k}, hook_name={c.hook_name}"
+
+
+# --------------------------------------------------------------------------------------------------
+# Saving and loading
+
+
+def _weights_of(sae: SparseAutoencoder | dict[str, Tensor]) -> dict[str, Tensor]:
+    if isinstance(sae, SparseAutoencoder):
+        return {k: v.detach() for k, v in sae.state_dict().items()}
+    if isinstance(sae, dict):
+        return {k: (v.detach() if isinstance(v, Tensor) else v) for k, v in sae.items()}
+    raise TypeError(f"expected a SparseAutoencoder or a dict of tensors, got {type(sae).__name__}")
+
+
+def _check_weights(w: dict[str, Any], cfg: SaeConfig, where: str) -> None:
+    d, f = cfg.d_in, cfg.d_sae
+    shapes = {"W_enc": (d, f), "W_dec": (f, d), "b_enc": (f,), "b_dec": (d,)}
+    if cfg.architecture == "jumprelu":
+        shapes["threshold"] = (f,)
+    missing = [k for k in shapes if k not in w]
+    if missing:
+        raise SaeError(f"{where}: missing tensor(s) {', '.join(missing)} for a {cfg.architecture} SAE")
+    extra = sorted(set(w) - set(shapes))
+    if extra:
+        raise SaeError(f"{where}: unexpected tensor(s) {', '.join(extra)} for a {cfg.architecture} SAE")
+    for k, shape in shapes.items():
+        if not isinstance(w[k], Tensor):
+            raise SaeError(f"{where}: {k} is not a tensor")
+        if tuple(w[k].shape) != shape:
+            raise SaeError(f"{where}: {k} has shape {list(w[k].shape)}, expected {list(shape)} for d_in={d}, d_sae={f}")
+        if not w[k].is_floating_point():
+            raise SaeError(f"{where}: {k} has dtype {w[k].dtype}, expected a floating-point dtype")
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_sae(
+    sae_or_weights: SparseAutoencoder | dict[str, Tensor], cfg: SaeConfig | None, path: str | os.PathLike
+) -> Path:
+    """Write an SAE directory at `path` atomically; return `path`.
+
+    `sae_or_weights` is a SparseAutoencoder (its cfg is used when `cfg` is None) or a dict with W_enc, W_dec,
+    b_enc, b_dec (and threshold for jumprelu). Tensors are stored contiguous, on CPU, in `cfg.dtype`.
+    Files in an existing directory at `path` other than the two SAE files are carried over (hard-linked, so
+    no moment exists where they are only in a temporary folder).
+    """
+    if cfg is None:
+        if not isinstance(sae_or_weights, SparseAutoencoder):
+            raise TypeError("save_sae needs a cfg when given a dict of weights")
+        cfg = sae_or_weights.cfg
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    where = str(path)
+    weights = _weights_of(sae_or_weights)
+    _check_weights(weights, cfg, where)
+    try:
+        dtype = getattr(torch, cfg.dtype)
+        assert isinstance(dtype, torch.dtype)
+    except (AttributeError, AssertionError):
+        raise SaeError(f"{where}: dtype {cfg.dtype!r} is not a torch dtype name such as float32") from None
+    cfg_json = cfg.to_dict()
+    tensors = {k: v.to(device="cpu", dtype=dtype).contiguous() for k, v in weights.items()}
+    if path.exists() and not path.is_dir():
+        raise SaeError(f"{where} exists and is not a directory")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+    old: Path | None = None
+    try:
+        if path.is_dir():
+            for entry in path.iterdir():
+                if entry.name in (CFG_FILE, WEIGHTS_FILE):
+                    continue
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.copytree(entry, tmp / entry.name, symlinks=True, copy_function=os.link)
+                else:
+                    os.link(entry, tmp / entry.name, follow_symlinks=False)
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        with open(tmp / CFG_FILE, "w") as fh:
+            json.dump(cfg_json, fh, indent=1)
+            fh.write("\n")
+        for name in (WEIGHTS_FILE, CFG_FILE):
+            with open(tmp / name, "rb") as fh:
+                os.fsync(fh.fileno())
+        _fsync_dir(tmp)
+        if path.exists():
+            old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.old-"))
+            os.replace(path, old / "sae")
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        if old is not None and not path.exists():
+            os.replace(old / "sae", path)  # put the previous directory back
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def read_cfg(path: str | os.PathLike) -> SaeConfig:
+    """The SaeConfig of the SAE directory `path` (cfg.json only; SaeError when missing or invalid)."""
+    path = Path(path)
+    f = path / CFG_FILE
+    if not path.is_dir():
+        raise SaeError(f"SAE directory {str(path)!r} does not exist")
+    if not f.is_file():
+        raise SaeError(f"{path} is not an SAE directory: {CFG_FILE} is missing")
+    try:
+        d = json.loads(f.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SaeError(f"{f}: not valid JSON ({e})") from None
+    return SaeConfig.from_dict(d, where=str(f))
+
+
+def load_sae(
+    path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | str = torch.float32
+) -> SparseAutoencoder:
+    """Load an SAE directory: ours, or one SAELens wrote (jumprelu with per-latent thresholds, topk,
+    standard; older `log_threshold` and `scaling_factor` tensors are converted). SaeError on a missing or
+    corrupt cfg.json / sae_weights.safetensors, or tensors that do not fit d_in and d_sae."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    cfg = read_cfg(path)
+    wf = path / WEIGHTS_FILE
+    if not wf.is_file():
+        raise SaeError(f"{path} is not a complete SAE directory: {WEIGHTS_FILE} is missing")
+    if isinstance(dtype, str):
+        dt = getattr(torch, dtype, None)
+        if not isinstance(dt, torch.dtype):
+            raise SaeError(f"dtype {dtype!r} is not a torch dtype name such as float32")
+        dtype = dt
+    try:
+        with safe_open(str(wf), framework="pt", device="cpu") as fh:
+            w = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise SaeError(f"{wf}: cannot read the weights ({e}); the file is corrupt or not safetensors") from None
+    where = str(wf)
+    if cfg.architecture == "jumprelu" and "threshold" not in w and "log_threshold" in w:
+        w["threshold"] = w.pop("log_threshold").exp()
+    if "scaling_factor" in w:  # SAELens < 6 finetuning scale: acts are multiplied by it before decoding
+        s = w.pop("scaling_factor")
+        if "W_dec" in w and s.shape == (cfg.d_sae,):
+            w["W_dec"] = w["W_dec"] * s.to(w["W_dec"].dtype)[:, None]
+    _check_weights(w, cfg, where)
+    sae = SparseAutoencoder(cfg, device="meta", dtype=dtype)
+    sae.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in w.items()}, assign=True)
+    return sae
+
+
+def is_complete(path: str | os.PathLike) -> bool:
+    """Whether `path` holds a finished SAE of ours: both files, a readable cfg.json with metadata.complete."""
+    path = Path(path)
+    if not (path / WEIGHTS_FILE).is_file():
+        return False
+    try:
+        return read_cfg(path).complete is True
+    except SaeError:
+        return False
+
+
+# --------------------------------------------------------------------------------------------------
+# Names of a training sweep's directories
+
+
+class SweepPoint(NamedTuple):
+    """One SAE of a `sae train` sweep."""
+
+    name: str
+    """Directory name under TrainConfig.out, e.g. `batchtopk-k32-x8`, `topk-k64-F16384`, `jumprelu-l0c0.5-x8`."""
+    arch: str
+    """batchtopk, topk, relu or jumprelu."""
+    k: int | None
+    """Latents per row (batchtopk, topk); None otherwise."""
+    dict_size: int | None
+    """F, when TrainConfig.dict_size names it."""
+    expansion: int | None
+    """F / d_model, when F comes from TrainConfig.expansion."""
+    l0_coeff: float | None
+    """jumprelu: L0 coefficient; None otherwise."""
+
+
+def sweep(cfg: Any) -> list[SweepPoint]:
+    """Every combination a TrainConfig trains: arch × F × (k for batchtopk/topk, l0_coeff for jumprelu)."""
+    sizes: list[tuple[int | None, int | None]] = (
+        [(int(f), None) for f in cfg.dict_size] if cfg.dict_size else [(None, int(e)) for e in cfg.expansion]
+    )
+    points: dict[str, SweepPoint] = {}
+    for arch in cfg.arch:
+        if arch in ("batchtopk", "topk"):
+            variants = [(f"-k{int(k)}", int(k), None) for k in cfg.k]
+        elif arch == "jumprelu":
+            variants = [(f"-l0c{float(c):g}", None, float(c)) for c in cfg.l0_coeff]
+        else:
+            variants = [("", None, None)]
+        for tag, k, c in variants:
+            for f, e in sizes:
+                name = f"{arch}{tag}-" + (f"F{f}" if f is not None else f"x{e}")
+                points.setdefault(name, SweepPoint(name, arch, k, f, e, c))
+    return list(points.values())
+
+
+def sweep_names(cfg: Any) -> list[str]:
+    """Directory names of the SAEs a TrainConfig trains (see `sweep`)."""
+    return [p.name for p in sweep(cfg)]
+
+
+def checkpoint_path(out: str | os.PathLike) -> Path:
+    """The `latest` pointer of the training checkpoints under `out`: it exists once a complete checkpoint
+    does."""
+    return Path(out) / CHECKPOINT_DIR / "latest"
+
+
+__all__ = [
+    "ARCHITECTURES",
+    "CFG_FILE",
+    "SaeConfig",
+    "SparseAutoencoder",
+    "SweepPoint",
+    "TRAINED_AS",
+    "WEIGHTS_FILE",
+    "batch_topk_indices",
+    "checkpoint_path",
+    "flat_nonzero",
+    "is_complete",
+    "load_sae",
+    "read_cfg",
+    "save_sae",
+    "sweep",
+    "sweep_names",
+]
