@@ -1,0 +1,602 @@
+"""`sae eval`: splice SAEs into the language model on held-out text and measure what they keep.
+
+One pass over the eval tokens serves every SAE. Per batch of contexts:
+1. one clean forward, shared by every SAE and site: its next-token distribution is kept for this batch only,
+   and the output of the blocks before each site is recorded (`PrefixReplay`);
+2. per (site, first spliced position): one zero-ablation and one mean-ablation forward;
+3. per SAE: one forward with its reconstruction spliced in; the splice hook also feeds the reconstruction
+   and sparsity accumulators, so nothing per token outlives the batch.
+The forwards of 2 and 3 run only the blocks from the site on. When no store gives the mean activation for
+mean ablation, a forward that stops at the site computes it from the eval tokens first.
+
+Positions (the same for every CE variant and KL): with t0 = 1 when the SAE was trained without BOS rows and
+0 otherwise, activations at positions t ≥ t0 are replaced (the reconstruction metrics cover those rows), and
+CE/KL average over the predictions made from positions t0 ≤ t ≤ T − 2 (the prediction at t of token t + 1).
+"""
+
+from __future__ import annotations
+
+import glob
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from sae.config import EvalConfig
+from sae.corpus import available_splits, corpus_info, iter_contexts
+from sae.errors import SaeError
+from sae.models import ModelInfo, load_model
+from sae.saedir import SparseAutoencoder, load_sae
+from sae.sites import SITE_TABLE, Site, capture, parse_site, site_width, splice
+from sae.store import Store
+
+from .metrics import CeAccumulator, MeanAccumulator, ReconstructionAccumulator, ce_recovered, token_losses
+from .report import summary_table, write_report
+
+HELDOUT_SPLITS = ("heldout", "validation", "valid", "test")
+"""Split names taken, in this order, as a corpus' held-out data."""
+
+
+class SaeSpec(NamedTuple):
+    """One SAE to evaluate and what its cfg records about its training."""
+
+    path: Path
+    """The SAE directory."""
+    name: str
+    """Short label in tables and plots (the directory name, with its parent when names repeat)."""
+    sae: SparseAutoencoder
+    """The loaded SAE."""
+    hook_name: str
+    """Site the SAE reads and is spliced at."""
+    skip_bos: bool
+    """Trained without BOS rows: position 0 is left unspliced."""
+    model: dict[str, Any] | None
+    """Recorded model identity ({"id", "sha256", "revision"}), None when the cfg records none."""
+    corpus: dict[str, Any] | None
+    """Recorded training corpus (`sae.corpus.corpus_info` form), None when unknown."""
+    store: Path | None
+    """The store the SAE was trained from, when recorded."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Finding and describing the SAEs
+
+
+def find_sae_dirs(paths: tuple[Path, ...] | list[Path]) -> list[Path]:
+    """SAE directories named by `paths`: SAE directories themselves, glob patterns, or folders whose
+    subfolders are SAE directories (a `sae train` output). A directory is an SAE's when it holds cfg.json."""
+    if not paths:
+        raise SaeError("no SAE directory given; pass one or more SAE directories, globs or folders of them")
+    found: list[Path] = []
+    for p in map(Path, paths):
+        matches = [p]
+        if not p.exists() and glob.has_magic(str(p)):
+            matches = [Path(m) for m in sorted(glob.glob(str(p)))]
+            if not matches:
+                raise SaeError(f"no path matches {str(p)!r}")
+        for m in matches:
+            if not m.exists():
+                raise SaeError(f"SAE directory {str(m)!r} does not exist")
+            if not m.is_dir():
+                raise SaeError(f"{str(m)!r} is a file; pass an SAE directory (cfg.json + sae_weights.safetensors)")
+            if (m / "cfg.json").exists() or (m / "sae_weights.safetensors").exists():
+                found.append(m)
+                continue
+            subs = sorted(
+                d for d in m.iterdir() if d.is_dir() and not d.name.startswith(".") and (d / "cfg.json").is_file()
+            )
+            if not subs:
+                raise SaeError(
+                    f"{str(m)!r} is neither an SAE directory (cfg.json + sae_weights.safetensors) nor a folder "
+                    "holding SAE directories"
+                )
+            found += subs
+    unique = list(dict.fromkeys(d.resolve() for d in found))
+    return unique
+
+
+def _names(paths: list[Path]) -> list[str]:
+    names = [p.name for p in paths]
+    if len(set(names)) < len(names):
+        names = [f"{p.parent.name}/{p.name}" for p in paths]
+    return names
+
+
+def describe(path: Path, name: str, sae: SparseAutoencoder) -> SaeSpec:
+    """What the SAE's cfg records: site, BOS handling, model, corpus and store (metadata keys `keep_bos`,
+    `model`, `corpus`, `store`, written by `sae train`; SAELens-made SAEs have none of them)."""
+    cfg, meta = sae.cfg, sae.cfg.metadata
+    if not cfg.hook_name:
+        raise SaeError(f"SAE {path}: cfg.json records no hook_name (the site the SAE was trained on)")
+    model = meta.get("model")
+    if not isinstance(model, dict) or not model.get("id"):
+        model = {"id": cfg.model_name} if cfg.model_name else None
+    corpus = meta.get("corpus")
+    store = meta.get("store")
+    return SaeSpec(
+        path=path,
+        name=name,
+        sae=sae,
+        hook_name=str(cfg.hook_name),
+        # Only SAEs that say they were trained without BOS rows keep position 0 clean; SAELens-made ones
+        # record nothing of the kind and are spliced everywhere.
+        skip_bos=meta.get("keep_bos") is False,
+        model=model,
+        corpus=corpus if isinstance(corpus, dict) else None,
+        store=Path(store) if isinstance(store, str) and store else None,
+    )
+
+
+def _store_attrs(spec: SaeSpec) -> dict[str, Any] | None:
+    if spec.store is None or not spec.store.exists():
+        return None
+    try:
+        return Store.open(spec.store).attrs
+    except SaeError:
+        return None
+
+
+# --------------------------------------------------------------------------------------------------
+# Checks: model identity, site width, training data
+
+
+def _norm_id(model_id: str) -> str:
+    p = Path(model_id).expanduser()
+    return str(p.resolve()) if p.exists() else model_id.rstrip("/")
+
+
+def same_model(recorded: dict[str, Any], info: ModelInfo) -> bool:
+    """Whether the recorded model is the loaded one: same weights hash when both are known, else same id
+    (and same hub revision when both are known)."""
+    if recorded.get("sha256") and info.sha256:
+        return recorded["sha256"] == info.sha256
+    if recorded.get("revision") and info.revision and recorded["revision"] != info.revision:
+        return False
+    return _norm_id(str(recorded.get("id", ""))) == _norm_id(info.id)
+
+
+def check_model(specs: list[SaeSpec], info: ModelInfo, force: bool) -> None:
+    """Stop (or, with `force`, warn loudly) when an SAE was trained on another model than `info`."""
+    for s in specs:
+        if s.model is None or same_model(s.model, info):
+            continue
+        msg = (
+            f"SAE {s.name} was trained on model {s.model.get('id')!r}"
+            + (f" (weights sha256 {s.model['sha256'][:12]}…)" if s.model.get("sha256") else "")
+            + f", but the model loaded for eval is {info.id!r}"
+            + (f" (weights sha256 {info.sha256[:12]}…)" if info.sha256 else "")
+        )
+        if not force:
+            raise SaeError(msg + "; its metrics would be meaningless. Pass --force to evaluate anyway.")
+        print(f"\n!!! WARNING: {msg}. Evaluating anyway (--force).\n", file=sys.stderr, flush=True)
+
+
+def check_sites(specs: list[SaeSpec], model: Any) -> dict[str, Site]:
+    """The site of each SAE's hook name on `model` (SaeError for an unknown site or an SAE whose width does not
+    fit)."""
+    sites = {}
+    for s in specs:
+        site = parse_site(s.hook_name, model)
+        width = site_width(model, site)
+        d_in = int(s.sae.cfg.d_in)
+        if d_in != width:
+            raise SaeError(
+                f"SAE {s.name} has d_in {d_in}, but site {site.name} of this model has width {width}: "
+                "the SAE belongs to another model or site"
+            )
+        sites[s.hook_name] = site
+    return sites
+
+
+def _same_corpus(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    if a.get("split") != b.get("split"):
+        return False
+    if a.get("sha256") and b.get("sha256"):
+        return a["sha256"] == b["sha256"]
+    return (a.get("id"), a.get("paths")) == (b.get("id"), b.get("paths"))
+
+
+def _training_corpora(spec: SaeSpec) -> list[dict[str, Any]]:
+    """The corpora the SAE was trained on (several for a concatenated store), from its cfg or its store."""
+    corpus = spec.corpus
+    if corpus is None:
+        attrs = _store_attrs(spec)
+        corpus = attrs.get("corpus") if attrs else None
+
+    def flat(c: Any) -> list[dict[str, Any]]:
+        if isinstance(c, dict) and isinstance(c.get("concat"), list):
+            return [x for part in c["concat"] for x in flat(part)]
+        return [c] if isinstance(c, dict) and (c.get("id") or c.get("paths")) else []
+
+    return flat(corpus)
+
+
+def _heldout_sibling(paths: list[str]) -> Path | None:
+    """For a single training file or folder named like `train…`, a sibling named `heldout…`/`validation…`/…"""
+    if len(paths) != 1:
+        return None
+    p = Path(paths[0])
+    if "train" not in p.name:
+        return None
+    for split in HELDOUT_SPLITS:
+        q = p.with_name(p.name.replace("train", split, 1))
+        if q.exists():
+            return q
+    return None
+
+
+def _default_split(dataset: str, exclude: str | None = None) -> str:
+    """The first held-out split `dataset` has (not `exclude`); `train` for local files, where splits do not apply."""
+    splits = available_splits(dataset)
+    if splits is None:
+        return "train"
+    split = next((s for s in HELDOUT_SPLITS if s in splits and s != exclude), None)
+    if split is None:
+        raise SaeError(
+            f"dataset {dataset!r} has no held-out split (splits: {', '.join(splits)}); pass --split or --dataset"
+        )
+    return split
+
+
+def resolve_dataset(cfg: EvalConfig, specs: list[SaeSpec]) -> tuple[str, str]:
+    """(dataset, split) to evaluate on: --dataset/--split, else the held-out part of the SAE's training corpus."""
+    if cfg.dataset is not None:
+        return cfg.dataset, cfg.split or _default_split(cfg.dataset)
+    corpora = _training_corpora(specs[0])
+    if len(corpora) != 1:
+        raise SaeError(
+            f"SAE {specs[0].name} records "
+            + ("no training corpus" if not corpora else f"{len(corpora)} training corpora (a concatenated store)")
+            + "; pass --dataset (and --split) with held-out text"
+        )
+    corpus = corpora[0]
+    if corpus.get("paths"):
+        sibling = _heldout_sibling(corpus["paths"])
+        if sibling is None:
+            raise SaeError(
+                f"SAE {specs[0].name} was trained on local files {corpus['paths']}, which have no held-out "
+                "split; pass --dataset with held-out text"
+            )
+        print(f"eval data: {sibling} (the held-out sibling of the training corpus)", file=sys.stderr)
+        return str(sibling), cfg.split or "train"
+    dataset = corpus["id"]
+    return dataset, cfg.split or _default_split(dataset, exclude=corpus.get("split"))
+
+
+def check_not_training_data(specs: list[SaeSpec], dataset: str, split: str, cfg: EvalConfig) -> None:
+    """Refuse to evaluate on the corpus split an SAE was trained on, unless `allow_train_data`."""
+    if cfg.allow_train_data:
+        return
+    info = None
+    for s in specs:
+        for trained in _training_corpora(s):
+            info = info or corpus_info(dataset, split=split, text_column=cfg.text_column)
+            if _same_corpus(trained, info):
+                raise SaeError(
+                    f"eval data {dataset!r} (split {split!r}) is the corpus SAE {s.name} was trained on; "
+                    "evaluate on held-out data (--dataset/--split), or pass --allow-train-data to do it anyway"
+                )
+
+
+# --------------------------------------------------------------------------------------------------
+# Eval data and ablation means
+
+
+def load_contexts(dataset: str, tokenizer: Any, split: str, cfg: EvalConfig) -> np.ndarray:
+    """The eval contexts [N, seq_len] int32, read exactly as harvest reads a corpus."""
+    it = iter_contexts(
+        dataset, tokenizer, seq_len=cfg.seq_len, split=split, text_column=cfg.text_column, max_tokens=cfg.max_tokens
+    )
+    contexts = list(it)
+    if not contexts:
+        raise SaeError(f"dataset {dataset!r} (split {split!r}) gave no eval contexts")
+    return np.stack(contexts)
+
+
+def _store_mean(path: Path, hook: str, t0: int, info: ModelInfo) -> Tensor:
+    """The store's mean activation at `hook` over the positions ≥ t0; SaeError when the store cannot give it."""
+    store = Store.open(path)
+    recorded = store.attrs.get("model")
+    if isinstance(recorded, dict) and recorded.get("id") and not same_model(recorded, info):
+        raise SaeError(f"store {path} holds activations of model {recorded['id']!r}, not of {info.id!r}")
+    return store.stats(hook, skip_bos=t0 > 0).mean
+
+
+def ablation_means(
+    keys: list[tuple[str, int]],
+    sites: dict[str, Site],
+    specs: list[SaeSpec],
+    cfg: EvalConfig,
+    model: Any,
+    info: ModelInfo,
+    contexts: np.ndarray,
+) -> dict[tuple[str, int], tuple[Tensor, str]]:
+    """Mean activation per (site, t0) for mean ablation, and where it came from: --store, else the SAE's
+    recorded store, else the eval tokens at the spliced positions (one pass that stops at the site)."""
+    device = next(model.parameters()).device
+    out: dict[tuple[str, int], tuple[Tensor, str]] = {}
+    todo = []
+    for key in keys:
+        hook, t0 = key
+        if cfg.store is not None:  # the store the user named must work
+            out[key] = (_store_mean(cfg.store, hook, t0, info).to(device), f"store {cfg.store}")
+            continue
+        for path in dict.fromkeys(s.store for s in specs if s.hook_name == hook and s.store and s.store.exists()):
+            try:
+                out[key] = (_store_mean(path, hook, t0, info).to(device), f"store {path}")
+                break
+            except SaeError:
+                continue  # a recorded store that moved on or changed: try the next, else the eval tokens
+        else:
+            todo.append(key)
+    if todo:
+        acc = {key: MeanAccumulator(model.config.hidden_size, device) for key in todo}
+        todo_sites = list(dict.fromkeys(sites[hook] for hook, _ in todo))
+        for i in range(0, len(contexts), cfg.batch_size):
+            ids = torch.from_numpy(contexts[i : i + cfg.batch_size]).to(device, torch.long)
+            with torch.inference_mode():
+                acts = capture(model, todo_sites, ids)
+            for hook, t0 in todo:
+                a = acts[sites[hook].name][:, t0:]
+                acc[hook, t0].add(a.reshape(-1, a.shape[-1]).float())
+        for key in todo:
+            out[key] = (acc[key].mean.float(), "eval tokens")
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# The pass
+
+
+def _replace_from(act: Tensor, t0: int, new: Tensor) -> Tensor:
+    """`act` with positions ≥ t0 replaced by `new` [B, T − t0, d]."""
+    new = new.to(act.dtype)
+    return new if t0 == 0 else torch.cat([act[:, :t0], new], dim=1)
+
+
+def _sae_splice(sae: Any, t0: int, batch_mode: bool, acc: ReconstructionAccumulator) -> Callable[[Tensor], Tensor]:
+    dtype = sae.W_dec.dtype
+
+    def fn(act: Tensor) -> Tensor:
+        x = act[:, t0:]
+        flat = x.reshape(-1, x.shape[-1]).to(dtype)
+        a = sae.encode_batch(flat) if batch_mode else sae.encode(flat)
+        x_hat = sae.decode(a)
+        acc.add(flat, x_hat, a)
+        return _replace_from(act, t0, x_hat.view(x.shape))
+
+    return fn
+
+
+def _ablate_splice(t0: int, value: Tensor | None) -> Callable[[Tensor], Tensor]:
+    def fn(act: Tensor) -> Tensor:
+        shape = (act.shape[0], act.shape[1] - t0, act.shape[2])
+        # contiguous: a broadcast view could break a model that adds to its residual stream in place
+        new = act.new_zeros(shape) if value is None else value.to(act.dtype).expand(shape).contiguous()
+        return _replace_from(act, t0, new)
+
+    return fn
+
+
+class PrefixReplay:
+    """Skip the blocks before a site in the spliced forwards.
+
+    Blocks before the site compute exactly what they computed in the clean forward of the same batch, so the
+    clean forward records the output of the last of them, and in the spliced forwards every one of those
+    blocks returns that output instead of running: only the embedding, the blocks from the site on and the
+    unembedding run. The splice hooks (on the block itself for `resid_post`) still run as usual.
+    """
+
+    def __init__(self, model: Any, sites: list[Site]) -> None:
+        path = SITE_TABLE[model.config.model_type]["resid_post"][0]
+        self.blocks = [
+            model.base_model.get_submodule(path.format(L=i)) for i in range(int(model.config.num_hidden_layers))
+        ]
+        # resid_post of block L is its output: blocks 0..L can be skipped; other kinds live inside block L.
+        self.skip = {s.name: s.layer + 1 if s.kind == "resid_post" else s.layer for s in sites}
+        self.outputs: dict[int, Any] = {}
+
+    @contextmanager
+    def record(self) -> Iterator[None]:
+        """Within the block, the forward records the outputs the replays need."""
+        self.outputs.clear()
+
+        def hook(i: int) -> Callable:
+            def store(module: Any, args: Any, output: Any) -> None:
+                self.outputs[i] = output
+
+            return store
+
+        needed = sorted({n - 1 for n in self.skip.values() if n > 0})
+        handles = [self.blocks[i].register_forward_hook(hook(i)) for i in needed]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    @contextmanager
+    def replay(self, site: Site) -> Iterator[None]:
+        """Within the block, the blocks before `site` return their recorded clean output without running."""
+        n = self.skip[site.name]
+        output = self.outputs.get(n - 1)
+        for block in self.blocks[:n]:
+            block.forward = lambda *args, **kwargs: output
+        try:
+            yield
+        finally:
+            for block in self.blocks[:n]:
+                del block.forward  # the instance attribute; the class's forward shows through again
+
+
+class _SaeState:
+    def __init__(self, spec: SaeSpec, site: Site, t0: int, device: torch.device) -> None:
+        self.spec, self.site, self.t0 = spec, site, t0
+        self.recon = ReconstructionAccumulator(int(spec.sae.cfg.d_in), int(spec.sae.cfg.d_sae), device)
+        self.ce = CeAccumulator()
+
+
+def run_pass(
+    model: Any,
+    contexts: np.ndarray,
+    specs: list[SaeSpec],
+    sites: dict[str, Site],
+    means: dict[tuple[str, int], tuple[Tensor, str]],
+    cfg: EvalConfig,
+    *,
+    reuse_prefix: bool = True,
+) -> tuple[list[_SaeState], dict[int, CeAccumulator], dict[tuple[str, int], dict[str, CeAccumulator]]]:
+    """One pass over `contexts`: per-SAE accumulators, clean CE per t0, zero/mean CE per (site, t0).
+
+    `reuse_prefix=False` runs every forward in full (for checking that `PrefixReplay` changes nothing).
+    """
+    device = next(model.parameters()).device
+    states = [_SaeState(s, sites[s.hook_name], int(s.skip_bos), device) for s in specs]
+    groups = list(dict.fromkeys((st.spec.hook_name, st.t0) for st in states))
+    clean = {t0: CeAccumulator() for _, t0 in groups}
+    ablated = {key: {"zero": CeAccumulator(), "mean": CeAccumulator()} for key in groups}
+    batch_mode = cfg.mode == "batch"
+    prefix = PrefixReplay(model, list(sites.values()))
+
+    def forward(ids: Tensor, site: Site | None = None, fn: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+        with ExitStack() as stack:
+            if site is None:
+                stack.enter_context(prefix.record())
+            else:
+                stack.enter_context(splice(model, site, fn))
+                if reuse_prefix:
+                    stack.enter_context(prefix.replay(site))
+            return model(input_ids=ids, use_cache=False).logits
+
+    n_batches = -(-len(contexts) // cfg.batch_size)
+    for i in tqdm(range(0, len(contexts), cfg.batch_size), total=n_batches, desc="eval", unit="batch"):
+        ids = torch.from_numpy(contexts[i : i + cfg.batch_size]).to(device, torch.long)
+        targets = ids[:, 1:]  # the prediction made at position t is of token t + 1
+        with torch.inference_mode():
+            ref = token_losses(forward(ids)[:, :-1], targets, keep_dist=True)  # the logits are dropped here
+            for t0, acc in clean.items():
+                acc.add(ref.nll[:, t0:])
+            for (hook, t0), accs in ablated.items():
+                for kind, value in (("zero", None), ("mean", means[hook, t0][0])):
+                    out = token_losses(forward(ids, sites[hook], _ablate_splice(t0, value))[:, :-1], targets)
+                    accs[kind].add(out.nll[:, t0:])
+            for st in states:
+                logits = forward(ids, st.site, _sae_splice(st.spec.sae, st.t0, batch_mode, st.recon))
+                out = token_losses(logits[:, :-1], targets, ref.clean)
+                st.ce.add(out.nll[:, st.t0 :], out.kl[:, st.t0 :])
+                del logits
+            del ref
+    return states, clean, ablated
+
+
+# --------------------------------------------------------------------------------------------------
+# Entry point
+
+
+def evaluate(cfg: EvalConfig) -> Path:
+    """Evaluate every SAE named in `cfg.sae_dirs` on one set of eval tokens; write the report; return its dir."""
+    if cfg.batch_size < 1 or cfg.seq_len < 2:
+        raise SaeError("batch_size must be ≥ 1 and seq_len ≥ 2")
+    if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
+        raise SaeError(f"report directory {str(cfg.out)!r} exists and is not a directory")
+    dirs = find_sae_dirs(cfg.sae_dirs)
+    names = _names(dirs)
+    specs = [describe(d, n, load_sae(d)) for d, n in zip(dirs, names, strict=True)]
+    for s in specs:
+        if s.sae.cfg.metadata.get("sae_pipeline_version") and not s.sae.cfg.complete:
+            print(f"note: SAE {s.name} is a snapshot taken before its training finished", file=sys.stderr)
+
+    model_name, revision = cfg.model, None
+    if model_name is None:
+        recorded = [s.model for s in specs if s.model]
+        if not recorded:
+            raise SaeError(f"SAE {specs[0].name} records no model; pass --model")
+        model_name, revision = recorded[0]["id"], recorded[0].get("revision")
+    model, tokenizer, info = load_model(model_name, revision=revision, device=cfg.device)
+    check_model(specs, info, cfg.force)
+    sites = check_sites(specs, model)
+    device = next(model.parameters()).device
+    specs = [s._replace(sae=s.sae.to(device)) for s in specs]
+
+    dataset, split = resolve_dataset(cfg, specs)
+    check_not_training_data(specs, dataset, split, cfg)
+    contexts = load_contexts(dataset, tokenizer, split, cfg)
+
+    keys = list(dict.fromkeys((s.hook_name, int(s.skip_bos)) for s in specs))
+    means = ablation_means(keys, sites, specs, cfg, model, info, contexts)
+    states, clean, ablated = run_pass(model, contexts, specs, sites, means, cfg)
+
+    results = [_result(st, clean, ablated, means, info, dataset, split, cfg) for st in states]
+    setup = {
+        "model": info.id,
+        "model dtype": info.dtype,
+        "dataset": dataset,
+        "split": split,
+        "contexts": len(contexts),
+        "seq_len": contexts.shape[1],
+        "encoder mode": cfg.mode,
+        "batch size": cfg.batch_size,
+    }
+    write_report(Path(cfg.out), results, setup)
+    print(summary_table(results))
+    print(f"report: {cfg.out}")
+    return Path(cfg.out)
+
+
+def _result(
+    st: _SaeState,
+    clean: dict[int, CeAccumulator],
+    ablated: dict[tuple[str, int], dict[str, CeAccumulator]],
+    means: dict[tuple[str, int], tuple[Tensor, str]],
+    info: ModelInfo,
+    dataset: str,
+    split: str,
+    cfg: EvalConfig,
+) -> dict[str, Any]:
+    spec, t0 = st.spec, st.t0
+    key = (spec.hook_name, t0)
+    ce_clean, ce_sae = clean[t0].ce, st.ce.ce
+    ce_zero, ce_mean = ablated[key]["zero"].ce, ablated[key]["mean"].ce
+    recon = st.recon.result()
+    scfg = spec.sae.cfg
+    return {
+        "name": spec.name,
+        "sae_dir": str(spec.path),
+        "architecture": scfg.training_architecture or scfg.architecture,
+        "saelens_architecture": scfg.architecture,
+        "hook_name": spec.hook_name,
+        "d_in": int(scfg.d_in),
+        "d_sae": int(scfg.d_sae),
+        "k": scfg.k,
+        "mode": cfg.mode,
+        "ce_clean": ce_clean,
+        "ce_sae": ce_sae,
+        "ce_zero": ce_zero,
+        "ce_mean": ce_mean,
+        "ce_recovered": ce_recovered(ce_zero, ce_sae, ce_clean),
+        "ce_recovered_mean": ce_recovered(ce_mean, ce_sae, ce_clean),
+        "delta_ce": ce_sae - ce_clean,
+        "kl": st.ce.mean_kl,
+        "fvu": recon["fvu"],
+        "nmse": recon["nmse"],
+        "cosine": recon["cosine"],
+        "l0": recon["l0"],
+        "dead_fraction": recon["dead_fraction"],
+        "dense_fraction": recon["dense_fraction"],
+        "n_tokens": recon["n_tokens"],
+        "n_ce_tokens": st.ce.n,
+        "first_spliced_position": t0,
+        "mean_source": means[key][1],
+        "model": info.id,
+        "dataset": dataset,
+        "split": split,
+        "seq_len": cfg.seq_len,
+        "l0_histogram": recon["l0_histogram"],
+        "fire_counts": recon["fire_counts"],
+    }
