@@ -15,6 +15,7 @@ import click
 from . import __version__
 from .config import EvalConfig, HarvestConfig, TrainConfig, _strip_optional, default_of, field_docs, make
 from .errors import SaeError
+from .manifest import STAGES
 
 # Fields that are positional arguments or that read better under another flag name.
 _FLAG_NAMES = {"sites": "--site"}
@@ -120,6 +121,130 @@ def eval_(**kwargs: Any) -> None:
     from .evaluate import evaluate as run_eval
 
     _run(lambda: run_eval(cfg))
+
+
+# --------------------------------------------------------------------------------------------------
+# Whole runs from a manifest (sae.manifest, sae.slurm) and whole-store tools on dask (sae.storetools).
+
+_SCHEDULER_HELP = "dask scheduler address (host:port); default: a local cluster of 2 threads."
+
+
+def _stages() -> Any:
+    from .manifest import Stages
+
+    def harvest(cfg: HarvestConfig) -> Any:
+        from .harvest import harvest
+
+        return harvest(cfg)
+
+    def train(cfg: TrainConfig) -> Any:
+        from .train import train
+
+        return train(cfg)
+
+    def evaluate(cfg: EvalConfig) -> Any:
+        from .evaluate import evaluate
+
+        return evaluate(cfg)
+
+    return Stages(harvest, train, evaluate)
+
+
+@main.command(name="run")
+@click.argument("manifest", type=click.Path(path_type=Path, dir_okay=False))
+@click.option(
+    "--stage",
+    type=click.Choice(["all", *STAGES]),
+    default="all",
+    show_default=True,
+    help="Run one stage only (init/finalize and harvest --shard are the steps of a cluster array job).",
+)
+@click.option("--shard", metavar="I/N", help="With --stage harvest: do only array task I of N.")
+def run_manifest(manifest: Path, stage: str, shard: str | None) -> None:
+    """Run the run MANIFEST describes (harvest → train → eval) on this machine.
+
+    Stages whose outputs are complete are skipped, so rerunning after a crash continues the run.
+    """
+    from .manifest import load_manifest, run
+
+    _run(lambda: run(load_manifest(manifest), _stages(), stage=stage, shard=shard, echo=click.echo))
+
+
+@main.command()
+@click.argument("manifest", type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--scheduler", type=click.Choice(["slurm"]), required=True, help="Batch system to submit to.")
+@click.option("--dry-run", is_flag=True, help="Only write the scripts into RUN_DIR/slurm/; show the sbatch commands.")
+def submit(manifest: Path, scheduler: str, dry_run: bool) -> None:
+    """Write the cluster jobs of MANIFEST (init, harvest array, finalize, train, eval) and submit them in a chain."""
+    from .manifest import load_manifest
+    from .slurm import submit as submit_slurm
+
+    _run(lambda: submit_slurm(load_manifest(manifest), dry_run=dry_run, echo=click.echo))
+
+
+@main.command()
+@click.argument("store", type=click.Path(path_type=Path))
+@click.option("--site", "sites", multiple=True, help="Site(s) to summarise; default: all.")
+@click.option("--skip-bos", is_flag=True, help="Leave out the BOS rows (position 0).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON, with the full mean and max vectors.")
+@click.option("--scheduler", metavar="ADDRESS", help=_SCHEDULER_HELP)
+def stats(store: Path, sites: tuple[str, ...], skip_bos: bool, as_json: bool, scheduler: str | None) -> None:
+    """Recompute STORE's statistics from its activations: mean vector, mean norm, variance, per-dimension max,
+    NaN/Inf count."""
+    import json
+
+    from .storetools import format_stats, stats_json, store_stats
+
+    result = _run(lambda: store_stats(store, sites=sites, skip_bos=skip_bos, scheduler=scheduler))
+    click.echo(json.dumps(stats_json(result)) if as_json else format_stats(store, result, skip_bos=skip_bos))
+
+
+@main.command()
+@click.argument("store", type=click.Path(path_type=Path))
+@click.option("--scheduler", metavar="ADDRESS", help=_SCHEDULER_HELP)
+def validate(store: Path, scheduler: str | None) -> None:
+    """Check every shard of STORE: marker, row range, row counts, checksum against the marker and manifest.
+
+    Exits 1 and lists the problems when something is wrong.
+    """
+    from .storetools import validate_store
+
+    problems = _run(lambda: validate_store(store, scheduler=scheduler))
+    if problems:
+        click.echo(f"{store}: {len(problems)} problem{'s' * (len(problems) > 1)}", err=True)
+        for p in problems:
+            click.echo(f"  {p}", err=True)
+        sys.exit(1)
+    click.echo(f"{store}: valid (every shard's marker, row range and checksum agree with the manifest)")
+
+
+@main.command()
+@click.argument("stores", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="The new store.")
+@click.option("--chunk-rows", type=int, help="Rows per chunk of the new store; default: the first input's.")
+@click.option("--shard-chunks", type=int, help="Chunks per shard of the new store; default: the first input's.")
+@click.option("--overwrite", is_flag=True, help="Delete an existing store at --out first.")
+@click.option("--scheduler", metavar="ADDRESS", help=_SCHEDULER_HELP)
+def concat(
+    stores: tuple[Path, ...],
+    out: Path,
+    chunk_rows: int | None,
+    shard_chunks: int | None,
+    overwrite: bool,
+    scheduler: str | None,
+) -> None:
+    """Merge finalized STORES of the same model, sites, dtype and seq_len (e.g. several corpora) into --out.
+
+    With one input and new --chunk-rows/--shard-chunks this reshards a store.
+    """
+    from .storetools import concat_stores
+
+    _run(
+        lambda: concat_stores(
+            stores, out, chunk_rows=chunk_rows, shard_chunks=shard_chunks, overwrite=overwrite, scheduler=scheduler
+        )
+    )
+    click.echo(f"{out}: written and finalized")
 
 
 if __name__ == "__main__":

@@ -85,6 +85,9 @@ class HarvestConfig:
     finalize: bool = False
     """Only validate every shard marker and write manifest.json (the last step of an array job)."""
 
+    init: bool = False
+    """Only create the store and write its plan, no forward pass (the first step of an array job)."""
+
     device: str = "auto"
     """`auto` (CUDA when available), `cpu`, `cuda` or `cuda:N`."""
 
@@ -160,8 +163,9 @@ class TrainConfig:
     theta_warmup_steps: int | None = None
     """Steps before the BatchTopK threshold EMA starts; default min(1000 steps, 10% of the run)."""
 
-    theta_ema: float = 0.99
-    """Decay of the threshold EMA (per step)."""
+    theta_ema: float | None = None
+    """Decay of the threshold EMA (per step); default min(0.99, 1 − 1/(10% of the steps)), so a short run's θ
+    follows the activations instead of lagging behind them."""
 
     grad_clip: float = 1.0
     """Gradient-norm clipping."""

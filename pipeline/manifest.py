@@ -1,0 +1,258 @@
+"""Run manifests: one YAML file describes a whole run (harvest → train → eval, plus cluster settings).
+
+```yaml
+run_dir: runs/demo                # required; the defaults below live inside it
+description: free text            # optional
+harvest: {sites: blocks.15.hook_resid_post, max_tokens: 200000}    # HarvestConfig fields
+train: {arch: [batchtopk, topk], k: 32}                              # TrainConfig fields
+eval: {max_tokens: 16384}                                            # EvalConfig fields
+slurm: {partition: gpu, harvest_tasks: 8, gpus: 4}                   # SlurmConfig fields (sae.slurm)
+```
+The sections are the very dataclasses behind the CLI flags, built with `sae.config.make`, so a manifest key, its
+flag, its default and its help text cannot drift apart. Derived when not given: `harvest.out` =
+run_dir/store.zarr, `train.out` = run_dir/saes, `eval.out` = run_dir/report, `train.store` = `harvest.out`,
+`train.site` = the harvest's only site, `eval.sae_dirs` = the SAE directories of the training sweep. Relative paths
+are relative to the working directory, as on the command line. Keys that a runner sets per invocation
+(`harvest.shard`, `harvest.init`, `harvest.finalize`, `harvest.overwrite`, `train.resume`) are refused.
+
+`run` executes the stages locally and skips every stage whose output is complete, so rerunning after a crash
+continues where the run stopped (harvest skips finished shards and training resumes from its checkpoint).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import yaml
+
+from .config import ConfigError, EvalConfig, HarvestConfig, TrainConfig, make
+from .errors import SaeError
+from .slurm import SlurmConfig, slurm_config
+
+SECTIONS: dict[str, type] = {"harvest": HarvestConfig, "train": TrainConfig, "eval": EvalConfig, "slurm": SlurmConfig}
+"""Manifest section → the config dataclass its keys are the fields of."""
+
+TOP_LEVEL = ("run_dir", "description", *SECTIONS)
+"""Keys allowed at the top of a manifest."""
+
+RUNNER_KEYS = {
+    "harvest": ("shard", "init", "finalize", "overwrite"),
+    "train": ("resume",),
+}
+"""Fields that `sae run` / `sae submit` set per invocation; a manifest may not fix them."""
+
+STAGES = ("init", "harvest", "finalize", "train", "eval")
+"""What `sae run --stage` accepts (besides `all`): init/harvest/finalize are the parts of the harvest that array
+jobs run separately; `harvest` without `--shard` is the whole harvest."""
+
+
+class Manifest(NamedTuple):
+    """A validated run manifest."""
+
+    path: Path
+    """The YAML file it was read from (absolute)."""
+    run_dir: Path
+    """Folder that holds the run's store, SAEs, report and cluster scripts."""
+    description: str
+    """Free text from the manifest."""
+    harvest: HarvestConfig
+    """Settings of `sae harvest`."""
+    train: TrainConfig
+    """Settings of `sae train` (store, site and out filled in)."""
+    eval: EvalConfig
+    """Settings of `sae eval` (sae_dirs and out filled in)."""
+    slurm: SlurmConfig
+    """Settings of `sae submit --scheduler slurm`."""
+
+
+def load_manifest(path: str | Path) -> Manifest:
+    """Read and validate a manifest; ConfigError naming the offending key (and the allowed keys or values)."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise SaeError(f"cannot read manifest {path}: {e.strerror or e}") from None
+    try:
+        # safe_load: a manifest is data; tags such as !!python/object are refused, never executed.
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    try:
+        return parse_manifest(data, path=path)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def parse_manifest(data: Any, *, path: Path = Path("manifest.yaml")) -> Manifest:
+    """Validate manifest `data` (the parsed YAML mapping) and derive the unset paths."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"a manifest is a mapping with keys {', '.join(TOP_LEVEL)}; got {type(data).__name__}")
+    unknown = sorted(str(k) for k in data if k not in TOP_LEVEL)
+    if unknown:
+        raise ConfigError(f"unknown key {unknown[0]!r}; allowed top-level keys: {', '.join(TOP_LEVEL)}")
+    if not data.get("run_dir"):
+        raise ConfigError("run_dir: required (the folder that holds the run's store, SAEs and report)")
+    run_dir = Path(str(data["run_dir"]))
+
+    sections: dict[str, dict[str, Any]] = {}
+    for name in SECTIONS:
+        section = data.get(name)
+        if section is None:
+            section = {}
+        if not isinstance(section, dict):
+            raise ConfigError(f"{name}: a mapping of {SECTIONS[name].__name__} fields; got {section!r}")
+        for key in RUNNER_KEYS.get(name, ()):
+            if key in section:
+                raise ConfigError(
+                    f"{name}.{key}: set by `sae run` / `sae submit` for each job; remove it from the manifest"
+                )
+        sections[name] = dict(section)
+
+    h, t, e = sections["harvest"], sections["train"], sections["eval"]
+    h.setdefault("out", run_dir / "store.zarr")
+    t.setdefault("out", run_dir / "saes")
+    e.setdefault("out", run_dir / "report")
+    harvest = _make("harvest", HarvestConfig, h)
+    t.setdefault("store", harvest.out)
+    if not t.get("site"):
+        if len(harvest.sites) != 1:
+            raise ConfigError(
+                "train.site: required when harvest.sites does not name exactly one site "
+                f"(harvest.sites: {', '.join(harvest.sites) or 'none'})"
+            )
+        t["site"] = harvest.sites[0]
+    train = _make("train", TrainConfig, t)
+    if Path(train.store) == Path(harvest.out) and harvest.sites and train.site not in harvest.sites:
+        raise ConfigError(f"train.site: {train.site!r} is not one of harvest.sites: {', '.join(harvest.sites)}")
+    evaluate = _make("eval", EvalConfig, e)
+    if not evaluate.sae_dirs:
+        evaluate = dataclasses.replace(evaluate, sae_dirs=tuple(sae_dirs(train)))
+    try:
+        slurm = slurm_config(sections["slurm"])
+    except ConfigError as err:
+        raise ConfigError(f"slurm.{err}") from None
+    return Manifest(path.absolute(), run_dir, str(data.get("description") or ""), harvest, train, evaluate, slurm)
+
+
+def _make(section: str, cls: type, values: dict[str, Any]) -> Any:
+    try:
+        return make(cls, values)
+    except ConfigError as e:
+        raise ConfigError(f"{section}.{e}") from None
+
+
+# --------------------------------------------------------------------------------------------------
+# What a finished stage leaves behind.
+
+
+def sae_dirs(cfg: TrainConfig) -> list[Path]:
+    """The SAE directories the sweep of `cfg` writes (one per combination), named as `sae train` names them."""
+    from .saedir import sweep_names  # the naming convention lives with the SAE directory format
+
+    return [Path(cfg.out) / name for name in sweep_names(cfg)]
+
+
+def harvest_done(cfg: HarvestConfig) -> bool:
+    """The store at `cfg.out` is finalized (it has manifest.json) and was made for these sites and settings."""
+    out = Path(cfg.out)
+    if not (out / "manifest.json").is_file():
+        return False
+    from .store import read_attrs
+
+    attrs = read_attrs(out)
+    have = {**attrs, "sites": sorted(set(attrs.get("sites", ())))}  # harvest orders sites by depth
+    wanted = {"sites": sorted(set(cfg.sites)), "seq_len": cfg.seq_len, "dtype": cfg.dtype, "codec": cfg.codec}
+    if cfg.chunk_rows is not None:
+        wanted["chunk_rows"] = cfg.chunk_rows
+    diff = [f"{k}: store has {have.get(k)!r}, manifest {v!r}" for k, v in wanted.items() if have.get(k) != v]
+    if diff:
+        raise SaeError(
+            f"{out} is a finished store made with other settings ({'; '.join(diff)}); delete it or choose another "
+            "run_dir"
+        )
+    return True
+
+
+def train_done(cfg: TrainConfig) -> bool:
+    """Every SAE directory of the sweep holds its final cfg.json and weights, and training finished."""
+    from .saedir import is_complete
+
+    return all(is_complete(d) for d in sae_dirs(cfg))
+
+
+def eval_done(cfg: EvalConfig) -> bool:
+    """The report exists."""
+    return (Path(cfg.out) / "report.json").is_file()
+
+
+def checkpoint_exists(cfg: TrainConfig) -> bool:
+    """A training checkpoint to resume from lies in `cfg.out`."""
+    from .saedir import checkpoint_path
+
+    return checkpoint_path(cfg.out).exists()
+
+
+# --------------------------------------------------------------------------------------------------
+# Running a manifest locally.
+
+
+class Stages(NamedTuple):
+    """The stage entry points (injected by the CLI: pipeline/ never imports a stage)."""
+
+    harvest: Callable[[HarvestConfig], Any]
+    """`sae.harvest.harvest`."""
+    train: Callable[[TrainConfig], Any]
+    """`sae.train.train`."""
+    evaluate: Callable[[EvalConfig], Any]
+    """`sae.evaluate.evaluate`."""
+
+
+def run(
+    m: Manifest,
+    stages: Stages,
+    *,
+    stage: str = "all",
+    shard: str | None = None,
+    echo: Callable[[str], Any] = print,
+) -> None:
+    """Run `stage` of manifest `m` (`all`: harvest, train, eval), skipping what is already complete.
+
+    `shard` (`i/N`) limits the harvest to array task i of N, as a cluster array job does.
+    """
+    if stage not in ("all", *STAGES):
+        raise SaeError(f"unknown stage {stage!r}; one of all, {', '.join(STAGES)}")
+    if shard is not None and stage != "harvest":
+        raise SaeError("--shard applies to --stage harvest only")
+
+    if stage in ("all", "init", "harvest", "finalize"):
+        if harvest_done(m.harvest):
+            echo(f"harvest: {m.harvest.out} is complete; skipping")
+        elif stage == "init":
+            stages.harvest(dataclasses.replace(m.harvest, init=True))
+        elif stage == "finalize":
+            stages.harvest(dataclasses.replace(m.harvest, finalize=True))
+        else:
+            stages.harvest(dataclasses.replace(m.harvest, shard=shard))
+
+    if stage in ("all", "train"):
+        if train_done(m.train):
+            echo(f"train: every SAE of the sweep is complete in {m.train.out}; skipping")
+        else:
+            resume = checkpoint_exists(m.train)
+            if resume:
+                echo(f"train: resuming from the checkpoint in {m.train.out}")
+            stages.train(dataclasses.replace(m.train, resume=resume))
+
+    if stage in ("all", "eval"):
+        if eval_done(m.eval):
+            echo(f"eval: {Path(m.eval.out) / 'report.json'} exists; skipping")
+        else:
+            stages.evaluate(m.eval)
+
+
+def status(m: Manifest) -> dict[str, bool]:
+    """Which stages of `m` are complete."""
+    return {"harvest": harvest_done(m.harvest), "train": train_done(m.train), "eval": eval_done(m.eval)}
