@@ -518,7 +518,9 @@ def evaluate(cfg: EvalConfig) -> Path:
         if not recorded:
             raise SaeError(f"SAE {specs[0].name} records no model; pass --model")
         model_name, revision = recorded[0]["id"], recorded[0].get("revision")
-    model, tokenizer, info = load_model(model_name, revision=revision, device=cfg.device)
+    model, tokenizer, info = load_model(
+        model_name, revision=revision, device=cfg.device, trust_remote_code=cfg.trust_remote_code
+    )
     check_model(specs, info, cfg.force)
     sites = check_sites(specs, model)
     device = next(model.parameters()).device

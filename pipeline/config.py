@@ -244,6 +244,9 @@ class EvalConfig:
     allow_train_data: bool = False
     """Allow evaluating on the very corpus split the SAE was trained on."""
 
+    trust_remote_code: bool = False
+    """Allow model code from the hub (off unless asked for)."""
+
 
 # --------------------------------------------------------------------------------------------------
 # Introspection shared by the CLI and the manifest loader.

@@ -127,6 +127,8 @@ def parse_manifest(data: Any, *, path: Path = Path("manifest.yaml")) -> Manifest
     train = _make("train", TrainConfig, t)
     if Path(train.store) == Path(harvest.out) and harvest.sites and train.site not in harvest.sites:
         raise ConfigError(f"train.site: {train.site!r} is not one of harvest.sites: {', '.join(harvest.sites)}")
+    # The eval stage loads the same model; the manifest's one permission for remote code covers both.
+    e.setdefault("trust_remote_code", harvest.trust_remote_code)
     evaluate = _make("eval", EvalConfig, e)
     if not evaluate.sae_dirs:
         evaluate = dataclasses.replace(evaluate, sae_dirs=tuple(sae_dirs(train)))
