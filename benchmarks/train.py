@@ -1,0 +1,312 @@
+"""Training throughput, side by side in one process (interleaved rounds, so machine load hits all alike).
+
+Measures, at SmolLM2-135M shapes (d=576, F=4608, k=32, B=4096) by default:
+  reader      the shuffled chunk reader alone (tokens/s), against the trainer's consumption (goal ≥ 3×)
+  matmul      this machine's dense fp32 matmul FLOP/s on the step's own GEMM shapes
+  dense       our BatchTopK step with the dense decoder: tokens/s and FLOP/s against `matmul` (goal ≥ 0.75)
+  sparse      the same step with the sparse decoder (goal ≥ 2× dense)
+  sae-lens    the installed sae-lens `SAETrainer.step` on the same batches and config (goal: ours ≥ 3×)
+
+    python benchmarks/train.py --store runs/store.zarr --site blocks.15.hook_resid_post --write
+
+Without --store it writes a small store of Gaussian rows with SmolLM2-like norms into a temporary folder.
+`--write` replaces the "Train" section of docs/benchmarks.md with the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import os
+import platform
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sae.config import TrainConfig
+from sae.saedir import sweep
+from sae.store import Store, finalize, init_store
+from sae.train.reader import ChunkReader
+from sae.train.trainer import make_plan, make_run, resolve_device, train_step
+
+ROOT = Path(__file__).resolve().parents[1]
+DOC = ROOT / "docs" / "benchmarks.md"
+SECTION = "## Train"
+
+
+def gaussian_store(path: Path, d: int, n_rows: int, seed: int = 0) -> Path:
+    """Rows ~ N(μ, σ²) with ‖x‖ ≈ 60 like SmolLM2's mid-layer residual stream, BOS rows 30× larger."""
+    seq_len, chunk_rows = 128, 8192
+    meta = {
+        "model": {"id": "gaussian"}, "corpus": {"id": "gaussian"}, "seq_len": seq_len,
+        "n_contexts_max": n_rows // seq_len, "sites": ["blocks.0.hook_resid_post"], "d_model": d,
+        "dtype": "bfloat16", "codec": "blosc-zstd", "chunk_rows": chunk_rows, "shard_rows": chunk_rows * 4,
+        "seed": seed,
+    }  # fmt: skip
+    w = init_store(path, meta, (np.zeros(seq_len, np.int32) for _ in range(n_rows // seq_len)))
+    g = torch.Generator().manual_seed(seed)
+    mu = torch.randn(d, generator=g)
+    for s in range(w.n_shards):
+        a, b = w.shard_range(s)
+        x = mu + 2.4 * torch.randn(b - a, d, generator=g)
+        x[torch.from_numpy(np.arange(a, b) % seq_len == 0)] *= 30
+        w.write_shard(s, {"blocks.0.hook_resid_post": x}, np.zeros(b - a, np.int32))
+    finalize(path)
+    return path
+
+
+def src_path(corpus: dict) -> str:
+    paths = corpus.get("paths") or ["?"]
+    return paths[0] if len(paths) == 1 else str(Path(paths[0]).parent)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def step_flops(b: int, d: int, f: int, k: int, decoder: str) -> float:
+    """FLOPs our BatchTopK step executes (multiply-add = 2). Encoder: the dense forward GEMM; its backward
+    only touches the k·B selected entries (∇W_enc, ∇b_dec). Decoder: dense = forward GEMM + two backward
+    GEMMs; sparse = three products over the k·B non-zeros. Elementwise work (Adam, norms) is not counted."""
+    n = k * b
+    enc = 2 * b * d * f + 2 * n * d + 2 * d * f
+    dec = 3 * 2 * b * f * d if decoder == "dense" else 3 * 2 * n * d
+    return enc + dec
+
+
+class SaeLens:
+    """sae-lens' own trainer, driven one `step` at a time (as its `fit` loop does) on our batches."""
+
+    def __init__(self, d: int, f: int, k: int, b: int, lr: float, device: torch.device, steps: int):
+        import logging
+
+        logging.getLogger("sae_lens").setLevel(logging.WARNING)
+        from sae_lens import __version__
+        from sae_lens.config import LoggingConfig, SAETrainerConfig
+        from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
+        from sae_lens.training.sae_trainer import SAETrainer
+
+        self.version = __version__
+        cfg = BatchTopKTrainingSAEConfig(d_in=d, d_sae=f, k=k, dtype="float32", device=str(device))
+        self.sae = BatchTopKTrainingSAE(cfg)
+        tcfg = SAETrainerConfig(
+            total_training_samples=steps * b,
+            train_batch_size_samples=b,
+            lr=lr,
+            lr_end=lr,  # constant lr, as sae-lens' own runner sets it by default
+            device=str(device),
+            autocast=device.type == "cuda",
+            logger=LoggingConfig(log_to_wandb=False),
+        )
+        self.trainer = SAETrainer(cfg=tcfg, sae=self.sae, data_provider=iter(()))
+
+    def step(self, x: torch.Tensor) -> float:
+        out = self.trainer.step(x)
+        self.trainer.n_training_steps += 1
+        return out.loss
+
+
+def machine() -> str:
+    cpu = platform.processor() or "?"
+    with contextlib.suppress(OSError):
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    return f"{cpu}, {os.cpu_count()} cores{gpu}; torch {torch.__version__}, {torch.get_num_threads()} threads"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--store", type=Path, help="a harvested store (default: Gaussian rows in a temp dir)")
+    ap.add_argument("--site", default=None)
+    ap.add_argument("--d", type=int, default=576, help="d_model of the Gaussian store")
+    ap.add_argument("--expansion", type=int, default=8)
+    ap.add_argument("--k", type=int, default=32)
+    ap.add_argument("--batch-size", type=int, default=4096)
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds; medians are reported")
+    ap.add_argument("--steps", type=int, default=3, help="steps of each trainer per round")
+    ap.add_argument("--reader-batches", type=int, default=60, help="batches the reader delivers per round")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--no-sae-lens", action="store_true")
+    ap.add_argument("--write", action="store_true", help="replace the Train section of docs/benchmarks.md")
+    args = ap.parse_args()
+    device = resolve_device(args.device)
+    b, k = args.batch_size, args.k
+
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.store is None:
+            print("writing a Gaussian store ...", file=sys.stderr)
+            path = gaussian_store(Path(tmp) / "gauss.zarr", args.d, 32 * 8192)
+            data = f"Gaussian rows (‖x‖≈60, bf16 store, {32 * 8192:,} rows)"
+        else:
+            path = args.store
+        store = Store.open(path)
+        site = args.site or store.sites[0]
+        d = store.d_model
+        f = args.expansion * d
+        if args.store is not None:
+            corpus = store.attrs.get("corpus") or {}
+            src = corpus.get("id") or ", ".join(Path(p).name for p in corpus.get("paths", [])) or "?"
+            data = (
+                f"{store.attrs['model']['id']} {site} activations of {src} ({store.n_rows:,} rows, "
+                f"{store.dtype} store, {store.n_chunks} chunks of {store.chunk_rows}), harvested with `sae harvest "
+                f"--model {store.attrs['model']['id']} --site {site} --dataset {corpus.get('id') or src_path(corpus)} "
+                f"--seq-len {store.seq_len} --max-tokens {store.n_rows} --out {args.store}`"
+            )
+        cfg = TrainConfig(
+            store=path, site=site, out=Path(tmp) / "out", k=(k,), expansion=(args.expansion,), batch_size=b
+        )
+        scale = math.sqrt(d) / store.stats(site, skip_bos=True).mean_norm
+        plan = make_plan(cfg, 10**9, scale)
+        (point,) = sweep(cfg)
+        runs = {}
+        for decoder in ("sparse", "dense"):
+            torch.manual_seed(0)
+            runs[decoder] = make_run(TrainConfig(**{**cfg.__dict__, "decoder": decoder}), point, d, device, scale)
+        lr = runs["dense"].lr
+        total_steps = args.rounds * args.steps + 4
+        lens = None if args.no_sae_lens else SaeLens(d, f, k, b, lr, device, total_steps)
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+        feed = ChunkReader(store, site, batch_size=b, device=device, seed=1)
+        x0 = feed.next_batch().x * scale
+        for r in runs.values():
+            r.sae.init_from_sample(x0)
+        times: dict[str, list[float]] = {
+            k_: [] for k_ in ("reader", "reader-start", "sparse", "dense", "sae-lens", "matmul")
+        }
+        shapes = [(b, d, f), (b, f, d), (b, d, f), (f, b, d)]  # enc fwd, dec fwd, dec ∇a, dec ∇W
+
+        def t_reader() -> None:
+            # Sustained rate: the first batch waits for the first half-buffer of chunks (a one-off start-up
+            # cost, reported apart), then background threads refill while batches are drawn.
+            t0 = time.perf_counter()
+            with ChunkReader(store, site, batch_size=b, device=device, seed=len(times["reader"])) as r:
+                r.next_batch()
+                sync(device)
+                t1 = time.perf_counter()
+                for _ in range(args.reader_batches):
+                    r.next_batch()
+                sync(device)
+                t2 = time.perf_counter()
+            times["reader-start"].append(t1 - t0)
+            times["reader"].append((t2 - t1) / args.reader_batches)
+
+        def t_ours(decoder: str) -> None:
+            step = len(times[decoder]) * args.steps
+            for i in range(args.steps):
+                x = feed.next_batch().x * scale
+                sync(device)
+                t0 = time.perf_counter()
+                train_step(runs[decoder], x, lr, step + i, plan, cfg, autocast)
+                sync(device)
+                times[decoder].append(time.perf_counter() - t0)
+
+        def t_lens() -> None:
+            for _ in range(args.steps):
+                x = feed.next_batch().x * scale
+                sync(device)
+                t0 = time.perf_counter()
+                lens.step(x)
+                sync(device)
+                times["sae-lens"].append(time.perf_counter() - t0)
+
+        mats = [(torch.randn(m, n, device=device), torch.randn(n, p, device=device)) for m, n, p in shapes]
+
+        def t_matmul() -> None:
+            for (a, w), (m, n, p) in zip(mats, shapes, strict=True):
+                sync(device)
+                t0 = time.perf_counter()
+                torch.mm(a, w)
+                sync(device)
+                times["matmul"].append((time.perf_counter() - t0) / (2 * m * n * p))  # s per FLOP
+
+        tasks = [t_reader, lambda: t_ours("sparse"), lambda: t_ours("dense"), t_matmul]
+        if lens is not None:
+            tasks.insert(3, t_lens)
+        # one warm-up pass, not counted
+        for t in tasks:
+            t()
+        for v in times.values():
+            v.clear()
+        for rnd in range(args.rounds):
+            print(f"round {rnd + 1}/{args.rounds}", file=sys.stderr)
+            for t in tasks if rnd % 2 == 0 else tasks[::-1]:
+                t()
+        feed.close()
+
+    med = {k_: statistics.median(v) for k_, v in times.items() if v}
+    tok = {k_: b / med[k_] for k_ in med if k_ not in ("matmul", "reader-start")}
+    mm_flops = 1 / med["matmul"]
+    fl = {dec: step_flops(b, d, f, k, dec) / med[dec] for dec in ("dense", "sparse")}
+    best = max(tok["sparse"], tok["dense"])
+    reader_ratio = f"{tok['reader'] / best:.1f}× trainer consumption (goal ≥ 3×)"
+    dense_ratio = f"{fl['dense'] / mm_flops:.2f}× matmul FLOP/s (goal ≥ 0.75)"
+    sparse_ratio = f"{tok['sparse'] / tok['dense']:.2f}× dense (goal ≥ 2×)"
+    rows = [
+        (
+            f"shuffled reader alone (after a {med['reader-start']:.1f} s start)",
+            f"{tok['reader']:,.0f}",
+            "",
+            reader_ratio,
+        ),
+        ("dense fp32 matmul, step GEMM shapes", "", f"{mm_flops / 1e9:,.1f}", "reference"),
+        ("ours, dense decoder", f"{tok['dense']:,.0f}", f"{fl['dense'] / 1e9:,.1f}", dense_ratio),
+        ("ours, sparse decoder", f"{tok['sparse']:,.0f}", f"{fl['sparse'] / 1e9:,.1f}", sparse_ratio),
+    ]
+    if lens is not None:
+        rows.append(
+            (f"sae-lens {lens.version} SAETrainer", f"{tok['sae-lens']:,.0f}", "",
+             f"ours {best / tok['sae-lens']:.2f}× (goal ≥ 3×)")
+        )  # fmt: skip
+    cmd = "python " + " ".join(shlex.quote(a) for a in [str(Path(sys.argv[0]))] + sys.argv[1:])
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    table = [
+        f"BatchTopK training step, d={d}, F={f}, k={k}, B={b}, fp32 on {device}; {data}. Medians of "
+        f"{args.rounds} interleaved rounds ({args.steps} steps of each trainer, {args.reader_batches} reader "
+        f"batches, the 4 GEMMs per round). Machine: {machine()}; 1-min load average at the end {load:.1f}.",
+        "",
+        f"Command: `{cmd}`",
+        "",
+        "| what | tokens/s | GFLOP/s | ratio |",
+        "|---|---:|---:|---|",
+        *[f"| {a} | {t} | {g} | {r} |" for a, t, g, r in rows],
+        "",
+        "FLOPs counted: " + step_flops.__doc__.split(". ", 1)[1].replace("\n   ", "").replace("  ", " ").strip(),
+        "",
+        "Each ratio compares figures taken in the same rounds, so load from other processes (see the load average)"
+        " lowers every absolute figure alike but leaves the ratios fair.",
+    ]
+    text = "\n".join(table)
+    print(text)
+    if args.write:
+        write_section(text)
+
+
+def write_section(body: str) -> None:
+    """Replace (or append) the `## Train` section of docs/benchmarks.md, leaving the other sections alone."""
+    DOC.parent.mkdir(parents=True, exist_ok=True)
+    old = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
+    lines = old.splitlines()
+    try:
+        start = next(i for i, line in enumerate(lines) if line.strip() == SECTION)
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+    except StopIteration:
+        start = end = len(lines)
+        lines += [""]
+        start = end = len(lines)
+    new = lines[:start] + [SECTION, "", *body.splitlines(), ""] + lines[end:]
+    DOC.write_text("\n".join(new).rstrip("\n") + "\n")
+
+
+if __name__ == "__main__":
+    main()

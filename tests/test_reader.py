@@ -1,0 +1,137 @@
+"""The shuffled chunk reader: determinism, exactly-once epochs, held-out chunks, exact state restore."""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+
+import numpy as np
+import pytest
+import torch
+from _synthetic import SITE, make_store
+
+from sae.errors import SaeError
+from sae.store import Store
+from sae.train import reader as reader_mod
+from sae.train.reader import ChunkReader
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    # 100 chunks of 16 rows: with the 32-chunk minimum buffer an epoch has 7 groups, so phases, group halves and
+    # epoch boundaries are all exercised.
+    path = make_store(tmp_path_factory.mktemp("reader") / "s.zarr", n_contexts=100, seq_len=16, chunk_rows=16)
+    return Store.open(path)
+
+
+def _reader(store, **kw):
+    kw.setdefault("batch_size", 50)
+    kw.setdefault("buffer_mb", 0)
+    return ChunkReader(store, SITE, **kw)
+
+
+def _take(reader, n):
+    batches = [reader.next_batch() for _ in range(n)]
+    return torch.cat([b.x for b in batches]), torch.cat([b.rows for b in batches])
+
+
+def _positions(store):
+    return np.concatenate([np.asarray(store.chunk_meta(i).position) for i in range(store.n_chunks)])
+
+
+def test_deterministic_whatever_the_thread_timing(store, monkeypatch):
+    with _reader(store, seed=3, threads=4) as r:
+        x1, rows1 = _take(r, 80)  # > 2 epochs
+    real = reader_mod.read_rows
+    jitter = random.Random(0)
+
+    def slow(*a, **kw):
+        time.sleep(jitter.random() * 0.004)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(reader_mod, "read_rows", slow)
+    with _reader(store, seed=3, threads=3) as r:
+        x2, rows2 = _take(r, 80)
+    assert torch.equal(rows1, rows2) and torch.equal(x1, x2)
+    with _reader(store, seed=4, threads=1) as r:
+        _, rows3 = _take(r, 80)
+    assert not torch.equal(rows1, rows3)
+
+
+@pytest.mark.parametrize("keep_bos", [False, True])
+def test_every_training_row_once_per_epoch(store, keep_bos):
+    pos = _positions(store)
+    with _reader(store, seed=1, keep_bos=keep_bos, val_chunks=3) as r:
+        assert r.buffer_chunks == 32 and len(r.train_chunks) == 97
+        expected = np.concatenate([np.arange(*store.chunk_range(c)) for c in r.train_chunks])
+        if not keep_bos:
+            expected = expected[pos[expected] != 0]
+        assert r.train_rows == len(expected)
+        n = r.train_rows
+        x, rows = _take(r, -(-3 * n // r.batch_size))
+    for e in range(3):
+        epoch = rows[e * n : (e + 1) * n].numpy()
+        assert len(epoch) == n
+        assert np.array_equal(np.sort(epoch), expected)  # every training row exactly once
+    assert not np.array_equal(rows[:n].numpy(), rows[n : 2 * n].numpy())  # a new order each epoch
+    assert keep_bos == bool((pos[rows.numpy()] == 0).any())
+    # the rows are the stored values, as float32
+    order = torch.argsort(rows[:n])
+    stored = torch.cat([store.chunk(SITE, i) for i in range(store.n_chunks)]).float()
+    assert x.dtype == torch.float32
+    assert torch.equal(x[:n][order], stored[torch.from_numpy(expected)])
+
+
+def test_batches_mix_many_chunks(store):
+    with _reader(store, seed=0, batch_size=64) as r:
+        _, rows = _take(r, 1)
+    # drawn from a 32-chunk buffer (16 rows each), not from one or two chunks
+    assert len(set((rows // store.chunk_rows).tolist())) >= 12
+
+
+def test_held_out_chunks_never_trained_on(store):
+    with _reader(store, seed=2, val_chunks=4) as r:
+        held = r.val_chunks
+        assert len(held) == 4 and not set(held) & set(r.train_chunks)
+        _, rows = _take(r, 3 * r.train_rows // r.batch_size)
+        val = r.validation_rows()
+    assert not set((rows // store.chunk_rows).tolist()) & set(held)
+    assert set((val.rows // store.chunk_rows).tolist()) == set(held)
+    assert (_positions(store)[val.rows.numpy()] != 0).all()
+    with _reader(store, seed=9, val_chunks=4) as r:
+        assert r.val_chunks == held  # the held-out set does not depend on the seed
+
+
+@pytest.mark.parametrize("k", [0, 1, 5, 17, 18, 19, 40])
+def test_state_restore_continues_exactly(store, k):
+    with _reader(store, seed=5, batch_size=37) as r:
+        _take(r, k) if k else None
+        state = json.loads(json.dumps(r.state_dict()))  # what a checkpoint stores
+        x1, rows1 = _take(r, 25)
+    # the state wins over the arguments
+    with _reader(store, seed=123, batch_size=37, buffer_mb=4096, state=state) as r2:
+        x2, rows2 = _take(r2, 25)
+    assert torch.equal(rows1, rows2) and torch.equal(x1, x2)
+
+
+def test_non_finite_rows_are_reported_by_row(tmp_path):
+    path = make_store(tmp_path / "nan.zarr", n_contexts=8, seq_len=16, chunk_rows=16, poison={37: float("nan")})
+    store = Store.open(path)
+    # the planned row 37 lands somewhere in its shard (rows are shuffled within shards)
+    bad = int(np.flatnonzero(np.concatenate([np.asarray(store.chunk_meta(i).context) for i in range(8)]) == 2)[5])
+    with pytest.raises(SaeError, match="NaN or Inf") as e, _reader(store, val_chunks=0, batch_size=16) as r:
+        _take(r, 10)
+    assert str(bad) in str(e.value)
+
+
+def test_bad_arguments(store):
+    with pytest.raises(SaeError, match=f"no site 'nope'.*{SITE}"):
+        ChunkReader(store, "nope", batch_size=4)
+    with pytest.raises(SaeError, match="val-chunks"):
+        ChunkReader(store, SITE, batch_size=4, val_chunks=100)
+    with _reader(store) as r:
+        state = r.state_dict()
+    state["train_chunks"] = [1000]
+    with pytest.raises(SaeError, match="same store"):
+        ChunkReader(store, SITE, batch_size=4, state=state)
