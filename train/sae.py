@@ -313,7 +313,9 @@ class Step(torch.autograd.Function):
 
 
 class SaeOutput(NamedTuple):
-    """One training forward. Losses are fp32 scalars; only `loss` (and what it sums) carries gradients."""
+    """One training forward. Losses are fp32 scalars; only `loss` (and what it sums) carries gradients. With a
+    `process_group`, `mse`, `fvu`, `aux_loss`, `sparsity_loss`, `loss` and `l0` are this rank's shares: their sums
+    over the ranks are the global-batch values; `fired` and `min_act` are already global."""
 
     x_hat: Tensor
     """Reconstruction [B, d_in] in training (scaled) units."""
@@ -399,7 +401,9 @@ class TrainingSae(nn.Module):
         """Use the sparse decoder when the step's density N/(B·F) is at most this (set by choose_decoder)."""
         self.process_group: Any = None
         """torch.distributed group of a DDP run: BatchTopK then selects over the global batch (every rank's rows),
-        and `fired` / `min_act` are reduced over the ranks, so the run matches one process."""
+        `fired` / `min_act` are reduced over the ranks, and the losses are normalised by global quantities (rows,
+        variances), so each rank's loss is its share of the global-batch loss: the ranks' losses and gradients
+        *sum* to those of one process on the whole batch."""
         self._density: float | None = None  # last step's, to pick the path before selecting (relu, jumprelu)
         self._pre_buf: Tensor | None = None
 
@@ -490,15 +494,32 @@ class TrainingSae(nn.Module):
             return torch.addmm(self.b_enc, xc, self.W_enc, out=self._pre_buf)
         return torch.addmm(self.b_enc, xc, self.W_enc)
 
-    def _select(self, pre: Tensor) -> tuple[Tensor, Tensor]:
-        """(rows, cols) of the entries the architecture keeps (jumprelu: also its STE window)."""
+    def _global_rows(self, b: int, device: torch.device) -> int:
+        """Rows of the global batch: `b` alone, or summed over the ranks of `process_group`."""
+        if self.process_group is None:
+            return b
+        t = torch.tensor([b], device=device)
+        torch.distributed.all_reduce(t, group=self.process_group)
+        return int(t)
+
+    def _sum_var(self, t: Tensor) -> Tensor:
+        """Σ‖t − t̄‖² over the rows of the (global) batch, clamped away from 0; no graph."""
+        with torch.no_grad():
+            if self.process_group is None:
+                return (t - t.mean(0)).pow(2).sum().clamp_min(1e-12)
+            t64 = t.double()
+            s = torch.cat([t64.sum(0), t64.pow(2).sum().reshape(1), t64.new_tensor([t.shape[0]])])
+            torch.distributed.all_reduce(s, group=self.process_group)
+            total, sq, n = s[:-2], s[-2], s[-1].clamp_min(1)
+            return (sq - total.pow(2).sum() / n).float().clamp_min(1e-12)
+
+    def _select(self, pre: Tensor, n_rows: int | None = None) -> tuple[Tensor, Tensor]:
+        """(rows, cols) of the entries the architecture keeps (jumprelu: also its STE window). `n_rows`: rows of
+        the global batch (default: this rank's only, or all ranks' with a process group)."""
         b, f = pre.shape
         if self.arch == "batchtopk":
-            n_rows = b
-            if self.process_group is not None:
-                t = torch.tensor([b], device=pre.device)
-                torch.distributed.all_reduce(t, group=self.process_group)
-                n_rows = int(t)
+            if n_rows is None:
+                n_rows = self._global_rows(b, pre.device)
             idx = batch_topk_indices(pre, round(float(self.k) * n_rows), group=self.process_group)
             return idx // f, idx % f
         if self.arch == "topk":
@@ -519,32 +540,33 @@ class TrainingSae(nn.Module):
         if x.dim() != 2 or x.shape[1] != self.d_in:
             raise SaeError(f"expected input rows [B, {self.d_in}], got {list(x.shape)}")
         b, f = x.shape[0], self.d_sae
+        n = self._global_rows(b, x.device)  # the loss normaliser: b in one process, the global batch in DDP
         sparse = self._use_sparse(decoder, x.device)
         if self.arch in ("relu", "jumprelu") and not sparse:
-            return self._forward_dense(x)
+            return self._forward_dense(x, n)
         with torch.no_grad():
             pre = self._pre(x)
-            rows, cols = self._select(pre)
+            rows, cols = self._select(pre, n)
         pat = SparsePattern(rows, cols, b, f)
         vals = _SparseEncode.apply(x, self.W_enc, self.b_enc, self.b_dec, pre, pat).float()
         sparsity = x.new_zeros((), dtype=torch.float32)
         if self.arch == "jumprelu":
             theta = self.log_threshold.exp()[cols]
             acts = JumpReLU.apply(vals, theta, self.bandwidth)
-            sparsity = Step.apply(vals, theta, self.bandwidth).sum() / b
+            sparsity = Step.apply(vals, theta, self.bandwidth).sum() / n
             active = vals > theta.detach()
         else:
             acts = vals
             active = None
             if self.arch == "relu":
-                sparsity = (acts * self.W_dec.norm(dim=1)[cols]).sum() / b
+                sparsity = (acts * self.W_dec.norm(dim=1)[cols]).sum() / n
         x_hat = self._decode(pat, acts, sparse) + self.b_dec
         self._density = pat.nnz / (b * f)
 
         aux, n_dead = x.new_zeros((), dtype=torch.float32), 0
         if self.arch in ("batchtopk", "topk") and dead_mask is not None and self.aux_alpha > 0:
             aux, n_dead = self._aux(x, x_hat, pre, dead_mask)
-        return self._finish(x, x_hat, rows, cols, acts, active, aux, n_dead, sparsity, sparse)
+        return self._finish(x, x_hat, rows, cols, acts, active, aux, n_dead, sparsity, sparse, n)
 
     def _decode(self, pat: SparsePattern, acts: Tensor, sparse: bool) -> Tensor:
         if sparse:
@@ -570,20 +592,21 @@ class TrainingSae(nn.Module):
                 acts = sub.relu_()
         e_hat = _AuxDecode.apply(acts, x, self.W_enc, self.b_enc, self.b_dec, self.W_dec, dead)
         e = (x.float() - x_hat.float()).detach()
-        var = (e - e.mean(0)).pow(2).sum().clamp_min(1e-12)
+        var = self._sum_var(e)
         return scale * (e_hat - e).pow(2).sum() / var, n_dead
 
-    def _forward_dense(self, x: Tensor) -> SaeOutput:
-        """relu / jumprelu with dense tensors and ordinary autograd (high densities, GPUs)."""
+    def _forward_dense(self, x: Tensor, n: int | None = None) -> SaeOutput:
+        """relu / jumprelu with dense tensors and ordinary autograd (high densities, GPUs); `n` the global rows."""
         b = x.shape[0]
+        n = b if n is None else n
         pre = torch.addmm(self.b_enc, x - self.b_dec, self.W_enc)
         if self.arch == "relu":
             a = pre.relu()
-            sparsity = (a.float() @ self.W_dec.norm(dim=1)).sum() / b
+            sparsity = (a.float() @ self.W_dec.norm(dim=1)).sum() / n
         else:
             theta = self.log_threshold.exp()
             a = JumpReLU.apply(pre.float(), theta, self.bandwidth)
-            sparsity = Step.apply(pre.float(), theta, self.bandwidth).sum() / b
+            sparsity = Step.apply(pre.float(), theta, self.bandwidth).sum() / n
         x_hat = a @ self.W_dec + self.b_dec
         with torch.no_grad():
             idx = flat_nonzero(a > 0)
@@ -591,15 +614,15 @@ class TrainingSae(nn.Module):
         acts = a.reshape(-1)[idx].float()
         self._density = rows.numel() / (b * self.d_sae)
         zero = x.new_zeros((), dtype=torch.float32)
-        return self._finish(x, x_hat, rows, cols, acts, None, zero, 0, sparsity, False)
+        return self._finish(x, x_hat, rows, cols, acts, None, zero, 0, sparsity, False, n)
 
-    def _finish(self, x, x_hat, rows, cols, acts, active, aux, n_dead, sparsity, sparse) -> SaeOutput:
-        b = x.shape[0]
+    def _finish(self, x, x_hat, rows, cols, acts, active, aux, n_dead, sparsity, sparse, n=None) -> SaeOutput:
+        # n: rows of the global batch (DDP: each rank's losses are its share of the global ones)
+        b = x.shape[0] if n is None else n
         x32, x_hat32 = x.float(), x_hat.float()
         sse = (x_hat32 - x32).pow(2).sum()
         mse = sse / b
-        with torch.no_grad():
-            var = (x32 - x32.mean(0)).pow(2).sum().clamp_min(1e-12)
+        var = self._sum_var(x32)
         fvu = sse / var
         if self.arch in ("batchtopk", "topk"):
             loss = fvu + self.aux_alpha * aux

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import random
 import shutil
 import signal
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
+import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from sae import __version__, atomic
@@ -57,6 +59,83 @@ RESUMABLE_CHANGES = {"resume", "device", "log_every", "buffer_mb", "checkpoint_e
 
 class TrainingInterrupted(SaeError):
     """SIGTERM/SIGINT stopped the run after a checkpoint; rerun with --resume."""
+
+
+class Dist(NamedTuple):
+    """This process's place in a torchrun (DDP) run. Every rank runs the same reader schedule and takes its slice
+    of each global batch, so N ranks see exactly the rows (and the BatchTopK selection) of one process."""
+
+    rank: int
+    """This process's rank."""
+    world: int
+    """Number of ranks (1: no torch.distributed)."""
+    group: Any = None
+    """The process group (None in one process)."""
+
+    @property
+    def main(self) -> bool:
+        """Rank 0: the one that writes logs, checkpoints and SAEs."""
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.group is not None:
+            dist.barrier(group=self.group)
+
+    def rows(self, batch_size: int) -> slice:
+        """This rank's rows of a global batch."""
+        per = batch_size // self.world
+        return slice(self.rank * per, (self.rank + 1) * per)
+
+
+SINGLE = Dist(0, 1)
+
+
+def _init_distributed(cfg: TrainConfig) -> tuple[Dist, torch.device, bool]:
+    """Join the torchrun process group when WORLD_SIZE > 1 (gloo on CPU, nccl on cuda:LOCAL_RANK); return the
+    context, the device and whether this call created the group (and must destroy it)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = resolve_device(cfg.device)
+    if world <= 1:
+        return SINGLE, device, False
+    if cfg.batch_size % world:
+        raise SaeError(f"--batch-size {cfg.batch_size} must be divisible by the number of ranks ({world})")
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    created = not dist.is_initialized()
+    if created:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Dist(dist.get_rank(), dist.get_world_size(), dist.group.WORLD), device, created
+
+
+def _broadcast_state(runs: list[SaeRun], d: Dist) -> None:
+    """Make every rank start from rank 0's parameters and buffers (they agree already; this guards it)."""
+    for r in runs:
+        for t in [*r.sae.parameters(), *r.sae.buffers()]:
+            dist.broadcast(t.data, 0, group=d.group)
+
+
+def _all_reduce_grads(sae: TrainingSae, d: Dist) -> None:
+    """Sum the gradients over the ranks (each rank's loss is its share of the global loss), one collective."""
+    params = [p for p in sae.parameters() if p.requires_grad]
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1).float() for g in grads])
+    dist.all_reduce(flat, group=d.group)
+    off = 0
+    for p, g in zip(params, grads, strict=True):
+        n = g.numel()
+        p.grad = flat[off : off + n].view_as(g).to(g.dtype)
+        off += n
+
+
+def _reduce_output(o: Any, d: Dist) -> Any:
+    """The global-batch losses and L0 of a step: the sums of the ranks' shares (see SaeOutput)."""
+    if d.group is None:
+        return o
+    keys = ("loss", "fvu", "mse", "aux_loss", "sparsity_loss", "l0")
+    t = torch.stack([getattr(o, k).detach().float().reshape(()) for k in keys])
+    dist.all_reduce(t, group=d.group)
+    return o._replace(**dict(zip(keys, t.unbind(), strict=True)))
 
 
 class Plan(NamedTuple):
@@ -328,7 +407,7 @@ def _tuples(x: Any) -> Any:
     return tuple(_tuples(v) for v in x) if isinstance(x, list) else x
 
 
-def _restore(ck: checkpoint.Checkpoint, runs: list[SaeRun]) -> None:
+def _restore(ck: checkpoint.Checkpoint, runs: list[SaeRun], truncate_logs: bool = True) -> None:
     t = ck.tensors
     for r in runs:
         info = ck.state["saes"].get(r.name)
@@ -350,7 +429,8 @@ def _restore(ck: checkpoint.Checkpoint, runs: list[SaeRun]) -> None:
         r.opt.load_state_dict({"state": opt_state, "param_groups": groups})
         r.sae.sparse_max_density = info["sparse_max_density"]
         r.sae._density = info["density"]
-        if r.log_path.exists():  # drop the lines logged after the checkpoint: the resumed run logs them again
+        # drop the lines logged after the checkpoint: the resumed run logs them again
+        if truncate_logs and r.log_path.exists():
             with open(r.log_path, "r+b") as f:
                 f.truncate(min(info["log_bytes"], r.log_path.stat().st_size))
     torch.set_rng_state(t["rng/torch"])
@@ -449,6 +529,8 @@ def _theta_l0(sae: TrainingSae, x: torch.Tensor) -> float:
 
 
 def _write_log(run: SaeRun, row: dict[str, Any]) -> None:
+    if run.log is None:  # a DDP rank other than 0
+        return
     run.log.write(json.dumps(row) + "\n")
     run.log.flush()
 
@@ -458,7 +540,20 @@ def _write_log(run: SaeRun, row: dict[str, Any]) -> None:
 
 
 def train(cfg: TrainConfig) -> list[Path]:
-    """Train every SAE of the sweep in `cfg` from one read of the store; return their directories."""
+    """Train every SAE of the sweep in `cfg` from one read of the store; return their directories.
+
+    Under torchrun (WORLD_SIZE > 1) every rank trains on its slice of each global batch of `cfg.batch_size` rows;
+    the gradients, the BatchTopK selection, the dead-latent counters and θ are global, so the weights match one
+    process. Rank 0 alone writes; the checkpoint holds global state only (resumable with any number of ranks)."""
+    d, device, created = _init_distributed(cfg)
+    try:
+        return _train(cfg, d, device)
+    finally:
+        if created:
+            dist.destroy_process_group()
+
+
+def _train(cfg: TrainConfig, dd: Dist, device: torch.device) -> list[Path]:
     store, site = _open_store(cfg)
     d = store.d_model
     points = sweep(cfg)
@@ -471,6 +566,7 @@ def train(cfg: TrainConfig) -> list[Path]:
     config["site"] = site
     run_info = {"config": config, "store": identity, "tool_version": __version__}
     mode = _check_out(cfg, names, run_info)
+    dd.barrier()  # every rank has looked at `out` before rank 0 writes into it
     if mode == "done":
         print(f"every SAE in {out} is already trained; nothing to do", file=sys.stderr)
         return [out / n for n in names]
@@ -478,7 +574,6 @@ def train(cfg: TrainConfig) -> list[Path]:
     if ck is not None:
         _compare_store(ck.state["store"], identity, out)
 
-    device = resolve_device(cfg.device)
     stats = store.stats(site, skip_bos=not cfg.keep_bos)
     if not (math.isfinite(stats.mean_norm) and stats.mean_norm > 0):
         _find_bad_rows(store, site, cfg.keep_bos)  # raises naming the rows, when some are NaN/Inf
@@ -504,34 +599,46 @@ def train(cfg: TrainConfig) -> list[Path]:
             if was != now:
                 raise SaeError(f"checkpoint {ck.path} was made for another run length or schedule ({was}, now {now})")
 
-        out.mkdir(parents=True, exist_ok=True)
-        if ck is None:
+        if dd.main:
+            out.mkdir(parents=True, exist_ok=True)
+        if ck is None and dd.main:
             atomic.write_json(out / RUN_FILE, {**run_info, "plan": plan._asdict(), "started": time.time()})
         runs = [make_run(cfg, p, d, device, scale) for p in points]
+        if dd.group is not None:
+            for r in runs:
+                r.sae.process_group = dd.group
         for r in runs:
-            r.log_path.parent.mkdir(parents=True, exist_ok=True)
+            if dd.main:
+                r.log_path.parent.mkdir(parents=True, exist_ok=True)
         if ck is None:
             for r in runs:
-                r.log_path.unlink(missing_ok=True)  # left by a run that died before its first checkpoint
+                if dd.main:
+                    r.log_path.unlink(missing_ok=True)  # left by a run that died before its first checkpoint
             sample = reader.sample_rows(GEOMEDIAN_ROWS).to(device) * scale
             for r in runs:
                 r.sae.init_from_sample(sample)
             del sample
             start = 0
         else:
-            _restore(ck, runs)
+            _restore(ck, runs, truncate_logs=dd.main)
             start = int(ck.state["step"])
+        if dd.group is not None:
+            _broadcast_state(runs, dd)
         for r in runs:
-            r.log = stack.enter_context(open(r.log_path, "a"))
-        val = reader.validation_rows(VAL_MAX_ROWS) if cfg.val_chunks > 0 else None
+            if dd.main:
+                r.log = stack.enter_context(open(r.log_path, "a"))
+        val = reader.validation_rows(VAL_MAX_ROWS) if cfg.val_chunks > 0 and dd.main else None
         meta = {"config": config, "store": identity, "plan": plan._asdict()}
         stop = stack.enter_context(_StopFlag())
-        _loop(cfg, plan, runs, reader, val, device, start, stop, meta, store, site)
-        for r in runs:
-            _save_sae(r, cfg, plan, store, site, plan.steps, reader, complete=True)
+        _loop(cfg, plan, runs, reader, val, device, start, stop, meta, store, site, dd)
+        if dd.main:
+            for r in runs:
+                _save_sae(r, cfg, plan, store, site, plan.steps, reader, complete=True)
+    dd.barrier()
     # The SAEs are final, with their logs: the optimizer state and the growing logs are not needed any more.
-    shutil.rmtree(out / checkpoint.DIR, ignore_errors=True)
-    shutil.rmtree(out / LOG_DIR, ignore_errors=True)
+    if dd.main:
+        shutil.rmtree(out / checkpoint.DIR, ignore_errors=True)
+        shutil.rmtree(out / LOG_DIR, ignore_errors=True)
     return [r.dir for r in runs]
 
 
@@ -589,21 +696,38 @@ def _loop(
     meta: dict[str, Any],
     store: Store,
     site: str,
+    dd: Dist = SINGLE,
 ) -> None:
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     out = Path(cfg.out)
-    bar = tqdm(total=plan.steps, initial=start, unit="step", dynamic_ncols=True, desc="train", mininterval=1.0)
+    bar = tqdm(
+        total=plan.steps,
+        initial=start,
+        unit="step",
+        dynamic_ncols=True,
+        desc="train",
+        mininterval=1.0,
+        disable=True if not dd.main else None,
+    )
     t_last, step_last = time.perf_counter(), start
+    mine = dd.rows(plan.batch_size)
     for step in range(start, plan.steps):
-        x = reader.next_batch().x * plan.input_scale
+        x = reader.next_batch().x
+        if dd.world > 1:
+            x = x[mine]
+        x = x * plan.input_scale
         if step == start and step == 0:
             for r in runs:
                 if r.sae.decoder == "auto":
                     r.sae.choose_decoder(x)
+                    if dd.group is not None:  # the ranks' timings differ: rank 0's choice for all
+                        t = torch.tensor([r.sae.sparse_max_density], dtype=torch.float64, device=x.device)
+                        dist.broadcast(t, 0, group=dd.group)
+                        r.sae.sparse_max_density = float(t)
         lr_f = plan.lr_factor(step)
         outs = []
         for r in runs:
-            outs.append(train_step(r, x, lr_f * r.lr, step, plan, cfg, autocast))
+            outs.append(train_step(r, x, lr_f * r.lr, step, plan, cfg, autocast, dd))
         done = step + 1
         if done % cfg.log_every == 0 or done == plan.steps:
             now = time.perf_counter()
@@ -611,6 +735,7 @@ def _loop(
             t_last, step_last = now, done
             post = []
             for r, (o, gn) in zip(runs, outs, strict=True):
+                o = _reduce_output(o, dd)
                 row = _train_row(r, o, gn, x, done, plan, lr_f * r.lr, tok_s)
                 _write_log(r, row)
                 post.append(row)
@@ -623,13 +748,23 @@ def _loop(
             )
         bar.update(1)
         scheduled = done % plan.checkpoint_steps == 0
-        if done < plan.steps and (scheduled or stop.signum is not None):
-            if val is not None and scheduled:  # (not on a signal: the log stays that of an uninterrupted run)
-                _validate_all(runs, val, plan, done, device)
-            for r in runs:
-                _save_sae(r, cfg, plan, store, site, done, reader, complete=False)
-            path = _save_checkpoint(out, done, runs, reader, meta)
-            if stop.signum is not None:
+        stopped = stop.signum is not None
+        if dd.group is not None:  # the ranks must agree on stopping: a signal may reach them a step apart
+            t = torch.tensor([int(stopped)], device=x.device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=dd.group)
+            stopped = bool(t)
+            if stopped and stop.signum is None:
+                stop.signum = signal.SIGTERM
+        if done < plan.steps and (scheduled or stopped):
+            path = out / checkpoint.DIR
+            if dd.main:
+                if val is not None and scheduled:  # (not on a signal: the log stays that of an uninterrupted run)
+                    _validate_all(runs, val, plan, done, device)
+                for r in runs:
+                    _save_sae(r, cfg, plan, store, site, done, reader, complete=False)
+                path = _save_checkpoint(out, done, runs, reader, meta)
+            dd.barrier()  # the other ranks wait until rank 0's checkpoint is complete
+            if stopped:
                 bar.close()
                 name = signal.Signals(stop.signum).name
                 raise TrainingInterrupted(
@@ -637,19 +772,28 @@ def _loop(
                     "Continue with the same command plus --resume"
                 )
     bar.close()
-    if val is not None:
+    if val is not None and dd.main:
         _validate_all(runs, val, plan, plan.steps, device)
 
 
 def train_step(
-    r: SaeRun, x: torch.Tensor, lr: float, step: int, plan: Plan, cfg: TrainConfig, autocast: Any
+    r: SaeRun,
+    x: torch.Tensor,
+    lr: float,
+    step: int,
+    plan: Plan,
+    cfg: TrainConfig,
+    autocast: Any,
+    dd: Dist = SINGLE,
 ) -> tuple[Any, torch.Tensor]:
-    """One optimizer step of one SAE on the scaled batch `x`; returns its SaeOutput and the gradient norm
-    (before clipping). No host synchronisation."""
+    """One optimizer step of one SAE on the scaled batch `x` (in DDP: this rank's slice of the global batch);
+    returns its SaeOutput and the gradient norm (before clipping). No host synchronisation in one process."""
     sae = r.sae
     with autocast:
         o = sae(x, dead_mask=sae.dead_mask(plan.dead_tokens))
     o.loss.backward()
+    if dd.group is not None:
+        _all_reduce_grads(sae, dd)  # the ranks then take identical steps: same clip, Adam, renormalisation
     sae.remove_parallel_grad()
     gn = torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
     for g in r.opt.param_groups:
@@ -657,7 +801,7 @@ def train_step(
     r.opt.step()
     r.opt.zero_grad(set_to_none=True)
     sae.normalize_decoder()
-    sae.update_dead(o.fired, len(x))
+    sae.update_dead(o.fired, len(x) * dd.world)  # `fired` is global already
     if sae.arch == "batchtopk" and step >= plan.theta_start:
         sae.update_theta(o.min_act, plan.theta_decay)
     return o, gn
