@@ -226,9 +226,10 @@ class Store:
         s = self.manifest["stats"][site]["no_bos" if skip_bos else "all"]
         return SiteStats(torch.tensor(s["mean"], dtype=torch.float32), s["mean_norm"], s["variance"], s["n_rows"])
 
-    def disk_bytes(self) -> int:
-        """Bytes the store takes on disk."""
-        return sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
+    def disk_bytes(self, *names: str) -> int:
+        """Bytes the store takes on disk; with `names` (sites or other arrays), only those arrays'."""
+        roots = [self.path / (_site_key(n) if n in self.sites else n) for n in names] or [self.path]
+        return sum(f.stat().st_size for root in roots for f in root.rglob("*") if f.is_file())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -324,16 +325,34 @@ class StoreWriter:
     def done(self) -> set[int]:
         return _done_shards(self.path)
 
+    def shard_contexts(self, s: int) -> tuple[np.ndarray, int]:
+        """The packed contexts covering shard s ([n, seq_len] int32) and the offset of the shard's first row in
+        their flattened rows (shards need not start or end on a context boundary)."""
+        start, stop = self.shard_range(s)
+        c0, c1 = start // self.seq_len, -(-stop // self.seq_len)
+        return np.asarray(self.group["input_ids"][c0:c1]), start - c0 * self.seq_len
+
     def permutation(self, s: int) -> np.ndarray:
         """Seeded within-shard row order: stored row j of shard s is planned row start + perm[j]."""
         start, stop = self.shard_range(s)
         return np.random.default_rng([self.meta["seed"], s]).permutation(stop - start)
+
+    def _clear_shard(self, s: int) -> None:
+        """Delete shard s's marker, then its files. zarr 3 merges every write into the existing shard file,
+        reading it first: a file torn by a killed write would fail its checksum (and reading it is wasted work).
+        Shards are written whole, so each write starts from nothing."""
+        _marker_path(self.path, s).unlink(missing_ok=True)
+        for name in (*map(_site_key, self.meta["sites"]), *META_ARRAYS):
+            arr = self.group[name]
+            key = arr.metadata.encode_chunk_key((s,) + (0,) * (arr.ndim - 1))  # the shard grid is the chunk grid
+            (self.path / name / key).unlink(missing_ok=True)
 
     def write_shard(self, s: int, acts: dict[str, torch.Tensor], tokens: np.ndarray) -> None:
         """Write shard s whole, then its marker. `acts[site]` and `tokens` hold the shard's rows in planned
         (context-major) order; the within-shard permutation is applied here."""
         start, stop = self.shard_range(s)
         n = stop - start
+        self._clear_shard(s)
         perm = self.permutation(s)
         rows = start + perm
         meta = {
@@ -383,6 +402,7 @@ def init_store(
         return StoreWriter(path)
     if not _is_removable(path):
         raise SaeError(f"{path} exists and is not an activation store; choose another --out")
+    created = not path.exists()
     with _init_lock(path):
         if (path / "plan.json").exists():  # another task finished init while we waited
             _check_fingerprint(path, meta)
@@ -391,11 +411,25 @@ def init_store(
         if zj is not None:
             # A previous init was killed before writing its plan; nothing in it is finished work.
             _check_fingerprint(path, meta)
-            for p in path.iterdir():
-                if p.name != ".init.lock":
-                    shutil.rmtree(p) if p.is_dir() else p.unlink()
-        _create(path, meta, contexts)
+            _clear_init(path)
+        try:
+            _create(path, meta, contexts)
+        except BaseException:
+            # A failed init (an empty corpus, a bad context) leaves no half-made store behind for the next
+            # run to trip over (nor an empty folder, when this call made it).
+            _clear_init(path)
+            if created:
+                shutil.rmtree(path, ignore_errors=True)
+            raise
     return StoreWriter(path)
+
+
+def _clear_init(path: Path) -> None:
+    """Delete an unfinished init, keeping the lock file (held by the caller). zarr.json goes last, so a
+    concurrent task looking in (outside the lock) always sees a store of ours, never a foreign folder."""
+    for p in sorted(path.iterdir(), key=lambda p: p.name == "zarr.json"):
+        if p.name != ".init.lock":
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
 
 
 def _create(path: Path, meta: dict[str, Any], contexts: Iterable[np.ndarray]) -> None:
@@ -403,7 +437,8 @@ def _create(path: Path, meta: dict[str, Any], contexts: Iterable[np.ndarray]) ->
     chunk_rows, shard_rows = meta["chunk_rows"], meta["shard_rows"]
     if shard_rows % chunk_rows:
         raise SaeError(f"shard_rows ({shard_rows}) must be a multiple of chunk_rows ({chunk_rows})")
-    group = zarr.open_group(path, mode="w", attributes={"sae_store": meta})
+    # Not open_group(mode="w"): that deletes the whole folder, the init lock file of the other tasks included.
+    group = zarr.create_group(store=str(path), attributes={"sae_store": meta}, overwrite=False)
     ctx_chunk = max(1, (1 << 20) // (4 * seq_len))
     ids = group.create_array(
         "input_ids",
@@ -435,7 +470,6 @@ def _create(path: Path, meta: dict[str, Any], contexts: Iterable[np.ndarray]) ->
     if buf:
         flush()
     if n == 0:
-        shutil.rmtree(path / "input_ids", ignore_errors=True)
         raise SaeError("the corpus gave no context: it is empty or shorter than one --seq-len context")
     n_rows = n * seq_len
     storage = _STORAGE[meta["dtype"]]
@@ -508,3 +542,37 @@ def finalize(path: str | os.PathLike) -> Store:
     }
     atomic.write_json(path / "manifest.json", manifest)
     return Store.open(path)
+
+
+# --------------------------------------------------------------------------------------------------
+# Public access to the format's parts, for whole-store tools (sae.storetools: stats, validate, concat).
+
+
+def checksum(a: np.ndarray) -> str:
+    """The checksum a marker and the manifest record for one shard of an array (stored dtype, stored order)."""
+    return _digest(a)
+
+
+def read_plan(path: str | os.PathLike) -> dict[str, Any] | None:
+    """plan.json of the store at `path` (None before init finished)."""
+    return _read_json(Path(path) / "plan.json")
+
+
+def read_manifest(path: str | os.PathLike) -> dict[str, Any] | None:
+    """manifest.json of the store at `path` (None before finalize)."""
+    return _read_json(Path(path) / "manifest.json")
+
+
+def read_marker(path: str | os.PathLike, s: int) -> dict[str, Any] | None:
+    """The marker of shard s (None when the shard is not finished)."""
+    return _read_json(_marker_path(Path(path), s))
+
+
+def marker_path(path: str | os.PathLike, s: int) -> Path:
+    """Where the marker of shard s lives."""
+    return _marker_path(Path(path), s)
+
+
+def done_shards(path: str | os.PathLike) -> set[int]:
+    """Shards that have a marker."""
+    return _done_shards(Path(path))

@@ -1,0 +1,226 @@
+"""The harvest loop: contexts from the store's plan → LM forward stopped after the deepest site → whole shards.
+
+One call of `harvest` initialises the store (or reopens it to resume), then harvests the shards of its task
+that have no marker yet, and, when it is not one task of an array job, finalizes. Shards are computed one after
+the other; a single background thread writes (permutes, compresses, checksums) shard s while the model runs on
+shard s+1. A shard's contexts and their batching depend only on the shard, so a resumed run or an array task
+writes exactly the bytes a single uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from sae import store
+from sae.config import HarvestConfig
+from sae.corpus import corpus_info, iter_contexts
+from sae.errors import SaeError
+from sae.models import load_model
+from sae.sites import KINDS, Site, available_sites, capture, parse_site, site_width
+
+_TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def harvest(cfg: HarvestConfig) -> Path:
+    """Run `sae harvest`: write (or finish) the store at `cfg.out` and return its path."""
+    t0 = time.perf_counter()
+    out = Path(cfg.out)
+    task = shard_task(cfg.shard, os.environ)
+    if cfg.finalize:
+        if cfg.shard is not None or cfg.overwrite or cfg.init:
+            raise SaeError(
+                "--finalize only checks the shard markers and writes the manifest; drop --shard/--overwrite/--init"
+            )
+        st = store.finalize(out)
+        _echo(summary(st.path, time.perf_counter() - t0, 0))
+        return out
+    if cfg.overwrite and task is not None:
+        raise SaeError(
+            f"--overwrite with an array task ({task[0]}/{task[1]}) would delete the other tasks' shards; "
+            "delete the store once before the array job starts, or run without --shard"
+        )
+    if cfg.init and (task is not None or cfg.overwrite):
+        raise SaeError("--init only creates the store and its plan; drop --shard/--overwrite")
+    _check_sizes(cfg)
+
+    model, tokenizer, info = load_model(
+        cfg.model,
+        revision=cfg.revision,
+        device=cfg.device,
+        dtype=cfg.model_dtype,
+        trust_remote_code=cfg.trust_remote_code,
+    )
+    sites = resolve_sites(cfg.sites, model)
+    d_model = site_width(model, sites[0])
+    chunk_rows = cfg.chunk_rows or store.default_chunk_rows(d_model)
+    meta = {
+        "model": {"id": info.id, "revision": info.revision, "sha256": info.sha256, "dtype": info.dtype},
+        "corpus": corpus_info(cfg.dataset, split=cfg.split, text_column=cfg.text_column),
+        "seq_len": cfg.seq_len,
+        "n_contexts_max": None if cfg.max_tokens is None else cfg.max_tokens // cfg.seq_len,
+        "sites": [s.name for s in sites],
+        "d_model": d_model,
+        "dtype": cfg.dtype,
+        "codec": cfg.codec,
+        "chunk_rows": chunk_rows,
+        "shard_rows": chunk_rows * cfg.shard_chunks,
+        "seed": cfg.seed,
+    }
+    # Lazy: only a new store reads the corpus; a resumed one takes its contexts from the plan.
+    contexts = iter_contexts(
+        cfg.dataset,
+        tokenizer,
+        seq_len=cfg.seq_len,
+        split=cfg.split,
+        text_column=cfg.text_column,
+        max_tokens=cfg.max_tokens,
+    )
+    writer = store.init_store(out, meta, contexts, overwrite=cfg.overwrite)
+    if cfg.init:
+        _echo(f"{out}: initialised with {writer.n_shards} shards; run the array tasks (--shard i/N), then --finalize")
+        return out
+    mine = writer.task_shards(*task) if task is not None else list(range(writer.n_shards))
+    done = writer.done()
+    todo = [s for s in mine if s not in done]
+    n_tokens = harvest_shards(model, sites, writer, todo, batch_size=cfg.batch_size)
+    if task is None:
+        store.finalize(out)
+    _echo(summary(out, time.perf_counter() - t0, n_tokens, task=task))
+    return out
+
+
+def shard_task(shard: str | None, env: Mapping[str, str]) -> tuple[int, int] | None:
+    """(task, n_tasks) from `--shard i/N`, else from a SLURM array's environment, else None (all shards)."""
+    if shard is not None:
+        try:
+            i, n = (int(v) for v in shard.split("/"))
+        except ValueError:
+            raise SaeError(f"--shard {shard!r}: expected i/N, e.g. 0/8 for the first of 8 array tasks") from None
+    elif "SLURM_ARRAY_TASK_ID" in env and "SLURM_ARRAY_TASK_COUNT" in env:
+        # `--array=1-8` or `--array=0-14:2` number tasks from MIN in steps of STEP.
+        step = int(env.get("SLURM_ARRAY_TASK_STEP", 1) or 1)
+        i = (int(env["SLURM_ARRAY_TASK_ID"]) - int(env.get("SLURM_ARRAY_TASK_MIN", 0))) // step
+        n = int(env["SLURM_ARRAY_TASK_COUNT"])
+    else:
+        return None
+    if n < 1 or not 0 <= i < n:
+        raise SaeError(f"array task {i} of {n}: the task must be in 0..N-1 and N at least 1")
+    return i, n
+
+
+def resolve_sites(names: Sequence[str], model: Any) -> list[Site]:
+    """The validated sites, duplicates dropped, in the order given (the store lists them in that order)."""
+    if not names:
+        sites = available_sites(model)
+        raise SaeError(
+            f"no --site given; sites are blocks.<L>.hook_<kind>, kind one of {', '.join(KINDS)}, L in "
+            f"0..{len(sites) // len(KINDS) - 1}: {sites[0]} ... {sites[-1]}"
+        )
+    return list(dict.fromkeys(parse_site(n, model) for n in names))
+
+
+def harvest_shards(
+    model: Any, sites: Sequence[Site], writer: store.StoreWriter, shards: Sequence[int], *, batch_size: int
+) -> int:
+    """Compute and write `shards` of the store; returns the tokens written. Shard s is written by a background
+    thread while the forward of shard s+1 runs; at most two shards are in memory."""
+    total = sum(b - a for a, b in map(writer.shard_range, shards))
+    tty = sys.stderr.isatty()
+    bar = tqdm(total=total, unit="tok", unit_scale=True, desc="harvest", mininterval=0.5 if tty else 30)
+    pending: Future | None = None
+    # On an error (or Ctrl-C) leaving the `with` still waits for the shard being written, so it gets its marker.
+    with ThreadPoolExecutor(1, thread_name_prefix="sae-shard-writer") as pool, bar:
+        for s in shards:
+            acts, tokens = compute_shard(model, sites, writer, s, batch_size=batch_size, bar=bar)
+            if pending is not None:
+                pending.result()  # surface a failed write now, and hold at most two shards in memory
+            pending = pool.submit(writer.write_shard, s, acts, tokens)
+            del acts
+        if pending is not None:
+            pending.result()
+    return total
+
+
+@torch.inference_mode()
+def compute_shard(
+    model: Any,
+    sites: Sequence[Site],
+    writer: store.StoreWriter,
+    s: int,
+    *,
+    batch_size: int,
+    bar: tqdm | None = None,
+) -> tuple[dict[str, torch.Tensor], np.ndarray]:
+    """Activations [rows, d] per site (in the storage dtype) and token ids of shard s, in planned row order."""
+    start, stop = writer.shard_range(s)
+    n = stop - start
+    ids, offset = writer.shard_contexts(s)  # contexts covering the shard; its first row is row `offset` of them
+    seq_len = ids.shape[1]
+    dtype = _TORCH_DTYPES[writer.meta["dtype"]]
+    d = writer.meta["d_model"]
+    device = next(model.parameters()).device
+    bufs = {site.name: torch.empty(n, d, dtype=dtype) for site in sites}
+    for b in range(0, len(ids), batch_size):
+        batch = torch.from_numpy(ids[b : b + batch_size]).to(device=device, dtype=torch.long)
+        acts = capture(model, sites, batch)
+        # Rows of this batch, in shard coordinates, clipped to the shard (its first/last context may be shared).
+        lo = b * seq_len - offset
+        a, z = max(lo, 0), min(lo + batch.numel(), n)
+        for name, x in acts.items():
+            rows = x.reshape(-1, d)[a - lo : z - lo]
+            bufs[name][a:z].copy_(rows.to(dtype) if rows.device.type != "cpu" else rows)
+        if bar is not None:
+            bar.update(z - a)
+    tokens = ids.reshape(-1)[offset : offset + n]
+    return bufs, tokens
+
+
+def summary(path: Path, seconds: float, n_tokens: int, *, task: tuple[int, int] | None = None) -> str:
+    """One paragraph on the store at `path` and this run: tokens, sites, bytes, compression, wall time."""
+    st = store.Store.open(path, finalized=False)
+    writer = store.StoreWriter(path)
+    done = writer.done()
+    rows = sum(b - a for a, b in map(writer.shard_range, done))
+    n_sites = len(st.sites)
+    disk = st.disk_bytes()
+    act_disk = st.disk_bytes(*st.sites)
+    values = rows * st.d_model * n_sites
+    raw = values * _TORCH_DTYPES[st.dtype].itemsize
+    f32 = values * 4
+    n_shards = writer.n_shards
+    state = (
+        "finalized (manifest.json written)"
+        if st.manifest is not None
+        else f"{len(done)} of {n_shards} shards done"
+        + (f", this was task {task[0]}/{task[1]}; run `sae harvest --finalize` after the last task" if task else "")
+    )
+    run = f"this run harvested {n_tokens:,} tokens in {seconds:.1f} s wall" + (
+        f" ({n_tokens / seconds:,.0f} tokens/s)" if n_tokens and seconds > 0 else ""
+    )
+    return (
+        f"{path}: {rows:,} of {st.n_rows:,} tokens × {n_sites} site{'s' * (n_sites > 1)} "
+        f"({', '.join(st.sites)}; d_model {st.d_model}, {st.dtype}, codec {st.attrs['codec']}), {state}. "
+        f"{disk / 1e6:,.1f} MB on disk, {disk / max(rows, 1):,.0f} bytes/token; activations compressed "
+        f"{raw / max(act_disk, 1):.2f}× vs raw {st.dtype} and {f32 / max(act_disk, 1):.2f}× vs float32. {run}."
+    )
+
+
+def _check_sizes(cfg: HarvestConfig) -> None:
+    for name in ("seq_len", "batch_size", "shard_chunks", "chunk_rows", "max_tokens"):
+        value = getattr(cfg, name)
+        if value is not None and value < 1:
+            raise SaeError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+
+
+def _echo(text: str) -> None:
+    print(text, flush=True)
