@@ -110,7 +110,8 @@ def _site_key(site: str) -> str:
     return f"activations/{site}"
 
 
-def _digest(a: np.ndarray) -> str:
+def checksum(a: np.ndarray) -> str:
+    """The checksum a marker and the manifest record for one shard of an array (stored dtype and order)."""
     return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()
 
 
@@ -159,7 +160,7 @@ class Store:
             plan = _read_json(path / "plan.json")
             if plan is None:
                 raise SaeError(f"store {path} was never initialised completely; rerun `sae harvest`")
-            done = len(_done_shards(path))
+            done = len(done_shards(path))
             raise SaeError(
                 f"store {path} is not finished: {done} of {plan['n_shards']} shards are written and it has no "
                 "manifest.json; rerun the same `sae harvest` command (or `sae harvest --finalize`)"
@@ -256,13 +257,16 @@ def _read_json(path: Path) -> Any:
         return None
 
 
-def _done_shards(path: Path) -> set[int]:
+def done_shards(path: str | os.PathLike) -> set[int]:
+    """Shards that have a marker."""
+    path = Path(path)
     d = path / "markers"
     return {int(p.stem.split("-")[1]) for p in d.glob("shard-*.json")} if d.is_dir() else set()
 
 
-def _marker_path(path: Path, s: int) -> Path:
-    return path / "markers" / f"shard-{s:05d}.json"
+def marker_path(path: str | os.PathLike, s: int) -> Path:
+    """Where the marker of shard s lives."""
+    return Path(path) / "markers" / f"shard-{s:05d}.json"
 
 
 @contextlib.contextmanager
@@ -323,7 +327,7 @@ class StoreWriter:
         return list(range(lo, hi))
 
     def done(self) -> set[int]:
-        return _done_shards(self.path)
+        return done_shards(self.path)
 
     def shard_contexts(self, s: int) -> tuple[np.ndarray, int]:
         """The packed contexts covering shard s ([n, seq_len] int32) and the offset of the shard's first row in
@@ -341,7 +345,7 @@ class StoreWriter:
         """Delete shard s's marker, then its files. zarr 3 merges every write into the existing shard file,
         reading it first: a file torn by a killed write would fail its checksum (and reading it is wasted work).
         Shards are written whole, so each write starts from nothing."""
-        _marker_path(self.path, s).unlink(missing_ok=True)
+        marker_path(self.path, s).unlink(missing_ok=True)
         for name in (*map(_site_key, self.meta["sites"]), *META_ARRAYS):
             arr = self.group[name]
             key = arr.metadata.encode_chunk_key((s,) + (0,) * (arr.ndim - 1))  # the shard grid is the chunk grid
@@ -369,14 +373,14 @@ class StoreWriter:
                 raise ValueError(f"shard {s} of {site}: got {tuple(x.shape)}, want {(n, self.meta['d_model'])}")
             stored = to_storage(x[torch.from_numpy(perm)], self.meta["dtype"])
             self.group[_site_key(site)][start:stop] = stored
-            marker["checksums"][site] = _digest(stored)
+            marker["checksums"][site] = checksum(stored)
             logical = from_storage(stored, self.meta["dtype"])
             marker["stats"][site] = {"all": _accumulate(logical, everything), "no_bos": _accumulate(logical, not_bos)}
         for name, a in meta.items():
             self.group[name][start:stop] = a
-            marker["checksums"][name] = _digest(a)
+            marker["checksums"][name] = checksum(a)
         (self.path / "markers").mkdir(exist_ok=True)
-        atomic.write_json(_marker_path(self.path, s), marker)
+        atomic.write_json(marker_path(self.path, s), marker)
 
 
 def init_store(
@@ -510,7 +514,7 @@ def finalize(path: str | os.PathLike) -> Store:
         )
     shards, totals = [], {}
     for s in range(plan["n_shards"]):
-        m = _read_json(_marker_path(path, s))
+        m = _read_json(marker_path(path, s))
         if (m["start"], m["stop"]) != writer.shard_range(s):
             raise SaeError(f"store {path}: marker of shard {s} covers rows {m['start']}..{m['stop']}, not the plan's")
         shards.append({"index": s, "start": m["start"], "stop": m["stop"], "checksums": m["checksums"]})
@@ -548,11 +552,6 @@ def finalize(path: str | os.PathLike) -> Store:
 # Public access to the format's parts, for whole-store tools (sae.storetools: stats, validate, concat).
 
 
-def checksum(a: np.ndarray) -> str:
-    """The checksum a marker and the manifest record for one shard of an array (stored dtype, stored order)."""
-    return _digest(a)
-
-
 def read_plan(path: str | os.PathLike) -> dict[str, Any] | None:
     """plan.json of the store at `path` (None before init finished)."""
     return _read_json(Path(path) / "plan.json")
@@ -565,14 +564,4 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any] | None:
 
 def read_marker(path: str | os.PathLike, s: int) -> dict[str, Any] | None:
     """The marker of shard s (None when the shard is not finished)."""
-    return _read_json(_marker_path(Path(path), s))
-
-
-def marker_path(path: str | os.PathLike, s: int) -> Path:
-    """Where the marker of shard s lives."""
-    return _marker_path(Path(path), s)
-
-
-def done_shards(path: str | os.PathLike) -> set[int]:
-    """Shards that have a marker."""
-    return _done_shards(Path(path))
+    return _read_json(marker_path(Path(path), s))

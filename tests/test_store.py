@@ -156,7 +156,7 @@ def test_marker_only_after_the_whole_shard(tmp_path, monkeypatch):
     path = tmp_path / "s.zarr"
     w, ids, acts = build(path, finish=False, shards=[])
     a, b = w.shard_range(1)
-    real = store._digest
+    real = store.checksum
     calls = []
 
     def failing(arr):
@@ -165,11 +165,11 @@ def test_marker_only_after_the_whole_shard(tmp_path, monkeypatch):
             raise OSError("disk full")
         return real(arr)
 
-    monkeypatch.setattr(store, "_digest", failing)
+    monkeypatch.setattr(store, "checksum", failing)
     with pytest.raises(OSError, match="disk full"):
         w.write_shard(1, {k: v[a:b] for k, v in acts.items()}, ids.reshape(-1)[a:b])
     assert w.done() == set() and not list(path.glob("markers/*"))
-    monkeypatch.setattr(store, "_digest", real)
+    monkeypatch.setattr(store, "checksum", real)
     # A torn shard file (a write killed halfway) is simply replaced by the rewrite.
     shard_file = path / "activations" / SITES[0] / "c" / "0" / "0"
     w.write_shard(0, {k: v[0:32] for k, v in acts.items()}, ids.reshape(-1)[0:32])
