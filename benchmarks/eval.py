@@ -32,8 +32,6 @@ import os
 os.environ.setdefault("TQDM_DISABLE", "1")  # run_pass's progress bar, before tqdm is imported
 
 import argparse
-import platform
-import re
 import shlex
 import shutil
 import statistics
@@ -44,6 +42,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from common import machine, write_section
 
 from sae.config import EvalConfig
 from sae.evaluate.evaluate import (
@@ -313,22 +312,6 @@ def profile(fn: Callable[[], object]) -> None:
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20), file=sys.stderr)
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    gpu = "no GPU" if not torch.cuda.is_available() else torch.cuda.get_device_name()
-    return (
-        f"{os.cpu_count()}-core CPU ({cpu}), {gpu}, shared and noisy; torch {torch.__version__}, "
-        f"{torch.get_num_threads()} thread(s)"
-    )
-
-
 def write_doc(table: str, command: str, args: argparse.Namespace, site: str, n_contexts: int) -> None:
     threads = "torch's default threads" if not args.threads else f"torch threads: {args.threads}"
     section = f"""## Eval
@@ -358,11 +341,7 @@ Machine: {machine()}; measured {time.strftime("%Y-%m-%d")}.
 
 {table}
 """
-    DOC.parent.mkdir(parents=True, exist_ok=True)
-    text = DOC.read_text() if DOC.exists() else "# Benchmarks\n\nEach section is written by the script it names.\n"
-    pattern = re.compile(r"^## Eval\n.*?(?=^## |\Z)", re.S | re.M)
-    text = pattern.sub(lambda _: section + "\n", text) if pattern.search(text) else text.rstrip() + "\n\n" + section
-    DOC.write_text(text.rstrip() + "\n")
+    write_section(DOC, "Eval", section)
     print(f"wrote the Eval section of {DOC}", file=sys.stderr)
 
 

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
-import re
 import shlex
 import shutil
 import sys
@@ -29,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from common import machine, write_section
 
 from sae import store
 from sae.config import HarvestConfig
@@ -131,19 +130,6 @@ def main() -> None:
         write_doc(table, command, args, info, site.name, max(load))
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    gpu = "no GPU" if not torch.cuda.is_available() else torch.cuda.get_device_name()
-    return f"{os.cpu_count()}-core CPU ({cpu}), {gpu}, torch {torch.__version__} with {torch.get_num_threads()} threads"
-
-
 def write_doc(table: str, command: str, args: argparse.Namespace, info, site: str, load: float) -> None:
     busy = (
         f" The machine was shared with other jobs during the run (1-min load average up to {load:.1f} on "
@@ -169,11 +155,7 @@ Machine: {machine()}; measured {time.strftime("%Y-%m-%d")}.{busy}
 
 {table}
 """
-    DOC.parent.mkdir(parents=True, exist_ok=True)
-    text = DOC.read_text() if DOC.exists() else "# Benchmarks\n\nEach section is written by the script it names.\n"
-    pattern = re.compile(r"^## Harvest\n.*?(?=^## |\Z)", re.S | re.M)
-    text = pattern.sub(lambda _: section + "\n", text) if pattern.search(text) else text.rstrip() + "\n\n" + section
-    DOC.write_text(text.rstrip() + "\n")
+    write_section(DOC, "Harvest", section)
     print(f"wrote the Harvest section of {DOC}", file=sys.stderr)
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shlex
 import subprocess
 import sys
@@ -27,6 +26,7 @@ import time
 from pathlib import Path
 
 import torch
+from common import machine
 
 from sae.errors import SaeError
 from sae.saedir import checkpoint_path, is_complete, load_sae
@@ -40,19 +40,6 @@ ARCHS = ("batchtopk", "topk")
 KS = (16, 32, 64)
 EVAL_BATCH = 4096
 MODE_NAMES = {"theta": "θ mode", "batch": "batch mode"}
-
-
-def machine() -> str:
-    cpu = platform.processor() or "?"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no GPU"
-    return f"{cpu}, {os.cpu_count()} cores{gpu}; torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
 def run(cmd: list[str]) -> float:

@@ -19,7 +19,6 @@ import argparse
 import contextlib
 import math
 import os
-import platform
 import shlex
 import statistics
 import sys
@@ -29,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from common import machine
 
 from sae.config import TrainConfig
 from sae.saedir import sweep
@@ -112,17 +112,6 @@ class SaeLens:
         out = self.trainer.step(x)
         self.trainer.n_training_steps += 1
         return out.loss
-
-
-def machine() -> str:
-    cpu = platform.processor() or "?"
-    with contextlib.suppress(OSError):
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
-    return f"{cpu}, {os.cpu_count()} cores{gpu}; torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
 def main() -> None:
