@@ -62,7 +62,7 @@ from sae.sites import capture, parse_site, splice
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "benchmarks.md"
-HELDOUT = "/work/shared/corpus/heldout.jsonl.gz"
+HELDOUT = str(Path(__file__).resolve().parents[2] / "shared" / "corpus" / "heldout.jsonl.gz")
 GOAL = 0.8
 """The spliced pass should run at ≥ this fraction of the bare forward's tokens/s."""
 

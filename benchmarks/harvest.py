@@ -38,7 +38,7 @@ from sae.sites import capture, parse_site
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "benchmarks.md"
-TRAIN = "/work/shared/corpus/train.jsonl.gz"
+TRAIN = str(Path(__file__).resolve().parents[2] / "shared" / "corpus" / "train.jsonl.gz")
 
 
 def main() -> None:

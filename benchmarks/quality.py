@@ -35,7 +35,7 @@ from sae.store import Store
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "results.md"
 SECTION = "## BatchTopK vs TopK (quality check)"
-CORPUS = Path("/work/shared/corpus")
+CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus"
 ARCHS = ("batchtopk", "topk")
 KS = (16, 32, 64)
 EVAL_BATCH = 4096

@@ -46,19 +46,34 @@ def make_model(arch: str, vocab_size: int = 320, n_layers: int = 4, d_model: int
         cfg = GPT2Config(n_layer=n_layers, n_embd=d_model, n_head=4, n_positions=512, **common)
     elif arch == "llama":
         cfg = LlamaConfig(
-            num_hidden_layers=n_layers, hidden_size=d_model, intermediate_size=2 * d_model,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, **common,
+            num_hidden_layers=n_layers,
+            hidden_size=d_model,
+            intermediate_size=2 * d_model,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+            **common,
         )
     elif arch == "gemma2":
         cfg = Gemma2Config(
-            num_hidden_layers=n_layers, hidden_size=d_model, intermediate_size=2 * d_model,
-            num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
-            sliding_window=32, **common,
+            num_hidden_layers=n_layers,
+            hidden_size=d_model,
+            intermediate_size=2 * d_model,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            max_position_embeddings=512,
+            sliding_window=32,
+            **common,
         )
     elif arch == "gpt_neox":
         cfg = GPTNeoXConfig(
-            num_hidden_layers=n_layers, hidden_size=d_model, intermediate_size=2 * d_model,
-            num_attention_heads=4, max_position_embeddings=512, **common,
+            num_hidden_layers=n_layers,
+            hidden_size=d_model,
+            intermediate_size=2 * d_model,
+            num_attention_heads=4,
+            max_position_embeddings=512,
+            **common,
         )
     else:
         raise ValueError(arch)

@@ -24,7 +24,7 @@ from sae.corpus import (
 from sae.errors import SaeError
 
 DOCS = ["To be, or not to be.", "The quick brown fox\njumps over the lazy dog.", "def f(x):\n    return x + 1"]
-SHARED_HELDOUT = Path("/work/shared/corpus/heldout.jsonl.gz")
+SHARED_HELDOUT = Path(__file__).resolve().parents[2] / "shared" / "corpus" / "heldout.jsonl.gz"
 
 
 def ids(tok, text: str) -> list[int]:

@@ -24,7 +24,7 @@ from sae.errors import SaeError
 from sae.harvest import harvest, shard_task
 from sae.store import Store, from_storage
 
-HELDOUT = Path("/work/shared/corpus/heldout.jsonl.gz")
+HELDOUT = Path(__file__).resolve().parents[2] / "shared" / "corpus" / "heldout.jsonl.gz"
 
 # Shards of 128 rows straddle the 48-token contexts; 4800 tokens make 38 shards, the last one of 64 rows.
 SITES = ("blocks.1.hook_resid_post", "blocks.2.hook_mlp_out")

@@ -284,7 +284,7 @@ def smollm2_store(tmp_path_factory):
     from sae.config import HarvestConfig
     from sae.harvest import harvest
 
-    corpus = Path("/work/shared/corpus/train.jsonl.gz")
+    corpus = Path(__file__).resolve().parents[2] / "shared" / "corpus" / "train.jsonl.gz"
     if not corpus.exists():
         pytest.skip(f"{corpus} is not available")
     out = tmp_path_factory.mktemp("smollm2") / "l15.zarr"
