@@ -171,7 +171,13 @@ class TrainConfig:
     """Gradient-norm clipping."""
 
     buffer_mb: int = 1024
-    """Shuffle buffer size in MB of stored activations (at least 32 chunks are held)."""
+    """Shuffle buffer size in MB of stored activations, per reader lane (at least 32 chunks are held)."""
+
+    reader_lanes: int | None = None
+    """Seeded read streams over disjoint sets of chunks; each global batch takes equal parts from all of them.
+    Default: the number of ranks at the run's start, so every torchrun rank reads only its own chunks; one
+    process with `--reader-lanes N` trains on the global batches of an N-rank run. A resumed run keeps the
+    checkpoint's lanes, whatever the number of ranks."""
 
     val_chunks: int = 2
     """Chunks held out of training for validation metrics."""

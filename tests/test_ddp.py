@@ -1,5 +1,6 @@
-"""Multi-process training (torchrun, gloo on CPU): 2 ranks give the weights, θ and logged losses of one process
-on the same global batches; a 2-rank checkpoint resumes in 1 process. Synthetic store (d=16)."""
+"""Multi-process training (torchrun, gloo on CPU): 2 ranks, each reading its own reader lane (disjoint chunks),
+give the weights, θ and logged losses of one process reading the same 2 lanes; a 2-rank checkpoint resumes in 1
+process and a 1-process checkpoint on 2 ranks. Synthetic store (d=16)."""
 
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ from sae.train import trainer
 
 class StopOnRank0(trainer._StopFlag):
     def __enter__(self):
-        if os.environ["RANK"] == "0":
+        if os.environ["RANK"] == "0" and not json.loads(sys.argv[1]).get("resume"):
             self.signum = signal.SIGTERM
         return self
 
@@ -94,8 +95,12 @@ def _train_log(d: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def reference(store, tmp_path_factory):
-    """One process on the same global batches."""
-    return run_train(_cfg(store, tmp_path_factory.mktemp("ref") / "out"))
+    """One process on the global batches of 2 ranks: the same 2 reader lanes."""
+    return run_train(_cfg(store, tmp_path_factory.mktemp("ref") / "out", reader_lanes=2))
+
+
+def _fields(cfg: TrainConfig) -> str:
+    return json.dumps({k: (str(v) if isinstance(v, Path) else v) for k, v in cfg.__dict__.items()})
 
 
 def test_two_ranks_match_one_process(store, reference, tmp_path):
@@ -108,6 +113,7 @@ def test_two_ranks_match_one_process(store, reference, tmp_path):
     for ref in reference:
         d = out / ref.name
         assert is_complete(d)
+        assert json.loads((d / "cfg.json").read_text())["metadata"]["reader_lanes"] == 2  # one lane per rank
         _assert_close(d, ref)
         # rank 0 logs the global-batch losses, L0 and dead fraction, not its own slice's
         got, want = _train_log(d), _train_log(ref)
@@ -122,11 +128,35 @@ def test_two_rank_checkpoint_resumes_in_one_process(store, reference, tmp_path):
     cfg = _cfg(store, tmp_path / "out")
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER)
-    fields = {k: (str(v) if isinstance(v, Path) else v) for k, v in cfg.__dict__.items()}
-    res = _torchrun([str(driver), json.dumps(fields)])
+    res = _torchrun([str(driver), _fields(cfg)])
     assert res.returncode != 0 and "stopped by SIGTERM after step 1 " in res.stdout, res.stdout + res.stderr[-4000:]
     assert checkpoint.exists(cfg.out) and not any(is_complete(cfg.out / r.name) for r in reference)
     dirs = run_train(replace(cfg, resume=True))
     assert [d.name for d in dirs] == [r.name for r in reference]
     for d, ref in zip(dirs, reference, strict=True):
         _assert_close(d, ref)
+
+
+def test_one_process_checkpoint_resumes_on_two_ranks(store, tmp_path, monkeypatch):
+    """One lane (a one-process run) stopped after a step, continued by 2 ranks that share the lane: the weights of
+    the uninterrupted one-process run."""
+    ref = run_train(_cfg(store, tmp_path / "ref"))
+
+    class StopAtOnce(trainer._StopFlag):
+        def __enter__(self):
+            self.signum = 15
+            return self
+
+    cfg = _cfg(store, tmp_path / "out")
+    monkeypatch.setattr(trainer, "_StopFlag", StopAtOnce)
+    with pytest.raises(trainer.TrainingInterrupted, match="after step 1 "):
+        run_train(cfg)
+    monkeypatch.undo()
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER)
+    res = _torchrun([str(driver), _fields(replace(cfg, resume=True))])
+    assert res.returncode == 0, res.stdout + res.stderr[-4000:]
+    for r in ref:
+        d = cfg.out / r.name
+        assert is_complete(d) and json.loads((d / "cfg.json").read_text())["metadata"]["reader_lanes"] == 1
+        _assert_close(d, r)

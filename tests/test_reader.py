@@ -1,4 +1,5 @@
-"""The shuffled chunk reader: determinism, exactly-once epochs, held-out chunks, exact state restore."""
+"""The shuffled chunk reader: determinism, exactly-once epochs, held-out chunks, exact state restore, and lanes:
+ranks that read disjoint chunks yet together make the global batches of one process."""
 
 from __future__ import annotations
 
@@ -135,3 +136,93 @@ def test_bad_arguments(store):
     state["train_chunks"] = [1000]
     with pytest.raises(SaeError, match="same store"):
         ChunkReader(store, SITE, batch_size=4, state=state)
+    with pytest.raises(SaeError, match="divisible by the reader's 3 lane"):
+        ChunkReader(store, SITE, batch_size=4, lanes=3)
+    with pytest.raises(SaeError, match="divisible by the number of ranks"):
+        ChunkReader(store, SITE, batch_size=6, lanes=2, world=4)
+    with pytest.raises(SaeError, match="200 reader lanes need at least as many training chunks"):
+        ChunkReader(store, SITE, batch_size=200, lanes=200)
+
+
+class _ChunkLog:
+    """Records the chunks `read_rows` reads (the reader's only way to the store's activations)."""
+
+    def __init__(self, monkeypatch):
+        self.chunks: set[int] = set()
+        real = getattr(reader_mod.read_rows, "real", reader_mod.read_rows)  # not an earlier log's wrapper
+
+        def logged(store, site, i, **kw):
+            self.chunks.add(i)
+            return real(store, site, i, **kw)
+
+        logged.real = real
+        monkeypatch.setattr(reader_mod, "read_rows", logged)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_ranks_read_their_lanes_and_make_one_process_batches(store, monkeypatch, world):
+    steps = 70  # > one epoch of a lane (~49 chunks of 15 rows, 24 rows a step from each lane)
+    with _reader(store, seed=1, batch_size=48, lanes=2) as r:
+        x, rows = _take(r, steps)
+        lanes = [r.lane_chunks(0), r.lane_chunks(1)]
+    # the lanes deal out the training chunks
+    assert not set(lanes[0]) & set(lanes[1]) and sorted(lanes[0] + lanes[1]) == r.train_chunks
+    assert abs(len(lanes[0]) - len(lanes[1])) <= 1
+    xs, ids, read = [], [], []
+    for rank in range(world):
+        log = _ChunkLog(monkeypatch)
+        with _reader(store, seed=1, batch_size=48, lanes=2, rank=rank, world=world) as rr:
+            xr, rowsr = _take(rr, steps)
+        xs.append(xr.view(steps, -1, xr.shape[1]))
+        ids.append(rowsr.view(steps, -1))
+        read.append(log.chunks)
+    # step by step, the ranks' rows in rank order are the one-process global batch
+    assert torch.equal(torch.cat(ids, 1).flatten(), rows)
+    assert torch.equal(torch.cat(xs, 1).flatten(0, 1), x)
+    # each rank read exactly the chunks of the one lane under its rows: disjoint reads across lanes
+    lane_of_rank = [rank * 2 // world for rank in range(world)]
+    for rank in range(world):
+        assert read[rank] == set(lanes[lane_of_rank[rank]]), rank
+    if world == 2:
+        assert not read[0] & read[1]
+    # within a lane, no row comes twice before the lane's epoch ends
+    lane0 = rows.view(steps, 48)[:, :24].flatten().numpy()
+    n0 = int(sum((_positions(store)[np.arange(*store.chunk_range(c))] != 0).sum() for c in lanes[0]))
+    assert len(np.unique(lane0[:n0])) == n0 and set(lane0[:n0] // store.chunk_rows) == set(lanes[0])
+
+
+@pytest.mark.parametrize("k", [0, 3, 41])
+def test_lane_state_restores_with_another_number_of_ranks(store, k):
+    def run(world, rank, state=None):
+        with _reader(store, seed=6, batch_size=40, lanes=2, rank=rank, world=world, state=state) as r:
+            _take(r, k) if k and state is None else None
+            st = json.loads(json.dumps(r.state_dict()))
+            return st, _take(r, 20)
+
+    one_state, (x1, rows1) = run(1, 0)
+    rank_states = [run(2, rank)[0] for rank in range(2)]
+    assert [s["positions"][1 - i] for i, s in enumerate(rank_states)] == [None, None]  # a rank knows its lanes only
+    merged = reader_mod.merge_states(rank_states)
+    assert merged == one_state
+    # one process's checkpoint continued on 2 ranks, and on 4; the rows of a step are the same
+    for world in (2, 4):
+        parts = [run(world, rank, state=one_state)[1] for rank in range(world)]
+        got = torch.cat([p[1].view(20, -1) for p in parts], 1).flatten()
+        assert torch.equal(got, rows1), world
+        assert torch.equal(torch.cat([p[0].view(20, -1, x1.shape[1]) for p in parts], 1).flatten(0, 1), x1)
+    with pytest.raises(SaeError, match="no rank reads reader lane"):
+        reader_mod.merge_states(rank_states[:1])
+
+
+def test_version_1_state_still_restores(store):
+    """Checkpoints written before lanes existed (one stream, position at the top level) continue exactly."""
+    with _reader(store, seed=5, batch_size=37) as r:
+        _take(r, 19)
+        state = json.loads(json.dumps(r.state_dict()))
+        x1, rows1 = _take(r, 10)
+    epoch, phase, offset = state.pop("positions")[0]
+    state = {**state, "version": 1, "epoch": epoch, "phase": phase, "offset": offset}
+    del state["lanes"]
+    with _reader(store, batch_size=37, state=state) as r2:
+        x2, rows2 = _take(r2, 10)
+    assert torch.equal(rows1, rows2) and torch.equal(x1, x2)

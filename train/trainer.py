@@ -36,7 +36,7 @@ from sae.saedir import batch_topk_indices, is_complete, sweep
 from sae.store import Store
 
 from . import checkpoint
-from .reader import ChunkReader, Rows, read_rows
+from .reader import ChunkReader, Rows, merge_states, read_rows
 from .sae import TrainingSae
 
 RUN_FILE = "run.json"
@@ -81,11 +81,6 @@ class Dist(NamedTuple):
     def barrier(self) -> None:
         if self.group is not None:
             dist.barrier(group=self.group)
-
-    def rows(self, batch_size: int) -> slice:
-        """This rank's rows of a global batch."""
-        per = batch_size // self.world
-        return slice(self.rank * per, (self.rank + 1) * per)
 
 
 SINGLE = Dist(0, 1)
@@ -354,7 +349,18 @@ def _rng_tensors() -> dict[str, torch.Tensor]:
     return t
 
 
-def _save_checkpoint(out: Path, step: int, runs: list[SaeRun], reader: ChunkReader, meta: dict[str, Any]) -> Path:
+def _reader_state(reader: ChunkReader, d: Dist) -> dict[str, Any]:
+    """The whole reader's state: each rank knows the positions of the lanes it reads."""
+    if d.group is None:
+        return reader.state_dict()
+    states: list[Any] = [None] * d.world
+    dist.all_gather_object(states, reader.state_dict(), group=d.group)
+    return merge_states(states)
+
+
+def _save_checkpoint(
+    out: Path, step: int, runs: list[SaeRun], reader_state: dict[str, Any], meta: dict[str, Any]
+) -> Path:
     tensors = _rng_tensors()
     saes: dict[str, Any] = {}
     for r in runs:
@@ -376,7 +382,7 @@ def _save_checkpoint(out: Path, step: int, runs: list[SaeRun], reader: ChunkRead
         "version": STATE_VERSION,
         "tool_version": __version__,
         "step": step,
-        "reader": reader.state_dict(),
+        "reader": reader_state,
         "saes": saes,
         "python_random": _jsonable(random.getstate()),
         **meta,
@@ -527,9 +533,10 @@ def _write_log(run: SaeRun, row: dict[str, Any]) -> None:
 def train(cfg: TrainConfig) -> list[Path]:
     """Train every SAE of the sweep in `cfg` from one read of the store; return their directories.
 
-    Under torchrun (WORLD_SIZE > 1) every rank trains on its slice of each global batch of `cfg.batch_size` rows;
-    the gradients, the BatchTopK selection, the dead-latent counters and θ are global, so the weights match one
-    process. Rank 0 alone writes; the checkpoint holds global state only (resumable with any number of ranks)."""
+    Under torchrun (WORLD_SIZE > 1) every rank trains on its slice of each global batch of `cfg.batch_size` rows,
+    read from its own reader lanes (disjoint chunks); the gradients, the BatchTopK selection, the dead-latent
+    counters and θ are global, so the weights match one process reading the same lanes. Rank 0 alone writes; the
+    checkpoint holds global state only (every lane's position), so it resumes with any number of ranks."""
     d, device, created = _init_distributed(cfg)
     try:
         return _train(cfg, d, device)
@@ -564,6 +571,7 @@ def _train(cfg: TrainConfig, dd: Dist, device: torch.device) -> list[Path]:
         _find_bad_rows(store, site, cfg.keep_bos)  # raises naming the rows, when some are NaN/Inf
         raise SaeError(f"store {cfg.store}: site {site} has mean norm {stats.mean_norm}; cannot scale the inputs")
     scale = math.sqrt(d) / stats.mean_norm
+    lanes = cfg.reader_lanes if cfg.reader_lanes is not None else dd.world  # (a checkpoint's state overrides)
     reader = ChunkReader(
         store,
         site,
@@ -573,6 +581,9 @@ def _train(cfg: TrainConfig, dd: Dist, device: torch.device) -> list[Path]:
         val_chunks=cfg.val_chunks,
         keep_bos=cfg.keep_bos,
         device=device,
+        lanes=lanes,
+        rank=dd.rank,
+        world=dd.world,
         state=ck.state["reader"] if ck is not None else None,
     )
     with contextlib.ExitStack() as stack:
@@ -657,6 +668,7 @@ def _save_sae(
         "decoder": r.sae.decoder,
         "sparse_max_density": r.sae.sparse_max_density,
         "val_chunks": reader.val_chunks,
+        "reader_lanes": reader.lanes,
     }
     if r.sae.arch == "relu":
         metadata["l1_coeff"] = r.sae.l1_coeff
@@ -695,12 +707,8 @@ def _loop(
         disable=True if not dd.main else None,
     )
     t_last, step_last = time.perf_counter(), start
-    mine = dd.rows(plan.batch_size)
     for step in range(start, plan.steps):
-        x = reader.next_batch().x
-        if dd.world > 1:
-            x = x[mine]
-        x = x * plan.input_scale
+        x = reader.next_batch().x * plan.input_scale  # this rank's rows of the global batch
         if step == start and step == 0:
             for r in runs:
                 if r.sae.decoder == "auto":
@@ -742,12 +750,13 @@ def _loop(
                 stop.signum = signal.SIGTERM
         if done < plan.steps and (scheduled or stopped):
             path = out / checkpoint.DIR
+            reader_state = _reader_state(reader, dd)
             if dd.main:
                 if val is not None and scheduled:  # (not on a signal: the log stays that of an uninterrupted run)
                     _validate_all(runs, val, plan, done, device)
                 for r in runs:
                     _save_sae(r, cfg, plan, store, site, done, reader, complete=False)
-                path = _save_checkpoint(out, done, runs, reader, meta)
+                path = _save_checkpoint(out, done, runs, reader_state, meta)
             dd.barrier()  # the other ranks wait until rank 0's checkpoint is complete
             if stopped:
                 bar.close()
