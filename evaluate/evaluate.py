@@ -435,9 +435,17 @@ class PrefixReplay:
                 del block.forward  # the instance attribute; the class's forward shows through again
 
 
+def encoder_modes(sae: Any, mode: str) -> list[str]:
+    """The encoder modes one SAE is evaluated in: `both` means threshold and batch for a BatchTopK SAE, and
+    threshold alone for any other (their batch mode is the same encoder)."""
+    if mode == "both":
+        return ["threshold", "batch"] if sae.batch_topk else ["threshold"]
+    return [mode]
+
+
 class _SaeState:
-    def __init__(self, spec: SaeSpec, site: Site, t0: int, device: torch.device) -> None:
-        self.spec, self.site, self.t0 = spec, site, t0
+    def __init__(self, spec: SaeSpec, site: Site, t0: int, device: torch.device, mode: str = "threshold") -> None:
+        self.spec, self.site, self.t0, self.mode = spec, site, t0, mode
         self.recon = ReconstructionAccumulator(int(spec.sae.cfg.d_in), int(spec.sae.cfg.d_sae), device)
         self.ce = CeAccumulator()
 
@@ -457,11 +465,14 @@ def run_pass(
     `reuse_prefix=False` runs every forward in full (for checking that `PrefixReplay` changes nothing).
     """
     device = next(model.parameters()).device
-    states = [_SaeState(s, sites[s.hook_name], int(s.skip_bos), device) for s in specs]
+    states = [
+        _SaeState(s, sites[s.hook_name], int(s.skip_bos), device, mode)
+        for s in specs
+        for mode in encoder_modes(s.sae, cfg.mode)
+    ]
     groups = list(dict.fromkeys((st.spec.hook_name, st.t0) for st in states))
     clean = {t0: CeAccumulator() for _, t0 in groups}
     ablated = {key: {"zero": CeAccumulator(), "mean": CeAccumulator()} for key in groups}
-    batch_mode = cfg.mode == "batch"
     prefix = PrefixReplay(model, list(sites.values()))
 
     def forward(ids: Tensor, site: Site | None = None, fn: Callable[[Tensor], Tensor] | None = None) -> Tensor:
@@ -487,7 +498,7 @@ def run_pass(
                     out = token_losses(forward(ids, sites[hook], _ablate_splice(t0, value))[:, :-1], targets)
                     accs[kind].add(out.nll[:, t0:])
             for st in states:
-                logits = forward(ids, st.site, _sae_splice(st.spec.sae, st.t0, batch_mode, st.recon))
+                logits = forward(ids, st.site, _sae_splice(st.spec.sae, st.t0, st.mode == "batch", st.recon))
                 out = token_losses(logits[:, :-1], targets, ref.clean)
                 st.ce.add(out.nll[:, st.t0 :], out.kl[:, st.t0 :])
                 del logits
@@ -568,7 +579,8 @@ def _result(
     recon = st.recon.result()
     scfg = spec.sae.cfg
     return {
-        "name": spec.name,
+        # `both`: a BatchTopK SAE's batch-mode entry is told apart by its name
+        "name": spec.name + (" (batch)" if cfg.mode == "both" and st.mode == "batch" else ""),
         "sae_dir": str(spec.path),
         "architecture": scfg.training_architecture or scfg.architecture,
         "saelens_architecture": scfg.architecture,
@@ -576,7 +588,7 @@ def _result(
         "d_in": int(scfg.d_in),
         "d_sae": int(scfg.d_sae),
         "k": scfg.k,
-        "mode": cfg.mode,
+        "mode": st.mode,
         "ce_clean": ce_clean,
         "ce_sae": ce_sae,
         "ce_zero": ce_zero,

@@ -27,6 +27,9 @@ METRIC_KEYS = (
 
 PLOTS = ("frontier.png", "l0_histogram.png", "firing_frequency.png")
 
+MODE_LABELS = {"threshold": "θ", "batch": "batch top-k"}
+"""How plots name an encoder mode when an architecture appears in both."""
+
 DEFINITIONS = """\
 - **Positions.** Contexts of `seq_len` tokens, BOS first. The SAE replaces the site's activation at the
   *spliced positions*: every position, or every position but 0 when the SAE was trained without BOS rows.
@@ -197,11 +200,17 @@ def markdown(results: list[dict[str, Any]], setup: dict[str, Any]) -> str:
 
 
 def _groups(results: list[dict[str, Any]]) -> dict[tuple[str, int | None], list[dict[str, Any]]]:
-    """SAEs by architecture, and by dictionary size when several sizes are present (a sweep over k is a group)."""
+    """SAEs by architecture (and encoder mode, when the report has both), and by dictionary size when several
+    sizes are present: a sweep over k is a group."""
     several_sizes = len({r["d_sae"] for r in results}) > 1
+    modes: dict[str, set[str | None]] = defaultdict(set)
+    for r in results:
+        modes[r["architecture"]].add(r.get("mode"))
     groups: dict[tuple[str, int | None], list[dict[str, Any]]] = defaultdict(list)
     for r in results:
-        groups[r["architecture"], r["d_sae"] if several_sizes else None].append(r)
+        mixed = len(modes[r["architecture"]]) > 1  # `--mode both`: BatchTopK's two encoders are two series
+        series = r["architecture"] + (f" ({MODE_LABELS.get(r.get('mode'), r.get('mode'))})" if mixed else "")
+        groups[series, r["d_sae"] if several_sizes else None].append(r)
     return dict(sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0)))
 
 

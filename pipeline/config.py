@@ -136,6 +136,13 @@ class TrainConfig:
     jumprelu_bandwidth: float = 0.05
     """jumprelu: bandwidth ε of the straight-through estimator's rectangle kernel."""
 
+    jumprelu_init_threshold: float = 1.0
+    """jumprelu: initial threshold θ of every latent, in the pre-activation units of inputs scaled to E‖x‖ = √d."""
+
+    jumprelu_lr_scale: float | None = None
+    """jumprelu: the thresholds' learning rate as a multiple of `lr`; default √d_model (θ is in pre-activation
+    units, O(1) for inputs scaled to E‖x‖ = √d, while a weight entry is O(1/√d))."""
+
     tokens: int | None = None
     """Training tokens; default: one pass over the store's training rows."""
 
@@ -235,8 +242,10 @@ class EvalConfig:
     batch_size: int = 16
     """Contexts per forward pass."""
 
-    mode: Literal["threshold", "batch"] = "threshold"
-    """Encoder at eval: the learned global threshold θ (JumpReLU), or batch top-k over each forward batch."""
+    mode: Literal["threshold", "batch", "both"] = "threshold"
+    """Encoder at eval: the learned global threshold θ (JumpReLU), batch top-k over each forward batch, or `both`
+    (BatchTopK SAEs get an entry per mode, the second named `NAME (batch)`, sharing the clean and ablation
+    forwards; other SAEs have one encoder and one entry)."""
 
     store: Path | None = None
     """Store whose manifest gives the mean vector for CE_mean; default: the SAE's store, else the eval tokens."""

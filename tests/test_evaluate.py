@@ -250,6 +250,15 @@ def test_batch_mode_keeps_k_per_token_on_average(env, tmp_path):
     threshold = run(env, [path], tmp_path, mode="threshold")["btk"]
     assert threshold["l0"] != pytest.approx(4.0)
     assert threshold["ce_clean"] == batch["ce_clean"]
+    # `both`: one pass, an entry per mode for the BatchTopK SAE (the same numbers as the separate runs), one
+    # entry for an SAE that has a single encoder
+    other = make_sae(tmp_path / "jr", random_weights(seed=5), env=env)
+    both = run(env, [path, other], tmp_path, mode="both")
+    assert sorted(both) == ["btk", "btk (batch)", "jr"]
+    assert [both[n]["mode"] for n in ("btk", "btk (batch)", "jr")] == ["threshold", "batch", "threshold"]
+    for name, alone in (("btk", threshold), ("btk (batch)", batch)):
+        for key in ("l0", "fvu", "ce_sae", "kl", "ce_zero", "ce_mean", "dead_fraction"):
+            assert both[name][key] == pytest.approx(alone[key], rel=1e-6, abs=1e-9), (name, key)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -24,7 +24,7 @@ def make(arch: str, seed: int = 0, **kw) -> TrainingSae:
         sae.b_enc.normal_(0, 0.1)
         sae.b_dec.normal_(0, 0.2)
         if arch == "jumprelu":
-            sae.log_threshold.add_(torch.randn(F) * 0.3)
+            sae.threshold.mul_(torch.exp(torch.randn(F) * 0.3))
     return sae
 
 
@@ -261,14 +261,15 @@ def test_jumprelu_threshold_gradient_matches_finite_differences():
     assert theta.grad.item() == pytest.approx(fd.item(), rel=eps / t0)
 
 
-def test_jumprelu_module_threshold_gradient():
-    """The module's log_threshold gradient: chain rule through θ = exp(log θ) of the STE formulas."""
+@pytest.mark.parametrize("decoder", ["dense", "sparse"])
+def test_jumprelu_module_threshold_gradient(decoder):
+    """The module's threshold gradient: the STE formulas for MSE + λ·L0, θ itself the parameter."""
     sae = make("jumprelu")
     x = batch(64)
-    out = sae(x, decoder="dense")
+    out = sae(x, decoder=decoder)
     out.loss.backward()
     with torch.no_grad():
-        theta = sae.log_threshold.exp()
+        theta = sae.threshold
         pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
         a = pre * (pre > theta)
         x_hat = a @ sae.W_dec + sae.b_dec
@@ -277,8 +278,59 @@ def test_jumprelu_module_threshold_gradient():
         from_mse = (-(theta / sae.bandwidth) * k * g_a).sum(0)
         from_l0 = sae.l0_coeff * (-(1 / sae.bandwidth) * k).sum(0) / x.shape[0]
         d_theta = from_mse + from_l0
-    torch.testing.assert_close(sae.log_threshold.grad, d_theta * theta, rtol=1e-4, atol=1e-5)
-    assert sae.log_threshold.grad.abs().sum() > 0
+    torch.testing.assert_close(sae.threshold.grad, d_theta, rtol=1e-4, atol=1e-5)
+    assert sae.threshold.grad.abs().sum() > 0
+
+
+def test_jumprelu_threshold_has_its_own_lr_and_stays_non_negative():
+    sae = make("jumprelu")
+    groups = sae.param_groups(1e-3)
+    assert [g["lr_scale"] for g in groups] == [1.0, pytest.approx(math.sqrt(D))]
+    assert groups[1]["params"] == [sae.threshold] and groups[1]["lr"] == pytest.approx(1e-3 * math.sqrt(D))
+    every = [p for g in groups for p in g["params"]]
+    assert len(every) == len(list(sae.parameters())) and {id(p) for p in every} == {id(p) for p in sae.parameters()}
+    assert make("jumprelu", threshold_lr_scale=3.0).param_groups(1.0)[1]["lr"] == 3.0
+    (g,) = make("batchtopk").param_groups(1e-3)
+    assert g["lr_scale"] == 1.0 and len(g["params"]) == len(list(make("batchtopk").parameters()))
+    with pytest.raises(SaeError):
+        make("jumprelu", threshold_lr_scale=0.0)
+    # the projection after the step: θ < 0 would pass negative pre-activations; at 0 the L0 term still lifts it
+    with torch.no_grad():
+        sae.threshold[:5] = -0.2
+    sae.clamp_threshold()
+    assert sae.threshold.min().item() == 0.0 and sae.threshold[5:].gt(0).all()
+    sae(batch(64), decoder="dense").loss.backward()
+    assert (sae.threshold.grad[:5] < 0).all()  # descent raises θ
+
+
+def _train_jumprelu(l0_coeff: float, steps: int = 60, **kw) -> tuple[float, float]:
+    """(L0 at the start, L0 at the end) of a short Adam run on a fixed Gaussian batch, through `param_groups`."""
+    sae = TrainingSae("jumprelu", D, F, l0_coeff=l0_coeff, init_threshold=0.01, seed=0, **kw)
+    x = torch.randn(256, D, generator=torch.Generator().manual_seed(3))
+    x *= math.sqrt(D) / x.norm(dim=1).mean()  # the trainer's input scale: E‖x‖ = √d
+    opt = torch.optim.Adam(sae.param_groups(5e-3))
+    first = None
+    for _ in range(steps):
+        out = sae(x, decoder="dense")
+        first = float(out.l0) if first is None else first
+        out.loss.backward()
+        sae.remove_parallel_grad()
+        opt.step()
+        opt.zero_grad()
+        sae.normalize_decoder()
+        sae.clamp_threshold()
+    return first, float(sae(x, decoder="dense").l0)
+
+
+def test_jumprelu_l0_follows_the_coefficient_in_a_short_run():
+    """In a few hundred steps the thresholds move far enough that the L0 coefficient, not θ's init, sets L0.
+    A log-threshold at the weights' lr (θ moves by a factor e^(lr·steps) ≈ 1.35 at most) fails this."""
+    start, weak = _train_jumprelu(0.01)
+    _, strong = _train_jumprelu(1.0)
+    assert start > 0.4 * F  # θ = 0.01 starts with about half of the latents active
+    assert strong < 0.25 * start and strong < 0.5 * weak
+    _, slow = _train_jumprelu(1.0, threshold_lr_scale=1.0)  # θ at the weights' lr barely moves in this run
+    assert slow > 2 * strong
 
 
 # --------------------------------------------------------------------------------------------------

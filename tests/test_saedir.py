@@ -38,7 +38,7 @@ def trained(arch: str, seed: int = 0) -> TrainingSae:
         sae.b_enc.normal_(0, 0.2)
         sae.b_dec.normal_(0, 0.5)
         if arch == "jumprelu":
-            sae.log_threshold.add_(torch.randn(F) * 0.3)
+            sae.threshold.mul_(torch.exp(torch.randn(F) * 0.3))
     sae.set_input_scale(2.5)
     sae.update_theta(torch.tensor(0.25))
     return sae

@@ -105,6 +105,10 @@ def test_sweep_one_directory_per_sae(store, tmp_path):
         assert sae.cfg.d_sae == int(d.name.rsplit("F", 1)[1]) and sae.cfg.metadata["keep_bos"] is True
         assert sae.cfg.metadata["tokens_seen"] == 64 * 30
         assert [r["step"] for r in _log(d) if r["split"] == "train"] == list(range(10, 31, 10))
+        if sae.cfg.training_architecture == "jumprelu":  # θ's own lr (√d by default) and its trajectory
+            assert sae.cfg.metadata["jumprelu_lr_scale"] == pytest.approx(4.0)
+            assert sae.cfg.metadata["jumprelu_init_threshold"] == 1.0
+            assert all("threshold_mean" in r for r in _log(d) if r["split"] == "train")
 
 
 def _run_cfg(store, out, **kw):

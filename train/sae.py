@@ -6,7 +6,7 @@ multiplies each batch by `sae.input_scale` and `export` folds c back into the we
     pre = (x − b_dec)·W_enc + b_enc          a = select(pre)          x̂ = a·W_dec + b_dec
 
 select: batchtopk keeps the k·B largest of relu(pre) over the whole batch; topk the k largest per row; relu
-relu(pre); jumprelu pre·H(pre − θ_i) with a per-latent θ = exp(log_threshold).
+relu(pre); jumprelu pre·H(pre − θ_i) with a per-latent threshold θ ≥ 0.
 
 Losses (`SaeOutput.loss`):
 - batchtopk, topk: FVU + α·AuxK, both normalised MSEs (OpenAI's "normalised MSE", so α = 1/32 weighs the two
@@ -17,6 +17,18 @@ Losses (`SaeOutput.loss`):
   ∂H(pre − θ)/∂θ := −(1/ε)·K((pre − θ)/ε), ∂JumpReLU/∂θ := −(θ/ε)·K((pre − θ)/ε), K the rectangle
   1[|u| < ½]; pre gets the ordinary gradients (H(pre − θ) through JumpReLU, none through the L0 step).
 MSE is ‖x − x̂‖² summed over d and averaged over rows.
+
+JumpReLU's θ is a parameter in pre-activation units, not exp(log θ) as in the paper: Adam moves a parameter by
+about its lr per step, so a log-threshold changes θ by a factor ~e^(lr·steps) in the whole run (≈ 1.1 in a few
+hundred CPU steps) and L0 stays wherever θ's init put it, whatever the L0 coefficient (SAELens made the same
+change, its issue #494). For the same reason θ gets its own lr, `threshold_lr_scale` times the weights' (default
+√d_in): with inputs scaled to E‖x‖ = √d and unit-norm decoder rows, pre-activations and θ are O(1), while a
+weight entry is O(1/√d), so a step of lr·√d moves θ as far, relative to its scale, as lr moves a weight.
+θ is projected back to ≥ 0 after each step (`clamp_threshold`); below 0 the gate would pass negative values.
+θ starts at 1 by default (SAELens: 0.01): pre-activations start with a standard deviation ≤ 1 (‖x − b_dec‖ ≤ √d
+roughly), so θ = 1 leaves a few percent of the latents active instead of half of them, and SAEs with an L0 of
+tens end near θ ≈ 1 (BatchTopK's θ lands at 0.8–1.6 on SmolLM2-135M layer 15 for k = 64…16), so a short run
+does not spend its first hundred steps, densely and slowly, raising θ from 0.01.
 
 Sparsity is exploited twice. (1) The encoder never builds a gradient graph over the dense [B, F]
 pre-activations: they are computed under no_grad into a reused buffer, and `_SparseEncode` hands back only
@@ -35,6 +47,7 @@ Per step, the trainer:
     sae.remove_parallel_grad()          # keep ‖W_dec,i‖ = 1 to first order
     clip_grad_norm_(sae.parameters(), 1.0); opt.step(); opt.zero_grad()
     sae.normalize_decoder()             # and exactly
+    sae.clamp_threshold()               # jumprelu: θ ≥ 0
     sae.update_dead(out.fired, B)       # dead-latent counters
     if step >= theta_warmup: sae.update_theta(out.min_act, theta_ema)   # batchtopk
 """
@@ -358,7 +371,7 @@ class SaeOutput(NamedTuple):
 
 class TrainingSae(nn.Module):
     """One SAE being trained. Parameters: W_enc [d_in, F], b_enc [F], W_dec [F, d_in] (unit rows), b_dec [d_in],
-    and log_threshold [F] for jumprelu. Buffers (checkpointed with `state_dict`): input_scale, theta,
+    and threshold [F] for jumprelu. Buffers (checkpointed with `state_dict`): input_scale, theta,
     theta_updates, tokens_since_fired."""
 
     def __init__(
@@ -373,7 +386,8 @@ class TrainingSae(nn.Module):
         l1_coeff: float = 5.0,
         l0_coeff: float = 1.0,
         bandwidth: float = 0.05,
-        init_threshold: float = 0.01,
+        init_threshold: float = 1.0,
+        threshold_lr_scale: float | None = None,
         decoder: str = "auto",
         device: str | torch.device | None = None,
         seed: int | None = 0,
@@ -390,12 +404,16 @@ class TrainingSae(nn.Module):
                 raise SaeError(f"{arch} needs k in [1, d_sae={d_sae}] (an integer for topk), got {k!r}")
         if bandwidth <= 0 or init_threshold <= 0:
             raise SaeError("jumprelu bandwidth and initial threshold must be positive")
+        if threshold_lr_scale is not None and threshold_lr_scale <= 0:
+            raise SaeError(f"jumprelu threshold lr scale must be positive, got {threshold_lr_scale}")
         self.arch = arch
         self.d_in, self.d_sae = d_in, d_sae
         self.k = k if arch in ("batchtopk", "topk") else None
         self.k_aux = int(k_aux) if k_aux else max(1, d_in // 2)
         self.aux_alpha = aux_alpha
         self.l1_coeff, self.l0_coeff, self.bandwidth = l1_coeff, l0_coeff, bandwidth
+        self.threshold_lr_scale = threshold_lr_scale if threshold_lr_scale is not None else math.sqrt(d_in)
+        """jumprelu: θ's learning rate as a multiple of the weights' (see the module docstring)."""
         self.decoder = decoder
         self.sparse_max_density: float | None = None
         """Use the sparse decoder when the step's density N/(B·F) is at most this (set by choose_decoder)."""
@@ -413,7 +431,7 @@ class TrainingSae(nn.Module):
         self.W_dec = nn.Parameter(torch.empty(d_sae, d_in, **kw))
         self.b_dec = nn.Parameter(torch.zeros(d_in, **kw))
         if arch == "jumprelu":
-            self.log_threshold = nn.Parameter(torch.full((d_sae,), math.log(init_threshold), **kw))
+            self.threshold = nn.Parameter(torch.full((d_sae,), float(init_threshold), **kw))
         self.register_buffer("input_scale", torch.ones((), **kw))
         self.register_buffer("theta", torch.zeros((), **kw))
         self.register_buffer("theta_updates", torch.zeros((), dtype=torch.long, device=device))
@@ -434,6 +452,8 @@ class TrainingSae(nn.Module):
             l1_coeff=cfg.l1_coeff,
             l0_coeff=point.l0_coeff if point.l0_coeff is not None else 1.0,
             bandwidth=cfg.jumprelu_bandwidth,
+            init_threshold=cfg.jumprelu_init_threshold,
+            threshold_lr_scale=cfg.jumprelu_lr_scale,
             decoder=cfg.decoder,
             device=device,
             seed=cfg.seed,
@@ -462,10 +482,17 @@ class TrainingSae(nn.Module):
         """Record the dataset-level scale c (x_train = c·x_raw) that `export` folds into the weights."""
         self.input_scale.fill_(float(scale))
 
-    @property
-    def threshold(self) -> Tensor:
-        """jumprelu: the per-latent threshold θ = exp(log_threshold) [F]."""
-        return self.log_threshold.exp()
+    def param_groups(self, lr: float) -> list[dict[str, Any]]:
+        """Optimizer parameter groups at base lr `lr`; each carries `lr_scale`, its lr as a multiple of the base
+        (the trainer sets lr = base·lr_scale every step). jumprelu's θ gets `threshold_lr_scale`."""
+        if self.arch != "jumprelu":
+            return [{"params": list(self.parameters()), "lr": lr, "lr_scale": 1.0}]
+        weights = [p for n, p in self.named_parameters() if n != "threshold"]
+        s = self.threshold_lr_scale
+        return [
+            {"params": weights, "lr": lr, "lr_scale": 1.0},
+            {"params": [self.threshold], "lr": lr * s, "lr_scale": s},
+        ]
 
     # ---------------------------------------------------------------------------------------------
     # Forward
@@ -531,7 +558,7 @@ class TrainingSae(nn.Module):
         if self.arch == "relu":
             idx = flat_nonzero(pre > 0)
         else:
-            idx = flat_nonzero(pre > (self.log_threshold.detach().exp() - self.bandwidth / 2).to(pre.dtype))
+            idx = flat_nonzero(pre > (self.threshold.detach() - self.bandwidth / 2).to(pre.dtype))
         return idx // f, idx % f
 
     def forward(self, x: Tensor, dead_mask: Tensor | None = None, *, decoder: str | None = None) -> SaeOutput:
@@ -551,7 +578,7 @@ class TrainingSae(nn.Module):
         vals = _SparseEncode.apply(x, self.W_enc, self.b_enc, self.b_dec, pre, pat).float()
         sparsity = x.new_zeros((), dtype=torch.float32)
         if self.arch == "jumprelu":
-            theta = self.log_threshold.exp()[cols]
+            theta = self.threshold[cols]
             acts = JumpReLU.apply(vals, theta, self.bandwidth)
             sparsity = Step.apply(vals, theta, self.bandwidth).sum() / n
             active = vals > theta.detach()
@@ -604,7 +631,7 @@ class TrainingSae(nn.Module):
             a = pre.relu()
             sparsity = (a.float() @ self.W_dec.norm(dim=1)).sum() / n
         else:
-            theta = self.log_threshold.exp()
+            theta = self.threshold
             a = JumpReLU.apply(pre.float(), theta, self.bandwidth)
             sparsity = Step.apply(pre.float(), theta, self.bandwidth).sum() / n
         x_hat = a @ self.W_dec + self.b_dec
@@ -680,6 +707,13 @@ class TrainingSae(nn.Module):
     def normalize_decoder(self) -> None:
         """Renormalise W_dec rows to unit norm (call after the optimizer step)."""
         self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
+
+    @torch.no_grad()
+    def clamp_threshold(self) -> None:
+        """jumprelu: project θ back to ≥ 0 (call after the optimizer step; a no-op for the other architectures).
+        A projection, not a clamp in the graph, so a θ at 0 still gets the L0 gradient that lifts it."""
+        if self.arch == "jumprelu":
+            self.threshold.clamp_(min=0.0)
 
     @torch.no_grad()
     def update_theta(self, min_act: Tensor | float, decay: float = 0.99) -> None:
@@ -764,7 +798,7 @@ class TrainingSae(nn.Module):
     ) -> SparseAutoencoder:
         """The inference SAE in raw activation units: with x_train = c·x, W_enc' = c·W_enc, W_dec' = W_dec/c,
         b_dec' = b_dec/c; b_enc and thresholds unchanged. BatchTopK → jumprelu with threshold θ·1 (and k kept
-        for batch mode), topk → topk, relu → standard, jumprelu → jumprelu with exp(log_threshold)."""
+        for batch mode), topk → topk, relu → standard, jumprelu → jumprelu with its θ."""
         c = float(self.input_scale)
         cfg = SaeConfig(
             architecture=TRAINED_AS[self.arch],
@@ -787,7 +821,7 @@ class TrainingSae(nn.Module):
         if self.arch == "batchtopk":
             sae.threshold.fill_(float(self.theta))
         elif self.arch == "jumprelu":
-            sae.threshold.copy_(self.log_threshold.exp())
+            sae.threshold.copy_(self.threshold.clamp_min(0))
         return sae
 
     def save(self, path: Any, **export_kw: Any) -> Any:

@@ -63,8 +63,9 @@ class TrainingInterrupted(SaeError):
 
 
 class Dist(NamedTuple):
-    """This process's place in a torchrun (DDP) run. Every rank runs the same reader schedule and takes its slice
-    of each global batch, so N ranks see exactly the rows (and the BatchTopK selection) of one process."""
+    """This process's place in a torchrun (DDP) run. Rank r trains on the r-th contiguous 1/N of each global batch,
+    which its reader draws from its own lanes (disjoint chunks); the global batches, and so the BatchTopK selection
+    and the weights, are those of one process reading the same lanes."""
 
     rank: int
     """This process's rank."""
@@ -321,10 +322,11 @@ def _read_json(path: Path) -> Any:
 
 
 def _make_optimizer(sae: TrainingSae, lr: float) -> torch.optim.Adam:
+    # one group per lr multiple (jumprelu's θ has its own); `train_step` sets lr = base·lr_scale per group
     try:
-        return torch.optim.Adam(sae.parameters(), lr=lr, betas=(0.9, 0.999), fused=True)
+        return torch.optim.Adam(sae.param_groups(lr), lr=lr, betas=(0.9, 0.999), fused=True)
     except (RuntimeError, TypeError):  # no fused kernel for this device/dtype
-        return torch.optim.Adam(sae.parameters(), lr=lr, betas=(0.9, 0.999))
+        return torch.optim.Adam(sae.param_groups(lr), lr=lr, betas=(0.9, 0.999))
 
 
 def make_run(cfg: TrainConfig, point: Any, d_in: int, device: torch.device, input_scale: float) -> SaeRun:
@@ -675,6 +677,8 @@ def _save_sae(
     if r.sae.arch == "jumprelu":
         metadata["l0_coeff"] = r.sae.l0_coeff
         metadata["jumprelu_bandwidth"] = r.sae.bandwidth
+        metadata["jumprelu_lr_scale"] = r.sae.threshold_lr_scale
+        metadata["jumprelu_init_threshold"] = cfg.jumprelu_init_threshold
     r.sae.save(r.dir, model_name=model.get("id"), hook_name=site, complete=complete, metadata=metadata)
     if r.log is not None:
         r.log.flush()
@@ -791,10 +795,11 @@ def train_step(
     sae.remove_parallel_grad()
     gn = torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
     for g in r.opt.param_groups:
-        g["lr"] = lr
+        g["lr"] = lr * g.get("lr_scale", 1.0)
     r.opt.step()
     r.opt.zero_grad(set_to_none=True)
     sae.normalize_decoder()
+    sae.clamp_threshold()
     sae.update_dead(o.fired, len(x) * dd.world)  # `fired` is global already
     if sae.arch == "batchtopk" and step >= plan.theta_start:
         sae.update_theta(o.min_act, plan.theta_decay)
@@ -830,6 +835,10 @@ def _train_row(
     if r.sae.arch == "batchtopk":
         row["theta"] = float(r.sae.theta)
         row["l0_theta"] = _theta_l0(r.sae, x) if int(r.sae.theta_updates) > 0 else None
+    if r.sae.arch == "jumprelu":  # where the thresholds are, and how many sit at their floor of 0
+        th = r.sae.threshold.detach()
+        row["threshold_mean"] = float(th.mean())
+        row["threshold_zero_fraction"] = float((th == 0).float().mean())
     return row
 
 
