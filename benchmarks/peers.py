@@ -59,7 +59,7 @@ from sae import store
 from sae.config import DEFAULT_MODEL, HarvestConfig, TrainConfig
 from sae.corpus import iter_contexts
 from sae.harvest import harvest
-from sae.models import _embedded_dir, load_model, load_tokenizer
+from sae.models import embedded_model_dir, load_model, load_tokenizer
 from sae.saedir import sweep
 from sae.sites import SITE_TABLE, capture, parse_site
 from sae.train.reader import ChunkReader
@@ -473,7 +473,7 @@ def main() -> None:
     chunk_rows = store.default_chunk_rows(info.d_model)
     s = Setup(
         model=DEFAULT_MODEL,
-        model_dir=_embedded_dir()[0],  # the converted safetensors copy `sae harvest` loads too
+        model_dir=embedded_model_dir()[0],  # the converted safetensors copy `sae harvest` loads too
         site=site.name,
         layer=site.layer,
         lens_hook=f"{model.base_model_prefix}.{module}",

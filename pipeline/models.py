@@ -174,8 +174,9 @@ def _convert_gguf(gguf: Path, dest: Path, sha256: str) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _embedded_dir() -> tuple[Path, str]:
-    """The converted embedded model directory (converting it on first use) and the GGUF's sha256."""
+def embedded_model_dir() -> tuple[Path, str]:
+    """The converted embedded model directory (converting it on first use) and the GGUF's sha256: a plain
+    safetensors + config.json checkpoint that other tools (sae-lens, transformers) load as it is."""
     gguf = fetch_distribution(SMOLLM2_REQUIREMENT) / SMOLLM2_GGUF
     if not gguf.is_file():
         raise SaeError(f"{SMOLLM2_REQUIREMENT} does not hold {SMOLLM2_GGUF}; delete {gguf.parents[1]} and retry")
@@ -197,7 +198,7 @@ def load_tokenizer(
     """The tokenizer of model `name` (embedded default, local directory or hub id)."""
     if name == DEFAULT_MODEL:
         _check_no_revision(name, revision)
-        return AutoTokenizer.from_pretrained(_embedded_dir()[0])
+        return AutoTokenizer.from_pretrained(embedded_model_dir()[0])
     local = _local_dir(name)
     if local is not None:
         _check_no_revision(name, revision)
@@ -232,7 +233,7 @@ def load_model(
     hub = False
     if name == DEFAULT_MODEL:
         _check_no_revision(name, revision)
-        source, sha = _embedded_dir()
+        source, sha = embedded_model_dir()
         model_id = DEFAULT_MODEL
     else:
         local = _local_dir(name)
