@@ -4,137 +4,267 @@
     (`sae.sites.capture`), results thrown away: the floor any harvest pays.
 (b) harvest: `sae.harvest.harvest` end to end for the same tokens (model load, corpus packing, forward, shard
     permutation, compression, checksums, statistics, finalize) into a fresh store.
+(c) with `--before REV`: (b) with the harvest code of git revision REV (harvest/loop.py, pipeline/store.py,
+    pipeline/sites.py, loaded beside the working tree's), so a change is measured before/after in one run.
 
-Repetitions alternate the order (a b, b a, ...) so drift in machine load hits both sides alike; the throughput
-ratio is total bare time over total harvest time. Bytes per token are compared with 4·d, what a float32
-activation cache (SAELens' `CacheActivationsRunner`) takes. Prints a Markdown table and rewrites the "Harvest"
-section of docs/benchmarks.md.
+Every repetition runs each variant once, in an order rotated from one repetition to the next, so drift in the
+machine's load hits all of them alike. The headline ratio is the median over repetitions of (a) time / (b) time:
+robust to a burst of load from other jobs during one of them. CPU time (the whole process: every thread) is
+reported beside wall time. Bytes per token are compared with 4·d, what a float32 activation cache (SAELens'
+`CacheActivationsRunner`) takes. Prints a Markdown table and rewrites the "Harvest" section of
+docs/benchmarks.md (not with --before: that is benchmarks/profile_harvest.py's measurement).
 
-    python benchmarks/harvest.py                      # the documented run (a few minutes on 2 cores)
+    python benchmarks/harvest.py                      # the documented run (several minutes on 2 cores)
     python benchmarks/harvest.py --tokens 16384 --reps 1 --no-doc   # a quick look
+    python benchmarks/harvest.py --before HEAD --no-doc             # the working tree against the last commit
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shlex
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
+import types
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from common import machine, write_section
 
+import sae.harvest.loop
 from sae import store
 from sae.config import HarvestConfig
 from sae.corpus import iter_contexts
-from sae.harvest import harvest
-from sae.models import load_model
-from sae.sites import capture, parse_site
+from sae.models import ModelInfo, load_model
+from sae.sites import Site, capture, parse_site
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "benchmarks.md"
 TRAIN = str(Path(__file__).resolve().parents[2] / "shared" / "corpus" / "train.jsonl.gz")
+HARVEST_MODULES = ("sae.sites", "sae.store", "sae.harvest.loop")
+"""The modules a before/after comparison swaps, in import order (later ones import the earlier ones)."""
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--tokens", type=int, default=65536, help="tokens per repetition (whole contexts)")
-    ap.add_argument("--reps", type=int, default=3, help="repetitions of each side, interleaved")
+    ap.add_argument("--reps", type=int, default=4, help="repetitions of each variant, interleaved")
     ap.add_argument("--site", default="blocks.15.hook_resid_post")
     ap.add_argument("--dataset", default=TRAIN)
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--shard-chunks", type=int, default=2, help="small shards, so the run has several of them")
+
+
+def harvest_at(rev: str) -> Callable[[HarvestConfig], Path]:
+    """`sae.harvest.harvest` as of git revision `rev`."""
+    return code_at(rev)["sae.harvest.loop"].harvest
+
+
+def code_at(rev: str) -> dict[str, types.ModuleType]:
+    """HARVEST_MODULES as of git revision `rev`: their source from git, executed as fresh modules that import
+    each other (and the working tree's copy of everything else)."""
+    saved = {name: sys.modules[name] for name in HARVEST_MODULES}
+    loaded: dict[str, types.ModuleType] = {}
+    try:
+        for name in HARVEST_MODULES:
+            rel = Path(saved[name].__file__).resolve().relative_to(ROOT).as_posix()
+            source = subprocess.run(
+                ["git", "-C", str(ROOT), "show", f"{rev}:{rel}"], capture_output=True, text=True, check=True
+            ).stdout
+            module = types.ModuleType(name)
+            module.__file__ = f"{rev}:{rel}"
+            module.__package__ = name.rpartition(".")[0]
+            # `from sae.sites import ...` reads sys.modules, `from sae import store` the package attribute.
+            sys.modules[name] = module
+            setattr(sys.modules[module.__package__], name.rpartition(".")[2], module)
+            exec(compile(source, module.__file__, "exec"), module.__dict__)
+            loaded[name] = module
+    finally:
+        for name, module in saved.items():
+            sys.modules[name] = module
+            setattr(sys.modules[name.rpartition(".")[0]], name.rpartition(".")[2], module)
+    return loaded
+
+
+@dataclass
+class Bench:
+    """The shared setup: the model for (a), the contexts, and fresh-store configs for the harvest variants."""
+
+    args: argparse.Namespace
+    model: Any
+    info: ModelInfo
+    site: Site
+    ids: np.ndarray
+    load_s: float
+    tmp: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="sae-bench-")))
+    sizes: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def setup(cls, args: argparse.Namespace) -> Bench:
+        t = time.perf_counter()
+        model, tokenizer, info = load_model("smollm2-135m", device="cpu")
+        load_s = time.perf_counter() - t
+        site = parse_site(args.site, model)
+        ids = np.stack(list(iter_contexts(args.dataset, tokenizer, seq_len=args.seq_len, max_tokens=args.tokens)))
+        with torch.inference_mode():  # warm-up: first-call allocations and kernel selection
+            capture(model, [site], torch.from_numpy(ids[: args.batch_size]).long())
+        return cls(args, model, info, site, ids, load_s)
+
+    @property
+    def n_tokens(self) -> int:
+        return self.ids.size
+
+    def config(self) -> HarvestConfig:
+        a = self.args
+        return HarvestConfig(
+            out=self.tmp / "store.zarr",
+            sites=(self.site.name,),
+            dataset=a.dataset,
+            seq_len=a.seq_len,
+            max_tokens=a.tokens,
+            batch_size=a.batch_size,
+            shard_chunks=a.shard_chunks,
+            device="cpu",
+            overwrite=True,
+        )
+
+    @torch.inference_mode()
+    def bare(self) -> None:
+        bs = self.args.batch_size
+        for b in range(0, len(self.ids), bs):
+            capture(self.model, [self.site], torch.from_numpy(self.ids[b : b + bs]).long())
+
+    def harvest_with(self, harvest: Callable[[HarvestConfig], Path]) -> Callable[[], None]:
+        def run() -> None:
+            with contextlib.redirect_stdout(sys.stderr):  # harvest prints its summary
+                harvest(self.config())
+
+        return run
+
+    def check(self) -> None:
+        """The store the last harvest wrote holds every token; remember its sizes."""
+        st = store.Store.open(self.tmp / "store.zarr")
+        assert st.n_rows == self.n_tokens, (st.n_rows, self.n_tokens)
+        self.sizes.update(disk=st.disk_bytes(), acts=st.disk_bytes(self.site.name), d=st.d_model)
+        self.sizes["shards"] = len(st.manifest["shards"])
+
+    def close(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+@dataclass
+class Timings:
+    """Wall and process CPU seconds of every variant per repetition, and the 1-min load average seen."""
+
+    wall: dict[str, list[float]] = field(default_factory=dict)
+    cpu: dict[str, list[float]] = field(default_factory=dict)
+    load: list[float] = field(default_factory=lambda: [os.getloadavg()[0]])
+
+    def ratios(self, base: str, other: str, clock: str = "wall") -> list[float]:
+        """Per repetition: `base` time / `other` time, i.e. `other`'s throughput relative to `base`'s."""
+        t = getattr(self, clock)
+        return [a / b for a, b in zip(t[base], t[other], strict=True)]
+
+
+def interleave(variants: dict[str, Callable[[], None]], reps: int, after: Callable[[str], None]) -> Timings:
+    """Run every variant once per repetition, the order rotated by one each repetition; `after(name)` runs
+    untimed after each variant."""
+    out = Timings({n: [] for n in variants}, {n: [] for n in variants})
+    names = list(variants)
+    for rep in range(reps):
+        k = rep % len(names)
+        for name in names[k:] + names[:k]:
+            w, c = time.perf_counter(), time.process_time()
+            variants[name]()
+            out.wall[name].append(time.perf_counter() - w)
+            out.cpu[name].append(time.process_time() - c)
+            out.load.append(os.getloadavg()[0])
+            after(name)
+            print(
+                f"rep {rep} {name}: {out.wall[name][-1]:.1f} s wall, {out.cpu[name][-1]:.1f} s CPU, "
+                f"load {out.load[-1]:.1f}",
+                file=sys.stderr,
+                flush=True,
+            )
+    return out
+
+
+@contextlib.contextmanager
+def bench(args: argparse.Namespace) -> Iterator[Bench]:
+    b = Bench.setup(args)
+    try:
+        yield b
+    finally:
+        b.close()
+
+
+def fmt(values: list[float]) -> str:
+    return ", ".join(f"{v:.3f}" for v in values)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(ap)
+    ap.add_argument("--before", metavar="REV", help="also time the harvest code of git revision REV")
     ap.add_argument("--no-doc", action="store_true", help="print only; leave docs/benchmarks.md alone")
     args = ap.parse_args()
     command = " ".join(["python benchmarks/harvest.py", *map(shlex.quote, sys.argv[1:])])
 
-    t = time.perf_counter()
-    model, tokenizer, info = load_model("smollm2-135m", device="cpu")
-    load_s = time.perf_counter() - t
-    site = parse_site(args.site, model)
-    ids = np.stack(list(iter_contexts(args.dataset, tokenizer, seq_len=args.seq_len, max_tokens=args.tokens)))
-    n_tokens = ids.size
+    with bench(args) as b:
+        variants = {"bare": b.bare, "harvest": b.harvest_with(sae.harvest.loop.harvest)}
+        if args.before:
+            variants["before"] = b.harvest_with(harvest_at(args.before))
+        t = interleave(variants, args.reps, lambda name: None if name == "bare" else b.check())
 
-    @torch.inference_mode()
-    def bare() -> None:
-        for b in range(0, len(ids), args.batch_size):
-            capture(model, [site], torch.from_numpy(ids[b : b + args.batch_size]).long())
-
-    tmp = Path(tempfile.mkdtemp(prefix="sae-bench-"))
-    cfg = HarvestConfig(
-        out=tmp / "store.zarr",
-        sites=(site.name,),
-        dataset=args.dataset,
-        seq_len=args.seq_len,
-        max_tokens=args.tokens,
-        batch_size=args.batch_size,
-        shard_chunks=args.shard_chunks,
-        device="cpu",
-        overwrite=True,
-    )
-    sizes: dict[str, float] = {}
-
-    def full() -> None:
-        harvest(cfg)
-        st = store.Store.open(cfg.out)
-        assert st.n_rows == n_tokens, (st.n_rows, n_tokens)
-        sizes.update(disk=st.disk_bytes(), acts=st.disk_bytes(site.name), d=st.d_model)
-        sizes["shards"] = len(st.manifest["shards"])
-
-    wall: dict[str, list[float]] = {"bare": [], "full": []}
-    load = [os.getloadavg()[0]]
-    try:
-        with torch.inference_mode():  # warm-up: first-call allocations and kernel selection
-            capture(model, [site], torch.from_numpy(ids[: args.batch_size]).long())
-        for rep in range(args.reps):
-            for fn in (bare, full) if rep % 2 == 0 else (full, bare):
-                t = time.perf_counter()
-                fn()
-                wall[fn.__name__].append(time.perf_counter() - t)
-                load.append(os.getloadavg()[0])
-                print(f"rep {rep} {fn.__name__}: {wall[fn.__name__][-1]:.1f} s", file=sys.stderr, flush=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    bare_s, harvest_s = wall["bare"], wall["full"]
-
-    d = int(sizes["d"])
-    bare_tps = n_tokens * args.reps / sum(bare_s)
-    harvest_tps = n_tokens * args.reps / sum(harvest_s)
-    ratio = harvest_tps / bare_tps
-    pair = [a / b for a, b in zip(bare_s, harvest_s, strict=True)]
-    per_token = sizes["disk"] / n_tokens
-    compression = n_tokens * d * 2 / sizes["acts"]
+    n, reps = b.n_tokens, args.reps
+    d = int(b.sizes["d"])
+    wall_ratio, cpu_ratio = t.ratios("bare", "harvest"), t.ratios("bare", "harvest", "cpu")
+    total_ratio = sum(t.wall["bare"]) / sum(t.wall["harvest"])
+    per_token = b.sizes["disk"] / n
+    compression = n * d * 2 / b.sizes["acts"]
     rows = [
-        ("tokens per repetition × repetitions", f"{n_tokens:,} × {args.reps}", ""),
-        ("(a) bare forward to the site, tokens/s", f"{bare_tps:,.0f}", ""),
-        ("(b) `sae harvest` end to end, tokens/s", f"{harvest_tps:,.0f}", ""),
-        ("throughput ratio (b)/(a)", f"{ratio:.3f}", "≥ 0.90"),
-        ("per-repetition ratios (median)", f"{', '.join(f'{r:.3f}' for r in pair)} ({np.median(pair):.3f})", ""),
-        ("1-min load average during the run", f"{min(load):.1f}–{max(load):.1f}", "≤ 2 is a quiet 2-core box"),
-        ("model load (inside every (b))", f"{load_s:.1f} s", ""),
+        ("tokens per repetition × repetitions", f"{n:,} × {reps}", ""),
+        ("(a) bare forward to the site, tokens/s", f"{n * reps / sum(t.wall['bare']):,.0f}", ""),
+        ("(b) `sae harvest` end to end, tokens/s", f"{n * reps / sum(t.wall['harvest']):,.0f}", ""),
+        ("throughput ratio (b)/(a), median of the repetitions", f"{np.median(wall_ratio):.3f}", "≥ 0.90"),
+        ("… per repetition; ratio of the totals", f"{fmt(wall_ratio)}; {total_ratio:.3f}", ""),
+        ("tokens per CPU second (b)/(a), median (per rep.)", f"{np.median(cpu_ratio):.3f} ({fmt(cpu_ratio)})", ""),
+    ]
+    if args.before:
+        before_ratio = t.ratios("bare", "before")
+        rows += [
+            (f"(c) `sae harvest` as of {args.before}: ratio (c)/(a), median", f"{np.median(before_ratio):.3f}", ""),
+            ("… per repetition", fmt(before_ratio), ""),
+        ]
+    rows += [
+        ("1-min load average during the run", f"{min(t.load):.1f}–{max(t.load):.1f}", "≤ 2 is a quiet 2-core box"),
+        ("model load (inside every (b))", f"{b.load_s:.1f} s", ""),
         ("bytes on disk per token (whole store)", f"{per_token:,.0f}", ""),
         ("… versus 4·d = float32 cache", f"{per_token / (4 * d):.3f}", "≤ 0.38"),
         ("activation compression vs raw bfloat16", f"{compression:.2f}×", ""),
         ("activation compression vs float32", f"{2 * compression:.2f}×", ""),
-        ("shards per store", f"{sizes['shards']:.0f}", ""),
+        ("shards per store", f"{b.sizes['shards']:.0f}", ""),
     ]
-    table = "| measure | value | goal |\n|---|---|---|\n" + "\n".join(f"| {a} | {b} | {c} |" for a, b, c in rows)
+    table = "| measure | value | goal |\n|---|---|---|\n" + "\n".join(f"| {a} | {v} | {g} |" for a, v, g in rows)
     print(table)
-    if not args.no_doc:
-        write_doc(table, command, args, info, site.name, max(load))
+    if not args.no_doc and not args.before:
+        write_doc(table, command, args, b.info, b.site.name, max(t.load))
 
 
-def write_doc(table: str, command: str, args: argparse.Namespace, info, site: str, load: float) -> None:
+def write_doc(table: str, command: str, args: argparse.Namespace, info: ModelInfo, site: str, load: float) -> None:
     busy = (
         f" The machine was shared with other jobs during the run (1-min load average up to {load:.1f} on "
-        f"{os.cpu_count()} cores), so absolute tokens/s are well below a quiet run's; both sides saw the same load, "
-        "and the goal is about their ratio."
+        f"{os.cpu_count()} cores), so absolute tokens/s are well below a quiet run's; every variant saw the same "
+        "load, and the goal is about their ratio."
         if load > (os.cpu_count() or 1)
         else ""
     )
@@ -148,8 +278,10 @@ shuffle) and chunks ({store.default_chunk_rows(info.d_model)} rows), shards of {
 run has several. (a) is the bare forward over the same contexts in the same batches, stopped after the site's
 layer; (b) is `sae.harvest.harvest` end to end into a fresh store: model load, corpus packing, forward,
 within-shard permutation, compression, checksums, statistics and finalize, with shard s written by a background
-thread while shard s+1 is computed. Repetitions alternate the order of (a) and (b); the ratio is total (a) time
-over total (b) time. 4·d bytes per token is what a float32 activation cache (SAELens) takes.
+thread while shard s+1 is computed. Repetitions alternate the order of (a) and (b); the headline ratio is the
+median over repetitions of (a) time / (b) time, robust to a burst of load from other jobs during one of them.
+CPU time counts every thread of the process. 4·d bytes per token is what a float32 activation cache (SAELens)
+takes. Where harvest's time beyond the forward goes: the Profile section below.
 
 Machine: {machine()}; measured {time.strftime("%Y-%m-%d")}.{busy}
 

@@ -112,23 +112,41 @@ def _site_key(site: str) -> str:
 
 def checksum(a: np.ndarray) -> str:
     """The checksum a marker and the manifest record for one shard of an array (stored dtype and order)."""
-    return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()
+    # hashlib reads the array's buffer in place: no copy of a shard's tens of MB.
+    return hashlib.sha256(np.ascontiguousarray(a)).hexdigest()
 
 
-def _accumulate(x: torch.Tensor, keep: torch.Tensor, block: int = 65536) -> dict[str, Any]:
-    """Sums for the mean vector, mean norm and variance of the rows of `x` where `keep`, in float64 blocks
-    (a whole shard in float64 would take gigabytes)."""
-    total = torch.zeros(x.shape[1], dtype=torch.float64)
+def _as_float64(stored: np.ndarray, dtype: str) -> np.ndarray:
+    """Stored rows → their float64 values, exactly (bfloat16 bits are the top half of a float32)."""
+    if dtype == "bfloat16":
+        return (stored.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+    return stored.astype(np.float64)
+
+
+def _accumulate(stored: np.ndarray, dtype: str, keep: np.ndarray, block: int = 1024) -> dict[str, Any]:
+    """Sums for the mean vector, mean norm and variance of the stored rows where `keep`, in float64.
+
+    numpy on one thread, on purpose: this runs in the shard writer beside the forward, where torch ops would start
+    a second OpenMP team that fights the forward's threads for the cores; and small blocks keep the float64 copy
+    small enough for malloc to reuse (a whole shard's copy was fresh pages to fault in every shard). See the
+    Profile section of docs/benchmarks.md."""
+    total = np.zeros(stored.shape[1], dtype=np.float64)
     sum_norm = sum_sq = 0.0
     n = 0
-    for i in range(0, x.shape[0], block):
-        xb = x[i : i + block][keep[i : i + block]].double()
-        norms = xb.norm(dim=1)
+    for i in range(0, stored.shape[0], block):
+        xb = _as_float64(stored[i : i + block][keep[i : i + block]], dtype)
+        sq = np.einsum("ij,ij->i", xb, xb)
         total += xb.sum(0)
-        sum_norm += float(norms.sum())
-        sum_sq += float((norms * norms).sum())
+        sum_norm += float(np.sqrt(sq).sum())
+        sum_sq += float(sq.sum())
         n += xb.shape[0]
     return {"n": n, "sum": total.tolist(), "sum_norm": sum_norm, "sum_sq": sum_sq}
+
+
+def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """The sums of two disjoint sets of rows (here: non-BOS and BOS rows) added up."""
+    total = (np.asarray(a["sum"]) + np.asarray(b["sum"])).tolist()
+    return {"n": a["n"] + b["n"], "sum": total, **{k: a[k] + b[k] for k in ("sum_norm", "sum_sq")}}
 
 
 class Store:
@@ -351,6 +369,12 @@ class StoreWriter:
             key = arr.metadata.encode_chunk_key((s,) + (0,) * (arr.ndim - 1))  # the shard grid is the chunk grid
             (self.path / name / key).unlink(missing_ok=True)
 
+    def _array(self, name: str) -> zarr.Array:
+        """Array `name` for whole-shard writes. By default zarr scans every chunk to leave out those that are all
+        fill value (a third of a shard write's CPU time, measured); such chunks are rare here, and a reader sees
+        the same values whether they are written or left out."""
+        return self.group[name].with_config({"write_empty_chunks": True})  # type: ignore[union-attr]
+
     def write_shard(self, s: int, acts: dict[str, torch.Tensor], tokens: np.ndarray) -> None:
         """Write shard s whole, then its marker. `acts[site]` and `tokens` hold the shard's rows in planned
         (context-major) order; the within-shard permutation is applied here."""
@@ -365,19 +389,20 @@ class StoreWriter:
             "position": (rows % self.seq_len).astype(np.int32),
         }
         marker: dict[str, Any] = {"shard": s, "start": start, "stop": stop, "checksums": {}, "stats": {}}
-        everything = torch.ones(n, dtype=torch.bool)
-        not_bos = torch.from_numpy(meta["position"] != 0)
+        bos = meta["position"] == 0
         for site in self.meta["sites"]:
             x = acts[site]
             if x.shape != (n, self.meta["d_model"]):
                 raise ValueError(f"shard {s} of {site}: got {tuple(x.shape)}, want {(n, self.meta['d_model'])}")
-            stored = to_storage(x[torch.from_numpy(perm)], self.meta["dtype"])
-            self.group[_site_key(site)][start:stop] = stored
+            # Permuted in numpy, like everything in this thread (see _accumulate): a single-threaded copy.
+            stored = to_storage(x, self.meta["dtype"])[perm]
+            self._array(_site_key(site))[start:stop] = stored
             marker["checksums"][site] = checksum(stored)
-            logical = from_storage(stored, self.meta["dtype"])
-            marker["stats"][site] = {"all": _accumulate(logical, everything), "no_bos": _accumulate(logical, not_bos)}
+            no_bos = _accumulate(stored, self.meta["dtype"], ~bos)
+            everything = _merge(no_bos, _accumulate(stored, self.meta["dtype"], bos))
+            marker["stats"][site] = {"all": everything, "no_bos": no_bos}
         for name, a in meta.items():
-            self.group[name][start:stop] = a
+            self._array(name)[start:stop] = a
             marker["checksums"][name] = checksum(a)
         (self.path / "markers").mkdir(exist_ok=True)
         atomic.write_json(marker_path(self.path, s), marker)
