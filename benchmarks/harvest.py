@@ -14,7 +14,7 @@ reported beside wall time. Bytes per token are compared with 4·d, what a float3
 `CacheActivationsRunner`) takes. Prints a Markdown table and rewrites the "Harvest" section of
 docs/benchmarks.md (not with --before: that is benchmarks/profile_harvest.py's measurement).
 
-    python benchmarks/harvest.py                      # the documented run (several minutes on 2 cores)
+    python benchmarks/harvest.py                      # the documented run (about 15 minutes on 2 cores)
     python benchmarks/harvest.py --tokens 16384 --reps 1 --no-doc   # a quick look
     python benchmarks/harvest.py --before HEAD --no-doc             # the working tree against the last commit
 """
@@ -56,7 +56,8 @@ HARVEST_MODULES = ("sae.sites", "sae.store", "sae.harvest.loop")
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--tokens", type=int, default=65536, help="tokens per repetition (whole contexts)")
-    ap.add_argument("--reps", type=int, default=4, help="repetitions of each variant, interleaved")
+    # One repetition swings by ±15 % with the load of other jobs (see docs/benchmarks.md); eight give a steady median.
+    ap.add_argument("--reps", type=int, default=8, help="repetitions of each variant, interleaved")
     ap.add_argument("--site", default="blocks.15.hook_resid_post")
     ap.add_argument("--dataset", default=TRAIN)
     ap.add_argument("--seq-len", type=int, default=128)
