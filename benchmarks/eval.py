@@ -55,7 +55,8 @@ from sae.evaluate.evaluate import (
     load_contexts,
     run_pass,
 )
-from sae.evaluate.metrics import CeAccumulator, ReconstructionAccumulator, token_losses
+from sae.evaluate.metrics import CeAccumulator, token_losses
+from sae.metrics import ReconstructionAccumulator
 from sae.models import load_model
 from sae.saedir import SaeConfig, SparseAutoencoder, load_sae, save_sae
 from sae.sites import capture, parse_site, splice

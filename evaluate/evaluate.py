@@ -31,12 +31,13 @@ from tqdm.auto import tqdm
 from sae.config import EvalConfig
 from sae.corpus import available_splits, corpus_info, iter_contexts
 from sae.errors import SaeError
+from sae.metrics import MeanAccumulator, ReconstructionAccumulator
 from sae.models import ModelInfo, load_model
 from sae.saedir import SparseAutoencoder, load_sae
 from sae.sites import SITE_TABLE, Site, capture, parse_site, site_width, splice
 from sae.store import Store
 
-from .metrics import CeAccumulator, MeanAccumulator, ReconstructionAccumulator, ce_recovered, token_losses
+from .metrics import CeAccumulator, ce_recovered, token_losses
 from .report import summary_table, write_report
 
 HELDOUT_SPLITS = ("heldout", "validation", "valid", "test")

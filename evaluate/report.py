@@ -16,8 +16,7 @@ import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 
 from sae import atomic  # noqa: E402
-
-from .metrics import DENSE_FREQUENCY  # noqa: E402
+from sae.metrics import DENSE_FREQUENCY  # noqa: E402
 
 METRIC_KEYS = (
     "ce_clean", "ce_sae", "ce_zero", "ce_mean", "ce_recovered", "ce_recovered_mean", "delta_ce", "kl", "fvu",

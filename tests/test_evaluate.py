@@ -15,8 +15,8 @@ from sae.corpus import corpus_info, iter_contexts
 from sae.errors import SaeError
 from sae.evaluate import evaluate
 from sae.evaluate.evaluate import PrefixReplay, SaeSpec, _sae_splice, resolve_dataset, run_pass
-from sae.evaluate.metrics import ReconstructionAccumulator
 from sae.evaluate.report import METRIC_KEYS, PLOTS
+from sae.metrics import ReconstructionAccumulator
 from sae.saedir import SaeConfig, SparseAutoencoder, load_sae, save_sae
 from sae.sites import parse_site
 
