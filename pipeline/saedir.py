@@ -40,7 +40,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from . import __version__
+from . import __version__, atomic
 from .errors import SaeError
 
 CFG_FILE = "cfg.json"
@@ -517,7 +517,7 @@ def save_sae(
     if path.exists() and not path.is_dir():
         raise SaeError(f"{where} exists and is not a directory")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+    tmp = atomic.mkdtemp(path.parent, f".{path.name}.tmp-")
     old: Path | None = None
     try:
         if path.is_dir():
@@ -529,6 +529,7 @@ def save_sae(
                 else:
                     os.link(entry, tmp / entry.name, follow_symlinks=False)
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        atomic.apply_umask(tmp / WEIGHTS_FILE)  # safetensors creates its file 0600
         with open(tmp / CFG_FILE, "w") as fh:
             json.dump(cfg_json, fh, indent=1)
             fh.write("\n")

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -68,9 +67,10 @@ def save(out: Path, step: int, tensors: dict[str, torch.Tensor], state: dict[str
     final = root / name
     if latest_name(out) == name and final.is_dir():
         return final  # e.g. a SIGTERM right after a scheduled checkpoint of the same step
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}."))
+    tmp = atomic.mkdtemp(root, f".{name}.")
     try:
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / "tensors.safetensors"))
+        atomic.apply_umask(tmp / "tensors.safetensors")  # safetensors creates its file 0600
         with open(tmp / "tensors.safetensors", "rb") as f:
             os.fsync(f.fileno())
         atomic.write_json(tmp / "state.json", state)
