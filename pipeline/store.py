@@ -257,7 +257,15 @@ class Store:
 
 def read_attrs(path: Path) -> dict[str, Any]:
     """The store attributes at `path`; SaeError when `path` is no store of ours."""
-    zj = _read_json(Path(path) / "zarr.json")
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise SaeError(f"{path} is a file, not an activation store (a folder written by `sae harvest`)")
+    if not path.exists():
+        raise SaeError(f"{path} is not an activation store: it does not exist")
+    try:
+        zj = _read_json(path / "zarr.json")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SaeError(f"{path} is not an activation store (its zarr.json cannot be read: {e})") from None
     if zj is None or "sae_store" not in zj.get("attributes", {}):
         raise SaeError(f"{path} is not an activation store (no zarr.json with sae_store attributes)")
     meta = zj["attributes"]["sae_store"]

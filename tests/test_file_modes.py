@@ -52,3 +52,19 @@ def test_outputs_follow_the_umask(tmp_path: Path, mask: int) -> None:
         assert _mode(store / name) == want_file, name
     markers = list((store / "markers").iterdir())
     assert markers and all(_mode(m) == want_file for m in markers)
+
+
+def test_train_on_a_file_or_a_missing_path_is_one_line(tmp_path: Path) -> None:
+    """`sae train README.md` used to print a NotADirectoryError traceback."""
+    from click.testing import CliRunner
+
+    from sae.cli import main
+
+    f = tmp_path / "README.md"
+    f.write_text("not a store")
+    for target, words in ((f, "is a file"), (tmp_path / "nope.zarr", "does not exist")):
+        r = CliRunner().invoke(main, ["train", str(target), "--out", str(tmp_path / "saes")])
+        assert r.exit_code == 2, r.output
+        assert words in r.output and "Traceback" not in r.output
+        assert len(r.output.strip().splitlines()) == 1
+    assert not (tmp_path / "saes").exists()
