@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 DENSE_FREQUENCY = 0.1
-"""A latent firing on more than this fraction of eval tokens counts as dense."""
+"""A latent firing on more than this fraction of the rows counts as dense."""
 
 
 class MeanAccumulator:
@@ -44,7 +44,7 @@ class MeanAccumulator:
 
 
 class ReconstructionAccumulator:
-    """Reconstruction and sparsity statistics of one SAE over the spliced eval tokens."""
+    """Reconstruction and sparsity statistics of one SAE over the rows it is given (in eval, the spliced tokens)."""
 
     def __init__(self, d_in: int, d_sae: int, device: torch.device | str = "cpu") -> None:
         self.n = 0
