@@ -26,7 +26,7 @@ from sae.config import HarvestConfig
 from sae.corpus import corpus_info, iter_contexts
 from sae.errors import SaeError
 from sae.models import load_model
-from sae.sites import KINDS, Site, available_sites, capture, parse_site, site_width
+from sae.sites import Site, capture, describe_sites, parse_site, site_width
 
 _TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -121,11 +121,7 @@ def shard_task(shard: str | None, env: Mapping[str, str]) -> tuple[int, int] | N
 def resolve_sites(names: Sequence[str], model: Any) -> list[Site]:
     """The validated sites, duplicates dropped, in the order given (the store lists them in that order)."""
     if not names:
-        sites = available_sites(model)
-        raise SaeError(
-            f"no --site given; sites are blocks.<L>.hook_<kind>, kind one of {', '.join(KINDS)}, L in "
-            f"0..{len(sites) // len(KINDS) - 1}: {sites[0]} ... {sites[-1]}"
-        )
+        raise SaeError(f"no --site given; {describe_sites(model)}")
     return list(dict.fromkeys(parse_site(n, model) for n in names))
 
 

@@ -144,17 +144,22 @@ def reference_activations(model, arch: str, ids: torch.Tensor, layer_kinds) -> d
         "gemma2": ("post_attention_layernorm", "post_feedforward_layernorm"),  # what is added to the residual
         "gpt_neox": ("attention", "mlp"),
     }[arch]
+    # resid_mid is the input of the norm before the MLP; ln2.hook_normalized the MLP's own input.
+    mlp_norm = {"gpt2": "ln_2", "gemma2": "pre_feedforward_layernorm"}.get(arch, "post_attention_layernorm")
     grabbed: dict[str, torch.Tensor] = {}
     handles = []
     for layer, kind in layer_kinds:
+        name = f"blocks.{layer}.ln2.hook_normalized" if kind == "ln2_normalized" else f"blocks.{layer}.hook_{kind}"
         if kind in ("attn_out", "mlp_out"):
             mod = blocks[layer].get_submodule(modules[kind == "mlp_out"])
-            name = f"blocks.{layer}.hook_{kind}"
             handles.append(
                 mod.register_forward_hook(
                     lambda m, a, out, name=name: grabbed.__setitem__(name, out[0] if isinstance(out, tuple) else out)
                 )
             )
+        elif kind in ("resid_mid", "ln2_normalized"):
+            mod = blocks[layer].get_submodule(mlp_norm if kind == "resid_mid" else "mlp")
+            handles.append(mod.register_forward_pre_hook(lambda m, a, name=name: grabbed.__setitem__(name, a[0])))
     with torch.no_grad():
         hidden = model(ids, output_hidden_states=True).hidden_states
     for h in handles:
@@ -176,7 +181,8 @@ def check_against_forward(out: Path, model, arch: str, pick: list[int], *, rtol:
         model = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
     st = Store.open(out)
     ids = torch.from_numpy(np.asarray(st.input_ids[:])[pick]).long()
-    layer_kinds = [(int(s.split(".")[1]), s.split("hook_")[1]) for s in st.sites]
+    suffix = {"ln2.hook_normalized": "ln2_normalized"}
+    layer_kinds = [(int(s.split(".")[1]), suffix.get(s.split(".", 2)[2], s.split("hook_")[1])) for s in st.sites]
     ref = reference_activations(model, arch, ids, layer_kinds)
     context = np.asarray(st.array("context")[:])
     position = np.asarray(st.array("position")[:])
@@ -199,6 +205,23 @@ def test_rows_equal_a_plain_forward(tmp_path, corpus, arch):
     harvest(cfg)
     # bf16 storage: within about one bf16 rounding step of the float32 forward.
     check_against_forward(cfg.out, model_dir, arch, [0, 13, 29], rtol=2**-7, atol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_transcoder_sites_equal_a_plain_forward(tmp_path, corpus, arch):
+    """resid_mid and ln2.hook_normalized (a transcoder's input) are harvested beside mlp_out (its target); the
+    default GPT-NeoX (parallel attention) has no resid_mid and refuses it before writing anything."""
+    model_dir = save_model(tmp_path / arch, arch)
+    sites = ("blocks.1.hook_resid_mid", "blocks.1.ln2.hook_normalized", "blocks.1.hook_mlp_out")
+    cfg = config(tmp_path / "s.zarr", model_dir, corpus, sites=sites, max_tokens=48 * 20, batch_size=7)
+    if arch == "gpt_neox":
+        with pytest.raises(SaeError, match=r"no resid_mid.*hook one of hook_resid_pre, hook_attn_out, ln2\.hook_"):
+            harvest(cfg)
+        assert not cfg.out.exists()
+        cfg = dataclasses.replace(cfg, sites=sites[1:])
+    harvest(cfg)
+    assert Store.open(cfg.out).sites == list(cfg.sites)
+    check_against_forward(cfg.out, model_dir, arch, [0, 19], rtol=2**-7, atol=1e-4)
 
 
 def test_float32_store_equals_the_forward_closely(tmp_path, llama_dir, corpus):
@@ -338,9 +361,10 @@ def test_wrong_site_is_refused_before_anything_is_written(tmp_path, llama_dir, c
     out = tmp_path / "s.zarr"
     with pytest.raises(SaeError, match=r"layer 7 is out of range.*4 layers, 0\.\.3"):
         harvest(config(out, llama_dir, corpus, sites=("blocks.7.hook_resid_post",)))
-    with pytest.raises(SaeError, match="unknown site 'blocks.1.hook_resid'.*resid_pre, attn_out, mlp_out, resid_post"):
+    hooks = r"hook_resid_pre, hook_attn_out, hook_resid_mid, ln2\.hook_normalized, hook_mlp_out, hook_resid_post"
+    with pytest.raises(SaeError, match=rf"unknown site 'blocks.1.hook_resid'.*{hooks} and L in 0\.\.3"):
         harvest(config(out, llama_dir, corpus, sites=("blocks.1.hook_resid",)))
-    with pytest.raises(SaeError, match=r"no --site given.*blocks.0.hook_resid_pre \.\.\. blocks.3.hook_resid_post"):
+    with pytest.raises(SaeError, match=rf"no --site given; sites are blocks.<L>.<hook> with hook one of {hooks}"):
         harvest(config(out, llama_dir, corpus, sites=()))
     assert not out.exists()
 
