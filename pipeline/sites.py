@@ -263,44 +263,93 @@ def capture(
     return out
 
 
-@contextmanager
-def splice(model: nn.Module, site: str | Site, fn: Callable[[Tensor], Tensor]) -> Iterator[None]:
-    """Within the block, every forward of `model` continues with `fn(activation)` in place of the site's
-    activation (cast back to its dtype). The hook is removed on exit, also on an exception."""
-    site = parse_site(site, model)
+def _replace_hooks(model: nn.Module, site: Site, fn: Callable[[Tensor], Tensor], what: str) -> list[Any]:
+    """Hooks that continue every forward with `fn(activation)` at `site` (shape-checked, cast back)."""
 
     def replace(act: Tensor) -> Tensor:
         new = fn(act)
         if new.shape != act.shape:
             raise SaeError(
-                f"splice at {site.name}: the replacement has shape {tuple(new.shape)}, the activation "
+                f"{what} at {site.name}: the replacement has shape {tuple(new.shape)}, the activation "
                 f"{tuple(act.shape)}"
             )
         return new.to(dtype=act.dtype, device=act.device)
 
     if site.kind != "resid_mid":
-        handles = [_register(model, site, replace)]
-    else:
-        # The hook point is the MLP norm's input; the block adds the MLP's output to its own copy of resid_mid,
-        # so the replacement's change is added to the block's output as well (TransformerLens semantics).
-        change: dict[str, Tensor] = {}  # this forward's (replacement - activation), until the block's output
+        return [_register(model, site, replace)]
+    # The hook point is the MLP norm's input; the block adds the MLP's output to its own copy of resid_mid,
+    # so the replacement's change is added to the block's output as well (TransformerLens semantics).
+    change: dict[str, Tensor] = {}  # this forward's (replacement - activation), until the block's output
 
-        def replace_mid(act: Tensor) -> Tensor:
-            new = replace(act)
-            change["delta"] = new - act
-            return new
+    def replace_mid(act: Tensor) -> Tensor:
+        new = replace(act)
+        change["delta"] = new - act
+        return new
 
-        def carry(out: Tensor) -> Tensor | None:
-            delta = change.pop("delta", None)
-            return None if delta is None else out + delta
+    def carry(out: Tensor) -> Tensor | None:
+        delta = change.pop("delta", None)
+        return None if delta is None else out + delta
 
-        block_out = Site(site_name(site.layer, "resid_post"), site.layer, "resid_post")
-        handles = [_register(model, site, replace_mid), _register(model, block_out, carry)]
+    block_out = Site(site_name(site.layer, "resid_post"), site.layer, "resid_post")
+    return [_register(model, site, replace_mid), _register(model, block_out, carry)]
+
+
+@contextmanager
+def _hooked(handles: list[Any]) -> Iterator[None]:
     try:
         yield
     finally:
         for h in handles:
             h.remove()
+
+
+@contextmanager
+def splice(model: nn.Module, site: str | Site, fn: Callable[[Tensor], Tensor]) -> Iterator[None]:
+    """Within the block, every forward of `model` continues with `fn(activation)` in place of the site's
+    activation (cast back to its dtype). The hook is removed on exit, also on an exception."""
+    site = parse_site(site, model)
+    with _hooked(_replace_hooks(model, site, fn, "splice")):
+        yield
+
+
+def computed_before(a: Site, b: Site) -> bool:
+    """Whether site `a` is computed before site `b` in a forward (or is `b`)."""
+    return (a.layer, KINDS.index(a.kind)) <= (b.layer, KINDS.index(b.kind))
+
+
+@contextmanager
+def splice_from(
+    model: nn.Module, source: str | Site, site: str | Site, fn: Callable[[Tensor, Tensor], Tensor]
+) -> Iterator[None]:
+    """Within the block, every forward of `model` continues at `site` with `fn(x, y)`, where x is this
+    forward's activation at `source` and y the activation it replaces: how a transcoder from `source` to
+    `site` is spliced in (its prediction replaces the output site; everything upstream runs as usual).
+
+    `source` must be computed before `site` (or be it, when this is `splice` with y passed twice); the
+    source's tensor is the model's own, read when `site` is reached.
+    """
+    source, site = parse_site(source, model), parse_site(site, model)
+    if not computed_before(source, site):
+        raise SaeError(
+            f"splice from {source.name} into {site.name}: the source is computed after the site it would replace"
+        )
+    if source == site:
+        with _hooked(_replace_hooks(model, site, lambda y: fn(y, y), "splice")):
+            yield
+        return
+    seen: dict[str, Tensor] = {}
+
+    def read(act: Tensor) -> None:
+        seen["x"] = act
+
+    def replace(y: Tensor) -> Tensor:
+        if "x" not in seen:
+            raise RuntimeError(f"splice into {site.name}: this forward never reached the source {source.name}")
+        return fn(seen.pop("x"), y)
+
+    # The source's hook goes first, so a later hook at the same module sees it run.
+    with _hooked([_register(model, source, read), *_replace_hooks(model, site, replace, "splice")]):
+        yield
 
 
 __all__ = [
@@ -310,9 +359,11 @@ __all__ = [
     "Site",
     "available_sites",
     "capture",
+    "computed_before",
     "describe_sites",
     "parse_site",
     "site_name",
     "site_width",
     "splice",
+    "splice_from",
 ]

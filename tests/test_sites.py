@@ -19,6 +19,7 @@ from sae.sites import (
     site_name,
     site_width,
     splice,
+    splice_from,
 )
 
 N_LAYERS = 4
@@ -480,3 +481,70 @@ def test_splice_removes_hook_on_error(model):
         with splice(model, "blocks.0.hook_attn_out", lambda x: x[..., :3]):
             logits(model, ids)
     assert torch.equal(logits(model, ids), clean)
+
+
+# ------------------------------------------------------------------------------------------------
+# Splicing one site from another (transcoders)
+
+
+def mlp_of(model, layer: int):
+    """What turns ln2.hook_normalized into hook_mlp_out (Gemma-2: the MLP, then its post-norm), bypassing
+    the modules' hooks: it runs inside the splice's own hook."""
+    mlp = model.get_submodule(mlp_path(model).format(layer)).forward
+    if model.variant != "gemma2":
+        return mlp
+    post = model.get_submodule(f"model.layers.{layer}.post_feedforward_layernorm").forward
+    return lambda x: post(mlp(x))
+
+
+def test_splice_from_with_the_mlp_itself_changes_nothing(model):
+    """A perfect transcoder of the MLP (the MLP itself) leaves the forward as it was."""
+    ids = batch(seed=11)
+    clean = logits(model, ids)
+    with splice_from(model, "blocks.1.ln2.hook_normalized", "blocks.1.hook_mlp_out", lambda x, y: mlp_of(model, 1)(x)):
+        close(logits(model, ids), clean)
+
+
+@every_variant
+def test_splice_from_replaces_the_site_with_a_function_of_the_source(model):
+    ids = batch(seed=12)
+    clean = capture(model, layer_sites(model, 2) + ["blocks.3.hook_resid_pre"], ids)
+    w = torch.randn(64, 64, generator=torch.Generator().manual_seed(0)) / 8
+    seen = []
+
+    def predict(x, y):
+        seen.append((x, y))
+        return x @ w
+
+    with splice_from(model, "blocks.2.ln2.hook_normalized", "blocks.2.hook_mlp_out", predict):
+        got = capture(model, layer_sites(model, 2) + ["blocks.3.hook_resid_pre"], ids)
+    x, y = seen[0]
+    close(x, clean["blocks.2.ln2.hook_normalized"])  # the source as the forward computed it
+    close(y, clean["blocks.2.hook_mlp_out"])  # and the activation being replaced
+    close(got["blocks.2.hook_mlp_out"], clean["blocks.2.ln2.hook_normalized"] @ w)
+    without_mlp = clean["blocks.2.hook_resid_post"] - clean["blocks.2.hook_mlp_out"]
+    close(got["blocks.3.hook_resid_pre"], without_mlp + clean["blocks.2.ln2.hook_normalized"] @ w)
+    if "resid_mid" in kinds(model):  # a replaced resid_mid carries on down the residual
+        with splice_from(model, "blocks.0.hook_resid_post", "blocks.2.hook_resid_mid", lambda x, y: y + 0.1 * x):
+            got = capture(model, layer_sites(model, 2), ids)
+        new = (
+            clean["blocks.2.hook_resid_mid"]
+            + 0.1 * capture(model, ["blocks.0.hook_resid_post"], ids)["blocks.0.hook_resid_post"]
+        )
+        close(got["blocks.2.hook_resid_mid"], new)
+        close(got["blocks.2.hook_resid_post"], new + got["blocks.2.hook_mlp_out"])
+
+
+def test_splice_from_order_and_same_site(model):
+    order = "from blocks.1.ln2.hook_normalized into blocks.1.hook_attn_out: the source is computed after"
+    with pytest.raises(SaeError, match=order):
+        with splice_from(model, "blocks.1.ln2.hook_normalized", "blocks.1.hook_attn_out", lambda x, y: x):
+            pass
+    with pytest.raises(SaeError, match="source is computed after"):
+        with splice_from(model, "blocks.2.hook_resid_pre", "blocks.1.hook_resid_post", lambda x, y: x):
+            pass
+    ids = batch(seed=13)
+    with splice_from(model, "blocks.1.hook_mlp_out", "blocks.1.hook_mlp_out", lambda x, y: torch.zeros_like(x)):
+        zeroed = logits(model, ids)
+    with splice(model, "blocks.1.hook_mlp_out", torch.zeros_like):
+        assert torch.equal(logits(model, ids), zeroed)
