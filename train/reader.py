@@ -121,10 +121,17 @@ def _nonfinite_rows(bits: np.ndarray, dtype: str) -> np.ndarray:
 
 
 def read_rows(
-    store: Store, site: str, i: int, *, keep_bos: bool, whole: bool = False, out: np.ndarray | None = None
+    store: Store,
+    site: str,
+    i: int,
+    *,
+    keep_bos: bool,
+    whole: bool = False,
+    out: np.ndarray | None = None,
+    check: bool = True,
 ) -> Rows:
     """Chunk i of `site` with BOS rows dropped (unless `keep_bos`); SaeError naming the store row of any
-    non-finite value among the kept rows.
+    non-finite value among the kept rows (unless `check` is False: a chunk already checked).
 
     With `whole`, nothing is copied: `x` is the whole chunk (a view of the mapped shard file for a raw store, or
     `out`, a [chunk_rows, d_model] buffer of the stored dtype, for a compressed one) and `rows` names the kept
@@ -137,7 +144,7 @@ def read_rows(
             local = np.arange(len(a))
         else:
             local = np.flatnonzero(store.read_chunk("position", i)[: len(a)] != 0)
-        flagged = _nonfinite_rows(_bits(x), store.dtype)
+        flagged = _nonfinite_rows(_bits(x), store.dtype) if check else np.zeros(0, np.int64)
     except SaeError:
         raise
     except Exception as e:
@@ -177,6 +184,9 @@ class ChunkReader:
     each lane holds up to about one and a half times that in memory (for a `--codec none` store these are views
     of the page cache, shared with the other processes reading the store).
     """
+
+    _host_float32 = True  # CPU batches become float32 in the workers (benchmarks/train.py turns it off to time
+    # the bf16 batches a GPU receives)
 
     def __init__(
         self,
@@ -240,6 +250,7 @@ class ChunkReader:
         store.mapped("position")
         self._decode = mapped is None or not mapped.raw  # chunks need buffers (raw ones are views of the map)
         self._free: list[np.ndarray] = []  # decode buffers no group uses any more
+        self._checked: set[int] = set()  # chunks found free of NaN/Inf: not scanned again in later epochs
         self._free_lock = threading.Lock()
         self._pool = _Pool(max(1, threads))
         self._feed: CudaFeed | None = None
@@ -596,10 +607,9 @@ class _Lane:
         reads = []
         for c in gs[j] if j < len(gs) else []:
             buf = r._buffer()
+            kw = {"keep_bos": r.keep_bos, "whole": True, "out": buf, "check": c not in r._checked}
             # (`read_rows` is looked up at call time, so tests can wrap it)
-            reads.append(
-                (r._pool.submit(_READ, read_rows, r.store, r.site, c, keep_bos=r.keep_bos, whole=True, out=buf), buf)
-            )
+            reads.append((r._pool.submit(_READ, read_rows, r.store, r.site, c, **kw), buf))
         self._reads[(epoch, j)] = reads
 
     def _wait(self, f: Future) -> Any:
@@ -617,6 +627,7 @@ class _Lane:
         if not reads:
             return None
         parts: list[Rows] = [self._wait(f) for f, _ in reads]
+        self.r._checked.update(self._groups(epoch)[j])
         sizes = [len(p.rows) for p in parts]
         which = np.repeat(np.arange(len(parts), dtype=np.int64), sizes)
         rows = np.concatenate([p.rows.numpy() for p in parts])
@@ -687,7 +698,10 @@ class _Lane:
                     o += take
                     w += take
                 pos = (plan.epoch, plan.phase, o) if o < len(plan.rows) else (*self._advance(plan.epoch, plan.phase), 0)
-                future = self.r._pool.submit(_GATHER, _gather, segments, pe - ps, self.r.store.dtype, self.r.device)
+                to_float = self.r._host_float32 and self.r.device.type != "cuda"
+                future = self.r._pool.submit(
+                    _GATHER, _gather, segments, pe - ps, self.r.store.dtype, to_float, self.r.device
+                )
                 if not self._put((future, pos)):
                     return
         except _Stopped:
@@ -718,15 +732,15 @@ def _scratch_rows(name: str, n: int, d: int, dtype: np.dtype) -> np.ndarray:
 
 
 def _gather(
-    segments: list[tuple[_Plan, int, int]], n: int, dtype: str, device: torch.device
+    segments: list[tuple[_Plan, int, int]], n: int, dtype: str, to_float: bool, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows [a, b) of each segment's plan, in order: gathered chunk by chunk into this thread's staging rows, put
-    in drawn order, and (on CPU) converted to float32. numpy only, so the GIL is released while rows move."""
+    in drawn order, and converted to float32 (`to_float`) or left in the store's dtype (pinned for a GPU). numpy
+    only, so the GIL is released while rows move."""
     d = segments[0][0].sources[0].shape[1]
     bits_dtype = np.dtype(_BITS[dtype][0])
-    cuda = device.type == "cuda"
-    if cuda:  # pinned, in the store's dtype: the copy thread moves it, the device converts it
-        x = torch.empty(n, d, dtype=getattr(torch, dtype), pin_memory=True)
+    if not to_float:  # in the store's dtype (pinned for a GPU: the copy thread moves it, the device converts it)
+        x = torch.empty(n, d, dtype=getattr(torch, dtype), pin_memory=device.type == "cuda")
         out = _bits(x)
     else:
         x = torch.empty(n, d, dtype=torch.float32)
@@ -750,7 +764,7 @@ def _gather(
         inverse[order] = np.arange(m)
         np.take(stage[:m], inverse, axis=0, out=out[o : o + m], mode="clip")
         o += m
-    if not cuda and dtype != "float32":
+    if to_float and dtype != "float32":
         flat = _bits(x)  # float32 bits
         if dtype == "bfloat16":  # bf16 bits are the top half of the float32
             np.copyto(flat, out, casting="safe")
