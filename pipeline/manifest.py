@@ -129,6 +129,11 @@ def check_slurm(cfg: SlurmConfig) -> None:
         value = getattr(cfg, name)
         if value is not None and value < low:
             raise ConfigError(f"{name}: {value} is below {low}")
+    if cfg.gpus and cfg.nproc is not None and cfg.nproc > cfg.gpus:
+        raise ConfigError(
+            f"nproc: {cfg.nproc} training processes for gpus: {cfg.gpus}; each process needs a GPU of its own "
+            "(or set gpus: 0 to train on CPUs)"
+        )
     for line in cfg.extra:
         if not line.removeprefix("#SBATCH").strip().startswith("-"):
             raise ConfigError(f"extra: {line!r} is not an sbatch option (such as --qos=high)")

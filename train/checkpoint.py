@@ -5,7 +5,7 @@ checkpoint must never run code).
 <out>/checkpoint/
   latest                    text: the name of the newest complete checkpoint ("step-000001200")
   step-000001200/
-    tensors.safetensors     weights, Adam moments, dead-latent counters, θ, torch RNG states
+    tensors.safetensors     weights, Adam moments, dead-latent counters, θ, torch's CPU RNG state
     state.json              step, tokens, config, reader position, schedules, decoder choices, ...
 ```
 `save_run` / `restore_run` turn the trainer's state (every SAE's weights and Adam moments, the reader's position,
@@ -124,11 +124,10 @@ def exists(out: Path) -> bool:
 
 
 def _rng_tensors() -> dict[str, torch.Tensor]:
-    t = {"rng/torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            t[f"rng/cuda/{i}"] = s
-    return t
+    # Only the RNGs a run could draw from: torch's CPU one (initialisation uses a seeded generator of its own, so
+    # this is a guard) and Python's (state.json). No CUDA RNG is drawn from; saving the one of every visible GPU
+    # would tie a checkpoint to the node's GPU count.
+    return {"rng/torch": torch.get_rng_state()}
 
 
 def _jsonable(x: Any) -> Any:
@@ -198,9 +197,5 @@ def restore_run(ck: Checkpoint, runs: list[SaeRun], truncate_logs: bool = True) 
         if truncate_logs and r.log_path.exists():
             with open(r.log_path, "r+b") as f:
                 f.truncate(min(info["log_bytes"], r.log_path.stat().st_size))
-    torch.set_rng_state(t["rng/torch"])
-    if torch.cuda.is_available():
-        states = [t[k] for k in sorted(k for k in t if k.startswith("rng/cuda/"))]
-        if len(states) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(states)
+    torch.set_rng_state(t["rng/torch"])  # (older checkpoints' rng/cuda/N entries are ignored)
     random.setstate(_tuples(ck.state["python_random"]))

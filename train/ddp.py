@@ -3,11 +3,18 @@ loop needs (parameter broadcast, gradient sum, the global-batch figures of a ste
 
 Rank r trains on the r-th contiguous 1/N of each global batch, which its reader draws from its own lanes
 (disjoint chunks); the BatchTopK selection, the dead-latent counters and θ are global (sae.train.sae reduces them
-over `Dist.group`), so the weights match one process reading the same lanes."""
+over `Dist.group`), so the weights match one process reading the same lanes.
+
+Two groups: `group` (nccl on GPUs) for the tensors of a step, and `cpu_group` (gloo) for the barriers, the stop
+flag and the readers' positions. The other ranks wait on gloo while rank 0 validates and writes SAEs and
+checkpoints (minutes at large F), where NCCL's watchdog would abort a collective left waiting that long, and the
+per-step stop flag is a host value that needs no device sync. Both groups wait at most $SAE_DIST_TIMEOUT seconds
+(DIST_TIMEOUT by default)."""
 
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 from typing import Any, NamedTuple
 
 import torch
@@ -30,7 +37,9 @@ class Dist(NamedTuple):
     world: int
     """Number of ranks (1: no torch.distributed)."""
     group: Any = None
-    """The process group (None in one process)."""
+    """The process group of the step's tensors (None in one process)."""
+    cpu_group: Any = None
+    """A gloo group of the same ranks for barriers and host values (None in one process)."""
 
     @property
     def main(self) -> bool:
@@ -38,12 +47,33 @@ class Dist(NamedTuple):
         return self.rank == 0
 
     def barrier(self) -> None:
-        if self.group is not None:
-            dist.barrier(group=self.group)
+        """Wait for every rank (on gloo: a long wait does not trip NCCL's watchdog)."""
+        if self.cpu_group is not None:
+            dist.barrier(group=self.cpu_group)
 
 
 SINGLE = Dist(0, 1)
 """One process, no torch.distributed."""
+
+DIST_TIMEOUT = 7200.0
+"""Seconds a rank waits in a collective or barrier before giving up, unless $SAE_DIST_TIMEOUT says otherwise:
+long enough for rank 0 to validate and write a sweep of large SAEs and their checkpoint while the others wait."""
+
+ENV_TIMEOUT = "SAE_DIST_TIMEOUT"
+
+
+def dist_timeout() -> timedelta:
+    """The collectives' timeout: $SAE_DIST_TIMEOUT seconds, DIST_TIMEOUT by default."""
+    raw = os.environ.get(ENV_TIMEOUT, "").strip()
+    if not raw:
+        return timedelta(seconds=DIST_TIMEOUT)
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise SaeError(f"{ENV_TIMEOUT} must be a positive number of seconds, got {raw!r}")
+    return timedelta(seconds=seconds)
 
 
 def init_distributed(cfg: TrainConfig) -> tuple[Dist, torch.device, bool]:
@@ -55,13 +85,24 @@ def init_distributed(cfg: TrainConfig) -> tuple[Dist, torch.device, bool]:
         return SINGLE, device, False
     if cfg.batch_size % world:
         raise SaeError(f"--batch-size {cfg.batch_size} must be divisible by the number of ranks ({world})")
+    timeout = dist_timeout()
     if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        n = torch.cuda.device_count()
+        if local >= n:
+            raise SaeError(
+                f"this is process LOCAL_RANK={local} of a torchrun run, but this node has {n} GPU(s): start one "
+                f"process per GPU (torchrun --nproc_per_node={n} or fewer; SLURM manifests: slurm.nproc <= gpus)"
+            )
+        device = torch.device("cuda", local)
         torch.cuda.set_device(device)
     created = not dist.is_initialized()
     if created:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Dist(dist.get_rank(), dist.get_world_size(), dist.group.WORLD), device, created
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
+    world_group = dist.group.WORLD
+    # every rank makes the gloo group (new_group is collective); a gloo world serves as its own
+    cpu_group = world_group if dist.get_backend() == "gloo" else dist.new_group(backend="gloo", timeout=timeout)
+    return Dist(dist.get_rank(), dist.get_world_size(), world_group, cpu_group), device, created
 
 
 def broadcast_state(modules: list[torch.nn.Module], d: Dist) -> None:
@@ -71,17 +112,50 @@ def broadcast_state(modules: list[torch.nn.Module], d: Dist) -> None:
             dist.broadcast(t.data, 0, group=d.group)
 
 
-def all_reduce_grads(module: torch.nn.Module, d: Dist) -> None:
-    """Sum the gradients over the ranks (each rank's loss is its share of the global loss), one collective."""
-    params = [p for p in module.parameters() if p.requires_grad]
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1).float() for g in grads])
-    dist.all_reduce(flat, group=d.group)
-    off = 0
-    for p, g in zip(params, grads, strict=True):
-        n = g.numel()
-        p.grad = flat[off : off + n].view_as(g).to(g.dtype)
-        off += n
+class GradSync:
+    """Sums `module`'s gradients over the ranks (each rank's loss is its share of the global loss), overlapped
+    with the backward pass: each parameter's all-reduce starts, asynchronously, as soon as autograd has
+    accumulated its gradient (a post-accumulate-grad hook), so W_dec's (the decoder runs backward first) travels
+    while the encoder's backward computes; `wait()` after `backward()` finishes them. Only a backward between
+    `arm()` and `wait()` is reduced (not, e.g., `choose_decoder`'s timing runs).
+
+    torch's DistributedDataParallel would do the same with buckets, but it averages where the SAE's loss needs a
+    sum, wraps a module whose forward runs collectives of its own (the global BatchTopK selection), and buckets a
+    handful of parameters of which two hold nearly all the bytes; one collective per parameter is that bucketing."""
+
+    def __init__(self, module: torch.nn.Module, d: Dist) -> None:
+        self.d = d
+        self.params = [p for p in module.parameters() if p.requires_grad]
+        self._pending: dict[int, Any] = {}
+        self._armed = False
+        self._hooks = [p.register_post_accumulate_grad_hook(self._launch) for p in self.params]
+
+    def _launch(self, p: torch.Tensor) -> None:
+        if self._armed:
+            self._pending[id(p)] = dist.all_reduce(p.grad, group=self.d.group, async_op=True)
+
+    def arm(self) -> None:
+        """Reduce the gradients of the next backward as they appear."""
+        self._armed = True
+
+    def wait(self) -> None:
+        """Finish every parameter's all-reduce (after `backward()`): the gradients are then the global ones."""
+        self._armed = False
+        for p in self.params:
+            work = self._pending.pop(id(p), None)
+            if work is None:
+                # no gradient reached it this step (the same on every rank: the graph depends on global values
+                # only), so its sum is zero, reduced in parameter order after the hooked ones
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                dist.all_reduce(p.grad, group=self.d.group)
+            else:
+                work.wait()
+
+    def remove(self) -> None:
+        """Unregister the hooks."""
+        for h in self._hooks:
+            h.remove()
 
 
 def reduce_output(o: Any, d: Dist) -> Any:
@@ -94,21 +168,22 @@ def reduce_output(o: Any, d: Dist) -> Any:
     return o._replace(**dict(zip(keys, t.unbind(), strict=True)))
 
 
-def broadcast_float(value: float, d: Dist, device: torch.device) -> float:
+def broadcast_float(value: float | None, d: Dist) -> float | None:
     """Rank 0's `value` on every rank."""
     if d.group is None:
         return value
-    t = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.broadcast(t, 0, group=d.group)
-    return float(t)
+    box = [value]
+    dist.broadcast_object_list(box, 0, group=d.cpu_group)
+    return box[0]
 
 
-def any_rank(flag: bool, d: Dist, device: torch.device) -> bool:
-    """Whether `flag` is set on some rank (every rank gets the same answer)."""
+def any_rank(flag: bool, d: Dist) -> bool:
+    """Whether `flag` is set on some rank (every rank gets the same answer): a host value on the gloo group, so
+    asking every step costs a small message and no wait for the device."""
     if d.group is None:
         return flag
-    t = torch.tensor([int(flag)], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=d.group)
+    t = torch.tensor([int(flag)])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=d.cpu_group)
     return bool(t)
 
 
@@ -117,17 +192,19 @@ def reader_state(reader: ChunkReader, d: Dist) -> dict[str, Any]:
     if d.group is None:
         return reader.state_dict()
     states: list[Any] = [None] * d.world
-    dist.all_gather_object(states, reader.state_dict(), group=d.group)
+    dist.all_gather_object(states, reader.state_dict(), group=d.cpu_group)
     return merge_states(states)
 
 
 __all__ = [
+    "DIST_TIMEOUT",
     "SINGLE",
     "Dist",
-    "all_reduce_grads",
+    "GradSync",
     "any_rank",
     "broadcast_float",
     "broadcast_state",
+    "dist_timeout",
     "init_distributed",
     "reader_state",
     "reduce_output",

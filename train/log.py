@@ -1,5 +1,6 @@
-"""The training log's rows: one `split: "train"` row every `--log-every` steps per SAE (global-batch figures
-under DDP), read on the host only then, so the steps in between queue on the device without waiting."""
+"""What training reports: the log's rows (one `split: "train"` row every `--log-every` steps per SAE,
+global-batch figures under DDP, read on the host only then, so the steps in between queue on the device without
+waiting), the per-SAE figures of the progress lines, and the end-of-run summary line of each SAE."""
 
 from __future__ import annotations
 
@@ -64,4 +65,30 @@ def train_row(
     return row
 
 
-__all__ = ["THETA_L0_ROWS", "theta_l0", "train_row"]
+def progress_figures(row: dict[str, Any]) -> str:
+    """One SAE's figures in the progress line, from its last train row: `loss 0.12 L0 31.8 dead 0.3%`."""
+    return f"loss {row['loss']:.3g} L0 {row['l0']:.1f} dead {100 * row['dead_fraction']:.1f}%"
+
+
+def summary_line(r: SaeRun, last: dict[str, Any], plan: Plan) -> str:
+    """One SAE's line of the end-of-run summary: L0 and FVU on the validation rows (the exported SAE's θ /
+    threshold mode, and batch mode where it differs), dead fraction. `last`: its last rows by split."""
+    dead = float(r.sae.dead_mask(plan.dead_tokens).float().mean())
+    v = last.get("val")
+    if v is None:
+        t = last.get("train")
+        if t is None:  # nothing was left to train (resumed at the last step)
+            return f"{r.name}: dead {100 * dead:.1f}%"
+        what = f"L0 {t['l0']:.1f}, FVU {t['fvu']:.3f} on the last training batch (no validation rows: --val-chunks 0)"
+        return f"{r.name}: {what}, dead {100 * dead:.1f}%"
+    rows = f"{v['rows']:,} validation rows"
+    if v["fvu_theta"] is None:  # BatchTopK before θ's EMA started: batch mode only
+        text = f"L0 {v['l0_batch']:.1f}, FVU {v['fvu_batch']:.3f} on {rows} (batch mode)"
+    else:
+        text = f"L0 {v['l0_theta']:.1f}, FVU {v['fvu_theta']:.3f} on {rows}"
+        if (v["l0_batch"], v["fvu_batch"]) != (v["l0_theta"], v["fvu_theta"]):
+            text += f" (threshold, as exported; batch mode L0 {v['l0_batch']:.1f}, FVU {v['fvu_batch']:.3f})"
+    return f"{r.name}: {text}, dead {100 * dead:.1f}%"
+
+
+__all__ = ["THETA_L0_ROWS", "progress_figures", "summary_line", "theta_l0", "train_row"]

@@ -37,6 +37,8 @@ class SaeRun:
     """Its SAELens-format output directory."""
     log: Any = None
     """Its open log file, out/logs/<name>.jsonl (append)."""
+    grad_sync: Any = None
+    """Under DDP, its sae.train.ddp.GradSync (made by the first `train_step`)."""
 
     @property
     def log_path(self) -> Path:

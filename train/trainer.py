@@ -8,13 +8,15 @@ and resumed ends with the very weights of an uninterrupted run (bit for bit on C
 
 The parts live beside this file, one concern each: `plan` (run length, schedules), `rundir` (what `--out` holds,
 start/resume/skip), `saerun` (one SAE with its Adam, directory and log), `checkpoint`, `ddp` (torchrun),
-`signals` (SIGTERM/SIGINT), `log` (train rows), `validate` (held-out rows, sae.metrics).
+`signals` (SIGTERM/SIGINT), `log` (train rows, progress figures, the summary), `validate` (held-out rows,
+sae.metrics). Progress goes to stderr (sae.progress): a bar on a terminal, plain lines in batch logs.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import os
 import shutil
 import signal
 import sys
@@ -24,12 +26,12 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from tqdm.auto import tqdm
 
 from sae import __version__, atomic
 from sae.config import TrainConfig, to_dict
 from sae.device import resolve_device
 from sae.errors import SaeError
+from sae.progress import Progress, summary
 from sae.saedir import sweep
 from sae.store import Store
 
@@ -37,7 +39,7 @@ from . import checkpoint
 from .ddp import (
     SINGLE,
     Dist,
-    all_reduce_grads,
+    GradSync,
     any_rank,
     broadcast_float,
     broadcast_state,
@@ -45,7 +47,7 @@ from .ddp import (
     reader_state,
     reduce_output,
 )
-from .log import train_row
+from .log import progress_figures, summary_line, train_row
 from .plan import Plan, default_lr, make_plan
 from .reader import ChunkReader, Rows, read_rows
 from .rundir import LOG_DIR, LOG_FILE, RUN_FILE, check_out, compare_store, open_store, store_identity
@@ -157,7 +159,11 @@ def _train(cfg: TrainConfig, dd: Dist, device: torch.device) -> list[Path]:
         val = reader.validation_rows(VAL_MAX_ROWS) if cfg.val_chunks > 0 and dd.main else None
         meta = {"config": config, "store": identity, "plan": plan._asdict()}
         stop = stack.enter_context(_StopFlag())
-        _loop(cfg, plan, runs, reader, val, device, start, stop, meta, store, site, dd)
+        # progress lines (or a bar on a terminal) from rank 0 only
+        quiet = None if dd.main else stack.enter_context(open(os.devnull, "w"))
+        prog = stack.enter_context(Progress("train", plan.tokens, "tok", initial=start * plan.batch_size, file=quiet))
+        last = _loop(cfg, plan, runs, reader, val, device, start, stop, meta, store, site, prog, dd)
+        prog.close()
         if dd.main:
             for r in runs:
                 save_sae(r, cfg, plan, store, site, plan.steps, reader, complete=True)
@@ -166,6 +172,7 @@ def _train(cfg: TrainConfig, dd: Dist, device: torch.device) -> list[Path]:
     if dd.main:
         shutil.rmtree(out / checkpoint.DIR, ignore_errors=True)
         shutil.rmtree(out / LOG_DIR, ignore_errors=True)
+        summary("train", [summary_line(r, last[r.name], plan) for r in runs])
     return [r.dir for r in runs]
 
 
@@ -187,19 +194,13 @@ def _loop(
     meta: dict[str, Any],
     store: Store,
     site: str,
+    prog: Progress,
     dd: Dist = SINGLE,
-) -> None:
+) -> dict[str, dict[str, Any]]:
+    """Steps `start`..plan.steps; returns each SAE's last rows by split ("train", "val")."""
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     out = Path(cfg.out)
-    bar = tqdm(
-        total=plan.steps,
-        initial=start,
-        unit="step",
-        dynamic_ncols=True,
-        desc="train",
-        mininterval=1.0,
-        disable=True if not dd.main else None,
-    )
+    last: dict[str, dict[str, Any]] = {r.name: {} for r in runs}
     t_last, step_last = time.perf_counter(), start
     for step in range(start, plan.steps):
         x = reader.next_batch().x * plan.input_scale  # this rank's rows of the global batch
@@ -208,7 +209,7 @@ def _loop(
                 if r.sae.decoder == "auto":
                     r.sae.choose_decoder(x)
                     # the ranks' timings differ: rank 0's choice for all
-                    r.sae.sparse_max_density = broadcast_float(r.sae.sparse_max_density, dd, x.device)
+                    r.sae.sparse_max_density = broadcast_float(r.sae.sparse_max_density, dd)
 
         # One optimizer step of every SAE on the same batch.
         lr_f = plan.lr_factor(step)
@@ -222,25 +223,18 @@ def _loop(
             now = time.perf_counter()
             tok_s = (done - step_last) * plan.batch_size / max(now - t_last, 1e-9)
             t_last, step_last = now, done
-            post = []
             for r, (o, gn) in zip(runs, outs, strict=True):
                 o = reduce_output(o, dd)
                 row = train_row(r, o, gn, x, done, plan, lr_f * r.lr, tok_s)
                 write_log(r, row)
-                post.append(row)
-            bar.set_postfix(
-                tok_s=f"{tok_s:,.0f}",
-                loss="/".join(f"{p['loss']:.3g}" for p in post),
-                L0="/".join(f"{p['l0']:.1f}" for p in post),
-                dead="/".join(f"{p['dead_fraction']:.2f}" for p in post),
-                refresh=False,
-            )
-        bar.update(1)
+                last[r.name]["train"] = row
+            prog.figures(**{r.name: progress_figures(last[r.name]["train"]) for r in runs})
+        prog.update(plan.batch_size)
 
         # Checkpoint when scheduled or stopped by a signal; the ranks must agree on stopping (a signal may reach
         # them a step apart).
         scheduled = done % plan.checkpoint_steps == 0
-        stopped = any_rank(stop.signum is not None, dd, x.device)
+        stopped = any_rank(stop.signum is not None, dd)
         if stopped and stop.signum is None:
             stop.signum = signal.SIGTERM
         if done < plan.steps and (scheduled or stopped):
@@ -255,16 +249,16 @@ def _loop(
                 path = checkpoint.save_run(out, done, runs, state, meta)
             dd.barrier()  # the other ranks wait until rank 0's checkpoint is complete
             if stopped:
-                bar.close()
                 name = signal.Signals(stop.signum).name
                 raise TrainingInterrupted(
                     f"stopped by {name} after step {done} of {plan.steps}; checkpoint written to {path}. "
                     "Continue with the same command plus --resume"
                 )
-    bar.close()
     if val is not None and dd.main:
         for r in runs:
-            write_log(r, val_row(r.sae, val, plan, plan.steps, device))
+            last[r.name]["val"] = row = val_row(r.sae, val, plan, plan.steps, device)
+            write_log(r, row)
+    return last
 
 
 def train_step(
@@ -278,13 +272,18 @@ def train_step(
     dd: Dist = SINGLE,
 ) -> tuple[Any, torch.Tensor]:
     """One optimizer step of one SAE on the scaled batch `x` (in DDP: this rank's slice of the global batch);
-    returns its SaeOutput and the gradient norm (before clipping). No host synchronisation in one process."""
+    returns its SaeOutput and the gradient norm (before clipping), both left on the device: the step reads
+    nothing back to the host itself (what the SAE's forward may read is sae.train.sae's business)."""
     sae = r.sae
+    if dd.group is not None and r.grad_sync is None:
+        r.grad_sync = GradSync(sae, dd)
     with autocast:
         o = sae(x, dead_mask=sae.dead_mask(plan.dead_tokens))
+    if r.grad_sync is not None:
+        r.grad_sync.arm()  # each gradient's all-reduce starts as soon as backward has produced it
     o.loss.backward()
-    if dd.group is not None:
-        all_reduce_grads(sae, dd)  # the ranks then take identical steps: same clip, Adam, renormalisation
+    if r.grad_sync is not None:
+        r.grad_sync.wait()  # the ranks then take identical steps: same clip, Adam, renormalisation
     sae.remove_parallel_grad()
     gn = torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
     for g in r.opt.param_groups:
