@@ -64,18 +64,19 @@ def cmd_line() -> str:
     return "python " + " ".join(shlex.quote(a) for a in [str(Path(sys.argv[0]))] + sys.argv[1:])
 
 
-def reader_rate(store: Store, cls: type, b: int, batches: int, threads: int, device: str) -> float:
-    """Sustained rows/s of a reader over `store` (after its first batch)."""
+def reader_rate(store: Store, cls: type, b: int, batches: int, threads: int, device: str) -> tuple[float, float]:
+    """Sustained rows/s of a reader over `store` (after its first batch), and rows per CPU second of the process
+    (all its threads) meanwhile."""
     with cls(store, store.sites[0], batch_size=b, threads=threads, buffer_mb=0, device=device) as r:
         r.next_batch()
         if device != "cpu":
             torch.cuda.synchronize()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         for _ in range(batches):
             x = r.next_batch().x
         if device != "cpu":
             x.sum().item()  # the last batch is on the device
-        return batches * b / (time.perf_counter() - t0)
+        return batches * b / (time.perf_counter() - t0), batches * b / (time.process_time() - c0)
 
 
 @contextlib.contextmanager
@@ -166,7 +167,9 @@ def gpu_main(args: argparse.Namespace) -> None:
                     out[f"train/{mode}"] = args.steps * b / total
                     out[f"wait/{mode}"] = (r.wait_seconds - waited) / total
             for codec, p in paths.items():
-                out[f"reader/{codec}"] = reader_rate(Store.open(p), Bf16Reader, b, args.reader_batches, threads, "cuda")
+                out[f"reader/{codec}"] = reader_rate(
+                    Store.open(p), Bf16Reader, b, args.reader_batches, threads, "cuda"
+                )[0]
             if rnd:
                 for key, v in out.items():
                     res.setdefault(key, []).append(v)
@@ -222,10 +225,12 @@ def projection_main(args: argparse.Namespace) -> None:
             print(f"round {rnd}/{args.rounds}", file=sys.stderr)
             for codec, p in paths.items():
                 # one worker thread: the rows/s one core gives (bf16 batches, as a GPU receives them)
-                v = reader_rate(Store.open(p), Bf16Reader, b, args.reader_batches, 1, "cpu")
+                wall, cpu = reader_rate(Store.open(p), Bf16Reader, b, args.reader_batches, 1, "cpu")
                 if rnd:
-                    res.setdefault(codec, []).append(v)
-    per_core = {c: statistics.median(v) for c, v in res.items()}
+                    res.setdefault(codec, []).append(cpu)
+                    res.setdefault(f"{codec}/wall", []).append(wall)
+    rate = {c: statistics.median(v) for c, v in res.items()}
+    per_core = {c: rate[c] for c in paths}
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     lines = [
         "## GPU projection",
@@ -235,9 +240,10 @@ def projection_main(args: argparse.Namespace) -> None:
         "step_flops, sparse decoder; the dense encoder GEMM is nearly all of it). A GPU running that at its "
         "datasheet dense peak would consume peak / FLOP-per-row rows per second: an upper bound (the GEMM reaches "
         "perhaps 60-80 % of peak, and top-k, Adam and the sparse products add time). Reader rows/s per core: "
-        "the reader with one worker thread on this machine, bf16 batches as a GPU receives them, medians of "
-        f"{args.rounds} rounds of {args.reader_batches} batches after the first; {machine()}; 1-min load average "
-        f"{load:.1f} (a loaded box: the per-core figures are low, and the cores needed high).",
+        "rows per CPU second (all threads of the process) of the reader with one worker thread on this machine, "
+        "bf16 batches as a GPU receives them, from a freshly opened store (every chunk scanned for NaN/Inf), medians "
+        f"of {args.rounds} rounds of {args.reader_batches} batches after the first; CPU time, not wall time, because "
+        f"this box is shared: {machine()}; 1-min load average {load:.1f}.",
         "",
         "| GPU, mode | peak TFLOP/s | rows/s consumed (upper bound) | cores to feed it, `--codec none` | "
         "cores to feed it, Blosc |",
@@ -252,8 +258,9 @@ def projection_main(args: argparse.Namespace) -> None:
             )
     lines += [
         "",
-        f"Reader rows/s per core here: `--codec none` {per_core['none']:,.0f}, Blosc zstd-1 "
-        f"{per_core['blosc-zstd']:,.0f}.",
+        f"Reader rows per CPU second here: `--codec none` {per_core['none']:,.0f}, Blosc zstd-1 "
+        f"{per_core['blosc-zstd']:,.0f} (wall rows/s on the loaded box: {rate['none/wall']:,.0f} and "
+        f"{rate['blosc-zstd/wall']:,.0f}).",
     ]
     text = "\n".join(lines)
     print(text)
