@@ -786,8 +786,9 @@ class CudaFeed:
     def __init__(
         self, source: Callable[[], tuple[torch.Tensor, torch.Tensor, Any]], device: torch.device, depth: int = 2
     ):
-        self.device = device
-        self._stream = torch.cuda.Stream(device)
+        # an explicit index: the copy thread selects the device, and set_device refuses a bare "cuda"
+        self.device = torch.device("cuda", device.index if device.index is not None else torch.cuda.current_device())
+        self._stream = torch.cuda.Stream(self.device)
         self._q: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(source,), name="sae-h2d", daemon=True)
