@@ -33,6 +33,7 @@ batches ahead of the step), where they become float32.
 from __future__ import annotations
 
 import itertools
+import os
 import queue
 import threading
 import time
@@ -170,6 +171,13 @@ def _logical(a: np.ndarray, dtype: str) -> torch.Tensor:
     return torch.from_numpy(a)
 
 
+def default_threads() -> int:
+    """Worker threads by default: this process's share of the cores it may run on (its CPU affinity, split among
+    torchrun's ranks on the node), at most 16."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(16, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))))
+
+
 class ChunkReader:
     """Seeded, resumable stream of shuffled training batches from one site of a store, plus held-out rows.
 
@@ -182,7 +190,8 @@ class ChunkReader:
 
     The buffer is `buffer_mb` of stored activations per lane, at least 32 chunks. With the next group being read,
     each lane holds up to about one and a half times that in memory (for a `--codec none` store these are views
-    of the page cache, shared with the other processes reading the store).
+    of the page cache, shared with the other processes reading the store). `threads` workers read and gather
+    (default: `default_threads()`); with `device` a GPU, batches reach it through a `CudaFeed`.
     """
 
     _host_float32 = True  # CPU batches become float32 in the workers (benchmarks/train.py turns it off to time
@@ -199,7 +208,7 @@ class ChunkReader:
         val_chunks: int = 2,
         keep_bos: bool = False,
         device: str | torch.device = "cpu",
-        threads: int = 4,
+        threads: int | None = None,
         lanes: int = 1,
         rank: int = 0,
         world: int = 1,
@@ -252,7 +261,7 @@ class ChunkReader:
         self._free: list[np.ndarray] = []  # decode buffers no group uses any more
         self._checked: set[int] = set()  # chunks found free of NaN/Inf: not scanned again in later epochs
         self._free_lock = threading.Lock()
-        self._pool = _Pool(max(1, threads))
+        self._pool = _Pool(max(1, threads) if threads is not None else default_threads())
         self._feed: CudaFeed | None = None
         # The lanes under this rank's rows [lo, hi) of the global batch, with the part of each lane batch it uses.
         per_lane, lo, hi = batch_size // self.lanes, rank * batch_size // world, (rank + 1) * batch_size // world
