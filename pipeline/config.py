@@ -110,7 +110,14 @@ class TrainConfig:
     """The store written by `sae harvest`."""
 
     site: str = ""
-    """Which of the store's sites to train on."""
+    """Which of the store's sites to train on (a transcoder's input)."""
+
+    target_site: str = ""
+    """Train transcoders: the store's site they predict from `site`, row by row (e.g. blocks.L.hook_mlp_out from
+    blocks.L.ln2.hook_normalized); empty trains SAEs."""
+
+    skip: bool = False
+    """Transcoders: add an affine skip connection W_skip (d_out × d_in), initialised at zero."""
 
     out: Path = Path("runs/saes")
     """Output directory: one SAELens-format subdirectory per SAE, plus the shared checkpoint."""

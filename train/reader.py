@@ -1,4 +1,5 @@
-"""The shuffled chunk reader: one site of a store as an endless, seeded stream of training batches.
+"""The shuffled chunk reader: one site of a store (or several, row-aligned) as an endless, seeded stream of
+training batches.
 
 A *lane* is a seeded stream over a fixed set of training chunks. Each of its epochs permutes its chunk ids and
 cuts them into groups of H chunks (half the buffer). Phase j of an epoch draws rows from the buffer G[j-1] ∪ G[j]:
@@ -38,7 +39,7 @@ import queue
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from typing import Any, NamedTuple
 
@@ -66,7 +67,8 @@ class Batch(NamedTuple):
     """One batch of training rows."""
 
     x: torch.Tensor
-    """Activations [B, d_model], float32 on the reader's device, in raw (unscaled) units."""
+    """Activations [B, d_model] (several sites: [B, d_model · n_sites], in the reader's site order), float32 on the
+    reader's device, in raw (unscaled) units."""
     rows: torch.Tensor
     """Store row index (chunk start + offset) of each row, int64 on CPU."""
 
@@ -123,7 +125,7 @@ def _nonfinite_rows(bits: np.ndarray, dtype: str) -> np.ndarray:
 
 def read_rows(
     store: Store,
-    site: str,
+    site: str | Sequence[str],
     i: int,
     *,
     keep_bos: bool,
@@ -136,10 +138,19 @@ def read_rows(
 
     With `whole`, nothing is copied: `x` is the whole chunk (a view of the mapped shard file for a raw store, or
     `out`, a [chunk_rows, d_model] buffer of the stored dtype, for a compressed one) and `rows` names the kept
-    rows."""
+    rows.
+
+    Several sites (a transcoder's input and target, written by one forward at the same rows): their chunks side
+    by side, [rows, d_model · n_sites], in `out` ([chunk_rows, d_model · n_sites]) when given."""
     start, _ = store.chunk_range(i)
+    sites = [site] if isinstance(site, str) else list(site)
+    site = " + ".join(sites)
     try:
-        a = store.read_chunk(site, i, out)
+        if len(sites) == 1:
+            a = store.read_chunk(sites[0], i, out)
+        else:
+            parts = [store.read_chunk(s, i) for s in sites]
+            a = np.concatenate(parts, axis=1, out=None if out is None else out[: len(parts[0])])
         x = _logical(a, store.dtype)
         if keep_bos:
             local = np.arange(len(a))
@@ -200,7 +211,7 @@ class ChunkReader:
     def __init__(
         self,
         store: Store,
-        site: str,
+        site: str | Sequence[str],
         *,
         batch_size: int,
         seed: int = 0,
@@ -214,13 +225,23 @@ class ChunkReader:
         world: int = 1,
         state: dict[str, Any] | None = None,
     ):
-        if site not in store.sites:
-            raise SaeError(f"store {store.path} has no site {site!r}; its sites: {', '.join(store.sites)}")
+        sites = [site] if isinstance(site, str) else list(site)
+        if not sites:
+            raise SaeError("the reader needs at least one site")
+        for s in sites:
+            if s not in store.sites:
+                raise SaeError(f"store {store.path} has no site {s!r}; its sites: {', '.join(store.sites)}")
         if batch_size <= 0:
             raise SaeError(f"--batch-size must be positive, got {batch_size}")
         if not 0 <= rank < world:
             raise SaeError(f"rank {rank} is not one of the {world} ranks")
-        self.store, self.site, self.batch_size = store, site, batch_size
+        self.store, self.batch_size = store, batch_size
+        self.sites = sites
+        """The sites read, in the order their columns appear in a batch."""
+        self.site: str | list[str] = sites[0] if isinstance(site, str) else sites
+        """`site` as given (a reader state records it so)."""
+        self.width = store.d_model * len(sites)
+        """Columns of a batch: d_model per site."""
         self.device = torch.device(device)
         self.wait_seconds = 0.0
         """Seconds `next_batch` has spent waiting for a batch that was not ready yet."""
@@ -232,7 +253,7 @@ class ChunkReader:
             self.val_chunks = held_out_chunks(complete, val_chunks)
             held = set(self.val_chunks)
             self.train_chunks = [c for c in complete if c not in held]
-            chunk_mb = store.chunk_rows * store.d_model * _itemsize(store.dtype) / 2**20
+            chunk_mb = store.chunk_rows * self.width * _itemsize(store.dtype) / 2**20
             buffer_chunks = max(MIN_BUFFER_CHUNKS, int(buffer_mb / chunk_mb))
             self.group_chunks = max(1, buffer_chunks // 2)
             positions: list[list[int] | None] = [[0, 0, 0]] * self.lanes
@@ -253,11 +274,13 @@ class ChunkReader:
                 f"{len(self.train_chunks)}. Use fewer lanes (--reader-lanes) or harvest more tokens"
             )
         # Open the arrays and their shard maps once here: the worker threads then only read.
-        store.array(site)
+        for s in sites:
+            store.array(s)
+            mapped = store.mapped(s)
         store.array("position")
-        mapped = store.mapped(site)
         store.mapped("position")
-        self._decode = mapped is None or not mapped.raw  # chunks need buffers (raw ones are views of the map)
+        # chunks need buffers (raw ones of one site are views of the map; several sites are put side by side)
+        self._decode = len(sites) > 1 or mapped is None or not mapped.raw
         self._free: list[np.ndarray] = []  # decode buffers no group uses any more
         self._checked: set[int] = set()  # chunks found free of NaN/Inf: not scanned again in later epochs
         self._free_lock = threading.Lock()
@@ -396,7 +419,7 @@ class ChunkReader:
         storage = np.uint16 if _itemsize(self.store.dtype) == 2 else np.float32
         if self.store.dtype == "float16":
             storage = np.float16
-        return np.empty((self.store.chunk_rows, self.store.d_model), storage)
+        return np.empty((self.store.chunk_rows, self.width), storage)
 
     def _recycle(self, buffers: list[np.ndarray]) -> None:
         with self._free_lock:
@@ -407,7 +430,7 @@ class ChunkReader:
             return sum(_len(self.store.chunk_range(c)) for c in self.train_chunks)
         if len(self.train_chunks) + len(self.val_chunks) == self.store.n_chunks:
             # All chunks are ours: the manifest's BOS-free count minus the held-out chunks' share.
-            total = self.store.stats(self.site, skip_bos=True).n_rows
+            total = self.store.stats(self.sites[0], skip_bos=True).n_rows
             held = sum(int((np.asarray(self.store.chunk_meta(c).position) != 0).sum()) for c in self.val_chunks)
             return total - held
         return sum(int((np.asarray(self.store.chunk_meta(c).position) != 0).sum()) for c in self.train_chunks)
