@@ -192,7 +192,7 @@ def test_dense_and_sparse_decoders_agree(store, tmp_path, device):
     with a dead window of one batch (AuxK from step 2 on) keep the logged losses together."""
     fp32 = device == "cpu"
     rtol = 1e-5 if fp32 else 3e-2
-    flips_allowed = 0.0 if fp32 else 0.03  # bf16 gradients: entries whose gradient is within bf16 rounding of 0
+    flips_allowed = 0.03  # on CUDA (bf16 gradients): entries whose gradient is within bf16 rounding of 0
 
     big = dict(dict_size=(256,))  # k·B = 256 selections over 256 latents: many never fire, so AuxK has work
     one = {
@@ -215,7 +215,8 @@ def test_dense_and_sparse_decoders_agree(store, tmp_path, device):
             if name not in wd or (name == "threshold" and arch != "jumprelu"):
                 continue
             moved = (wd[name] - ws[name]).abs() > 0.5 * lr * u
-            assert moved.float().mean().item() <= flips_allowed, (arch, name, int(moved.sum()), moved.numel())
+            allowed_flips = 0 if fp32 else 1 + int(flips_allowed * moved.numel())
+            assert int(moved.sum()) <= allowed_flips, (arch, name, int(moved.sum()), moved.numel())
         # W_dec: rows renormalised after the step, so compare values, not steps
         torch.testing.assert_close(ws["W_dec"], wd["W_dec"], rtol=0, atol=4 * lr / c, msg=lambda m, a=arch: f"{a}: {m}")
 
@@ -409,7 +410,7 @@ GROUP_SCRIPT = """
 import sys, torch, torch.distributed as dist
 from sae.saedir import batch_topk_indices
 backend, device, init = sys.argv[1:4]
-dev = torch.device(device)
+dev = torch.device("cuda", 0) if device == "cuda" else torch.device(device)
 if dev.type == "cuda":
     torch.cuda.set_device(dev)
 dist.init_process_group(backend, init_method=f"file://{init}", rank=0, world_size=1)
