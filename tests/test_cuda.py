@@ -283,7 +283,7 @@ def test_resume_is_bit_exact(store, tmp_path, device, deterministic):
     """Bit-exact on CUDA too, with deterministic kernels: the checkpoint holds every fp32 tensor and the reader's
     position, and no CUDA RNG is used. Two uninterrupted runs are compared first, so a failure says whether the
     device or the resume is at fault."""
-    cfg = _cfg(store, tmp_path / "run", device, 80, checkpoint_every=B * 10, buffer_mb=0)
+    cfg = _cfg(store, tmp_path / "run", device, 40, checkpoint_every=B * 10, buffer_mb=0)
     ref = _by_arch(train(replace(cfg, out=tmp_path / "ref")))
     again = _by_arch(train(replace(cfg, out=tmp_path / "again")))
     for arch in ARCHS:
