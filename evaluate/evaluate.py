@@ -29,10 +29,10 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from sae.config import EvalConfig
-from sae.corpus import available_splits, corpus_info, iter_contexts
+from sae.corpus import available_splits, check_corpus, corpus_info, iter_contexts
 from sae.errors import SaeError
 from sae.metrics import MeanAccumulator, ReconstructionAccumulator
-from sae.models import ModelInfo, load_model
+from sae.models import ModelInfo, check_model_name, load_model
 from sae.saedir import SparseAutoencoder, load_sae
 from sae.sites import SITE_TABLE, Site, capture, parse_site, site_width, splice
 from sae.store import Store
@@ -530,6 +530,12 @@ def evaluate(cfg: EvalConfig) -> Path:
         if not recorded:
             raise SaeError(f"SAE {specs[0].name} records no model; pass --model")
         model_name, revision = recorded[0]["id"], recorded[0].get("revision")
+    # The model's path and the eval data are checked before the model loads (a download, or a minute on a CPU).
+    check_model_name(model_name, revision=revision)
+    dataset, split = resolve_dataset(cfg, specs)
+    check_not_training_data(specs, dataset, split, cfg)
+    check_corpus(dataset, split=split, text_column=cfg.text_column)
+
     model, tokenizer, info = load_model(
         model_name, revision=revision, device=cfg.device, trust_remote_code=cfg.trust_remote_code
     )
@@ -537,9 +543,6 @@ def evaluate(cfg: EvalConfig) -> Path:
     sites = check_sites(specs, model)
     device = next(model.parameters()).device
     specs = [s._replace(sae=s.sae.to(device)) for s in specs]
-
-    dataset, split = resolve_dataset(cfg, specs)
-    check_not_training_data(specs, dataset, split, cfg)
     contexts = load_contexts(dataset, tokenizer, split, cfg)
 
     keys = list(dict.fromkeys((s.hook_name, int(s.skip_bos)) for s in specs))

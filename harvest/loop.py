@@ -23,9 +23,9 @@ from tqdm import tqdm
 
 from sae import store
 from sae.config import HarvestConfig
-from sae.corpus import corpus_info, iter_contexts
+from sae.corpus import check_corpus, corpus_info, iter_contexts
 from sae.errors import SaeError
-from sae.models import load_model
+from sae.models import check_model_name, load_model
 from sae.sites import KINDS, Site, available_sites, capture, parse_site, site_width
 
 _TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -52,6 +52,10 @@ def harvest(cfg: HarvestConfig) -> Path:
     if cfg.init and (task is not None or cfg.overwrite):
         raise SaeError("--init only creates the store and its plan; drop --shard/--overwrite")
     _check_sizes(cfg)
+    # What can be checked without the model is checked before loading it (a download, or a minute on a CPU).
+    check_model_name(cfg.model, revision=cfg.revision)
+    if not store.check_target(out, overwrite=cfg.overwrite):  # a resumed store takes its contexts from its plan
+        check_corpus(cfg.dataset, split=cfg.split, text_column=cfg.text_column)
 
     model, tokenizer, info = load_model(
         cfg.model,
@@ -220,6 +224,8 @@ def _check_sizes(cfg: HarvestConfig) -> None:
         value = getattr(cfg, name)
         if value is not None and value < 1:
             raise SaeError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+    if cfg.max_tokens is not None and cfg.max_tokens < cfg.seq_len:
+        raise SaeError(f"--max-tokens {cfg.max_tokens} is less than --seq-len {cfg.seq_len}: not one whole context")
 
 
 def _echo(text: str) -> None:

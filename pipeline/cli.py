@@ -13,7 +13,17 @@ from typing import Any, Literal
 import click
 
 from . import __version__
-from .config import EvalConfig, HarvestConfig, TrainConfig, _strip_optional, default_of, field_docs, make
+from .config import (
+    ConfigError,
+    EvalConfig,
+    HarvestConfig,
+    TrainConfig,
+    _strip_optional,
+    coerce,
+    default_of,
+    field_docs,
+    make,
+)
 from .errors import SaeError
 from .manifest import STAGES
 
@@ -63,8 +73,15 @@ def config_options(cls: type, *, arguments: dict[str, dict[str, Any]] | None = N
 
 
 def build(cls: type, values: dict[str, Any]) -> Any:
-    """Config from CLI values: only what the user gave overrides the dataclass defaults."""
+    """Config from CLI values: only what the user gave overrides the dataclass defaults. A bad value is named
+    by its flag (`--max-tokens: 'many' is not an integer`)."""
     given = {k: v for k, v in values.items() if v is not None and v != ()}
+    for name, value in given.items():
+        try:
+            coerce(cls, name, value)
+        except ConfigError as e:
+            flag = _FLAG_NAMES.get(name, "--" + name.replace("_", "-"))
+            raise ConfigError(flag + str(e).removeprefix(name)) from None
     return make(cls, given)
 
 
@@ -76,7 +93,36 @@ def _run(fn: Callable[[], Any]) -> Any:
         sys.exit(2)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120})
+class _OneLineError(click.ClickException):
+    """A click usage error shown as one line, like every other error of `sae` (batch logs stay grep-able)."""
+
+    exit_code = 2
+
+    def __init__(self, err: click.UsageError) -> None:
+        where = err.ctx.command_path if err.ctx is not None else "sae"
+        super().__init__(f"{' '.join(err.format_message().split())} (see `{where} --help`)")
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"error: {self.format_message()}", err=True)
+
+
+class _Cli(click.Group):
+    """The `sae` group: usage errors of the group and of every command print one line and exit 2."""
+
+    def make_context(self, *args: Any, **kwargs: Any) -> click.Context:
+        try:
+            return super().make_context(*args, **kwargs)
+        except click.UsageError as e:
+            raise _OneLineError(e) from None
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except click.UsageError as e:
+            raise _OneLineError(e) from None
+
+
+@click.group(cls=_Cli, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120})
 @click.version_option(__version__, prog_name="sae")
 @click.option(
     "--progress-interval",

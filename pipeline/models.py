@@ -12,7 +12,9 @@ import json
 import logging
 import os
 import shutil
+import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
 
@@ -188,8 +190,30 @@ def embedded_model_dir() -> tuple[Path, str]:
     return dest, sha
 
 
+@contextlib.contextmanager
+def _quiet_loading() -> Iterator[None]:
+    """Without a terminal, no "Loading weights" bar: in a batch log it is only noise (hub downloads keep theirs)."""
+    from transformers.utils import logging as hf_logging
+
+    if sys.stderr.isatty() or not hf_logging.is_progress_bar_enabled():
+        yield
+        return
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.enable_progress_bar()
+
+
 # --------------------------------------------------------------------------------------------------
 # Public API.
+
+
+def check_model_name(name: str, *, revision: str | None = None) -> None:
+    """SaeError now, before anything slow, when `name` is a path that is no model directory (missing, a file,
+    no config.json), or has a --revision that does not apply. Hub ids are checked when loaded."""
+    if name == DEFAULT_MODEL or _local_dir(name) is not None:
+        _check_no_revision(name, revision)
 
 
 def load_tokenizer(
@@ -244,9 +268,10 @@ def load_model(
             source = model_id = name
             hub = True
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            source, revision=revision, dtype=torch_dtype, trust_remote_code=trust_remote_code
-        )
+        with _quiet_loading():
+            model = AutoModelForCausalLM.from_pretrained(
+                source, revision=revision, dtype=torch_dtype, trust_remote_code=trust_remote_code
+            )
     except (OSError, ValueError) as e:
         raise _load_error(name, e, hub) from None
     commit = _hub_commit(name, revision) if hub else None
@@ -271,4 +296,12 @@ def load_model(
     return model, tokenizer, info
 
 
-__all__ = ["DTYPES", "ModelInfo", "SMOLLM2_GGUF", "load_model", "load_tokenizer", "resolve_device"]
+__all__ = [
+    "DTYPES",
+    "ModelInfo",
+    "SMOLLM2_GGUF",
+    "check_model_name",
+    "load_model",
+    "load_tokenizer",
+    "resolve_device",
+]

@@ -45,7 +45,7 @@ def test_make_refuses_unknown_keys_and_bad_values():
         make(HarvestConfig, {"sequence_length": 64})
     with pytest.raises(ConfigError, match="dtype: 'int8' is not one of bfloat16, float16, float32"):
         make(HarvestConfig, {"dtype": "int8"})
-    with pytest.raises(ConfigError, match="seq_len: 'long' is not a valid int"):
+    with pytest.raises(ConfigError, match="seq_len: 'long' is not an integer"):
         make(HarvestConfig, {"seq_len": "long"})
     with pytest.raises(ConfigError, match="arch: 'gated' is not one of"):
         make(TrainConfig, {"arch": "batchtopk,gated"})
@@ -79,7 +79,7 @@ def test_cli_passes_only_given_values(monkeypatch):
 def test_bad_value_is_one_clean_error_line():
     result = CliRunner().invoke(main, ["train", "store.zarr", "--site", "s", "--k", "many"])
     assert result.exit_code == 2
-    assert "k: 'many' is not a valid int" in result.output
+    assert result.output == "error: --k: 'many' is not an integer\n"
     assert "Traceback" not in result.output
 
 
