@@ -3,6 +3,7 @@ nothing written anywhere under the test's folder (its tree is compared before an
 
 from __future__ import annotations
 
+import importlib
 import os
 from pathlib import Path
 
@@ -248,8 +249,8 @@ def test_checked_before_the_model_loads(env, case, monkeypatch):
     def no_model(*args, **kwargs):
         raise AssertionError("the model was loaded before the check")
 
-    monkeypatch.setattr("sae.harvest.loop.load_model", no_model)
-    monkeypatch.setattr("sae.evaluate.evaluate.load_model", no_model)
+    for module in ("sae.harvest.loop", "sae.evaluate.evaluate"):
+        monkeypatch.setattr(importlib.import_module(module), "load_model", no_model)
     monkeypatch.chdir(env["root"])
     args = next(c[1] for c in CASES if c[0] == case)
     result = CliRunner().invoke(main, [a.format(**{k: str(v) for k, v in env.items()}) for a in args])
