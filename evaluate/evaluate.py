@@ -26,8 +26,8 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
+from sae import progress
 from sae.config import EvalConfig
 from sae.corpus import available_splits, check_corpus, corpus_info, iter_contexts
 from sae.errors import SaeError
@@ -486,8 +486,9 @@ def run_pass(
                     stack.enter_context(prefix.replay(site))
             return model(input_ids=ids, use_cache=False).logits
 
-    n_batches = -(-len(contexts) // cfg.batch_size)
-    for i in tqdm(range(0, len(contexts), cfg.batch_size), total=n_batches, desc="eval", unit="batch"):
+    bar = progress.Progress("eval", contexts.size, "tok")
+    bar.figures(forwards=f"{1 + 2 * len(groups) + len(states)} per batch ({len(states)} spliced)")
+    for i in range(0, len(contexts), cfg.batch_size):
         ids = torch.from_numpy(contexts[i : i + cfg.batch_size]).to(device, torch.long)
         targets = ids[:, 1:]  # the prediction made at position t is of token t + 1
         with torch.inference_mode():
@@ -504,6 +505,8 @@ def run_pass(
                 st.ce.add(out.nll[:, st.t0 :], out.kl[:, st.t0 :])
                 del logits
             del ref
+        bar.update(ids.numel())
+    bar.close()
     return states, clean, ablated
 
 
@@ -513,6 +516,7 @@ def run_pass(
 
 def evaluate(cfg: EvalConfig) -> Path:
     """Evaluate every SAE named in `cfg.sae_dirs` on one set of eval tokens; write the report; return its dir."""
+    progress.begin("eval")
     if cfg.batch_size < 1 or cfg.seq_len < 2:
         raise SaeError("batch_size must be ≥ 1 and seq_len ≥ 2")
     if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
@@ -561,8 +565,7 @@ def evaluate(cfg: EvalConfig) -> Path:
         "batch size": cfg.batch_size,
     }
     write_report(Path(cfg.out), results, setup)
-    print(summary_table(results))
-    print(f"report: {cfg.out}")
+    progress.summary("eval", [*summary_table(results).splitlines(), f"report: {cfg.out}"])
     return Path(cfg.out)
 
 

@@ -251,10 +251,14 @@ def stats(store: Path, sites: tuple[str, ...], skip_bos: bool, as_json: bool, sc
     NaN/Inf count."""
     import json
 
+    from .progress import summary
     from .storetools import format_stats, stats_json, store_stats
 
     result = _run(lambda: store_stats(store, sites=sites, skip_bos=skip_bos, scheduler=scheduler))
-    click.echo(json.dumps(stats_json(result)) if as_json else format_stats(store, result, skip_bos=skip_bos))
+    if as_json:
+        click.echo(json.dumps(stats_json(result)))
+    else:
+        summary("stats", format_stats(store, result, skip_bos=skip_bos).splitlines())
 
 
 @main.command()
@@ -265,6 +269,7 @@ def validate(store: Path, scheduler: str | None) -> None:
 
     Exits 1 and lists the problems when something is wrong.
     """
+    from .progress import summary
     from .storetools import validate_store
 
     problems = _run(lambda: validate_store(store, scheduler=scheduler))
@@ -273,7 +278,7 @@ def validate(store: Path, scheduler: str | None) -> None:
         for p in problems:
             click.echo(f"  {p}", err=True)
         sys.exit(1)
-    click.echo(f"{store}: valid (every shard's marker, row range and checksum agree with the manifest)")
+    summary("validate", [f"{store}: valid (every shard's marker, row range and checksum agree with the manifest)"])
 
 
 @main.command()
@@ -295,6 +300,8 @@ def concat(
 
     With one input and new --chunk-rows/--shard-chunks this reshards a store.
     """
+    from .progress import summary
+    from .store import Store
     from .storetools import concat_stores
 
     _run(
@@ -302,7 +309,9 @@ def concat(
             stores, out, chunk_rows=chunk_rows, shard_chunks=shard_chunks, overwrite=overwrite, scheduler=scheduler
         )
     )
-    click.echo(f"{out}: written and finalized")
+    st = _run(lambda: Store.open(out))
+    parts = f"{len(stores)} store{'s' * (len(stores) > 1)}"
+    summary("concat", [f"{out}: {st.n_rows:,} rows of {', '.join(st.sites)} from {parts}; written and finalized"])
 
 
 if __name__ == "__main__":

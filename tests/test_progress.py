@@ -122,6 +122,18 @@ def test_summary_paragraph():
     assert out.getvalue() == "concat: done\n  out.zarr: 10 rows\n"
 
 
+def test_begin_starts_the_clock_and_forgets_an_unfinished_run(capsys):
+    with Progress("eval", 10, interval=3600, file=io.StringIO()) as p:
+        p.update(10)  # a run that failed before its summary
+    progress._stage_start["eval"] -= 3600
+    progress.begin("eval")
+    progress._stage_start["eval"] -= 65  # the model took a minute to load
+    with Progress("eval", 4, unit="batch", interval=3600, file=io.StringIO()) as p:
+        p.update(4)
+    summary("eval", [])
+    assert capsys.readouterr().out.startswith("eval: done in 0:01:05 (4 batch, ")
+
+
 def test_duration_and_rate():
     assert progress.duration(97330) == "27:02:10"
     assert progress.duration(5) == "0:00:05"
