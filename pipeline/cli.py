@@ -187,22 +187,39 @@ def eval_(**kwargs: Any) -> None:
 _SCHEDULER_HELP = "dask scheduler address (host:port); default: a local cluster of 2 threads."
 
 
+def _header(stage: str, text: str) -> None:
+    """The line `sae run` prints before each stage it runs, so a batch log reads as a list of stages."""
+    click.echo(f"== {stage}: {text}")
+
+
 def _stages() -> Any:
     from .manifest import Stages
 
     def harvest(cfg: HarvestConfig) -> Any:
         from .harvest import harvest
 
+        step = "init" if cfg.init else "finalize" if cfg.finalize else f"task {cfg.shard}" if cfg.shard else ""
+        tokens = f"{cfg.max_tokens:,} tokens" if cfg.max_tokens else "the whole corpus"
+        _header(
+            f"harvest ({step})" if step else "harvest",
+            f"{', '.join(cfg.sites)} of {cfg.model} on {tokens} of {cfg.dataset} ({cfg.split}) → {cfg.out}",
+        )
         return harvest(cfg)
 
     def train(cfg: TrainConfig) -> Any:
+        from .saedir import sweep_names
         from .train import train
 
+        names = sweep_names(cfg)
+        saes = f"{len(names)} SAE{'s' * (len(names) > 1)} ({', '.join(names)})"
+        _header("train", f"{saes} on {cfg.site} of {cfg.store} → {cfg.out}" + (" (resuming)" if cfg.resume else ""))
         return train(cfg)
 
     def evaluate(cfg: EvalConfig) -> Any:
         from .evaluate import evaluate
 
+        n = len(cfg.sae_dirs)
+        _header("eval", f"{n} SAE{'s' * (n > 1)} on {cfg.max_tokens:,} eval tokens → {cfg.out}")
         return evaluate(cfg)
 
     return Stages(harvest, train, evaluate)
