@@ -4,6 +4,7 @@ share one schema; this is the only module that imports the stages (lazily, to ke
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 import typing
 from collections.abc import Callable
@@ -26,6 +27,11 @@ from .config import (
 )
 from .errors import SaeError
 from .manifest import STAGES
+
+# OpenMP threads that spin while waiting for each other steal the very cores they wait for when other jobs share
+# the machine (a login node, a busy workstation): there, two spinning torch threads ran slower than one, while
+# passive waiting kept both useful. Set before torch loads; a value the user exported wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 # Fields that are positional arguments or that read better under another flag name.
 _FLAG_NAMES = {"sites": "--site"}
@@ -135,10 +141,14 @@ def main(progress_interval: float | None) -> None:
     """Harvest LM activations into Zarr stores, train BatchTopK sparse autoencoders, evaluate them.
 
     \b
-    Typical run (embedded SmolLM2-135M and the embedded Shakespeare corpus, no hub needed):
-      sae harvest --site blocks.15.hook_resid_post --max-tokens 200000 --out runs/store.zarr
-      sae train runs/store.zarr --site blocks.15.hook_resid_post --k 16,32,64 --out runs/saes
-      sae eval runs/saes --out runs/report
+    The README's demo (embedded SmolLM2-135M and Shakespeare corpus, no hub needed), in one command:
+      sae run manifests/smollm2-demo.yaml
+    \b
+    The same run, stage by stage:
+      sae harvest --site blocks.6.hook_resid_post --max-tokens 98304 --shard-chunks 4 --out runs/demo/store.zarr
+      sae train runs/demo/store.zarr --site blocks.6.hook_resid_post --arch batchtopk,topk --k 32 --expansion 4 \\
+        --batch-size 1024 --out runs/demo/saes
+      sae eval runs/demo/saes --max-tokens 4096 --out runs/demo/report
     """
     from .progress import interval, set_interval
 
@@ -329,6 +339,11 @@ def concat(
     st = _run(lambda: Store.open(out))
     parts = f"{len(stores)} store{'s' * (len(stores) > 1)}"
     summary("concat", [f"{out}: {st.n_rows:,} rows of {', '.join(st.sites)} from {parts}; written and finalized"])
+
+
+# `sae --help` lists each command with its whole first paragraph, not a summary cut at ~45 characters.
+for _command in main.commands.values():
+    _command.short_help = " ".join((_command.help or "").split("\n\n")[0].split())
 
 
 if __name__ == "__main__":

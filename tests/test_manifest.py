@@ -128,7 +128,7 @@ def test_shipped_manifests_parse_and_validate(path):
 def test_shipped_manifests_say_what_the_docs_promise():
     demo = mf.load_manifest(Path(__file__).parents[1] / "manifests/smollm2-demo.yaml")
     assert (demo.harvest.model, demo.harvest.dataset) == ("smollm2-135m", "shakespeare")
-    assert demo.harvest.sites == ("blocks.15.hook_resid_post",)
+    assert demo.harvest.sites == ("blocks.6.hook_resid_post",)
     assert set(demo.train.arch) >= {"batchtopk"} and len(demo.eval.sae_dirs) >= 2
     paper = mf.load_manifest(Path(__file__).parents[1] / "manifests/gpt2-small-L8-paper.yaml")
     assert (paper.harvest.model, paper.harvest.dataset) == ("gpt2", "Skylion007/openwebtext")
