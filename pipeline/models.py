@@ -8,6 +8,7 @@ takes about half a minute, so the first load saves a float32 safetensors copy un
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -175,14 +176,16 @@ def _convert_gguf(gguf: Path, dest: Path, sha256: str) -> None:
     )
     tmp = atomic.mkdtemp(dest.parent, f".{dest.name}-")
     try:
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        with _quiet_loading():
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         # The weights are dequantised already; without the GGUF quantizer attached, save_pretrained writes a
         # plain model that loads without gguf.
         del model.config.quantization_config
         model.hf_quantizer = None
         model.is_quantized = False
-        model.save_pretrained(tmp)
-        AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
+        with _quiet_loading():
+            model.save_pretrained(tmp)
+            AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
         source = {"requirement": SMOLLM2_REQUIREMENT, "gguf": gguf.name, "gguf_sha256": sha256}
         (tmp / "sae_source.json").write_text(json.dumps(source, indent=2) + "\n")
         try:
@@ -210,17 +213,26 @@ def embedded_model_dir() -> tuple[Path, str]:
 
 @contextlib.contextmanager
 def _quiet_loading() -> Iterator[None]:
-    """Without a terminal, no "Loading weights" bar: in a batch log it is only noise (hub downloads keep theirs)."""
+    """Without a terminal, no "Loading weights" / GGUF conversion bars: in a batch log they are only noise, and
+    sae prints its own line instead (hub downloads keep theirs)."""
     from transformers.utils import logging as hf_logging
 
     if sys.stderr.isatty() or not hf_logging.is_progress_bar_enabled():
         yield
         return
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    # The GGUF reader uses tqdm directly, which no transformers switch turns off.
+    gguf_tqdm = getattr(gguf_utils, "tqdm", None)
+    if gguf_tqdm is not None:
+        gguf_utils.tqdm = functools.partial(gguf_tqdm, disable=True)
     hf_logging.disable_progress_bar()
     try:
         yield
     finally:
         hf_logging.enable_progress_bar()
+        if gguf_tqdm is not None:
+            gguf_utils.tqdm = gguf_tqdm
 
 
 # --------------------------------------------------------------------------------------------------

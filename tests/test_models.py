@@ -3,6 +3,7 @@ SmolLM2 (slow)."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import shutil
 
@@ -242,3 +243,12 @@ def test_hub_download_is_announced_with_its_size(monkeypatch, capsys):
     monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda *a, **k: "/cache/hub/config.json")
     models._announce_hub_download("gpt2", None)  # cached: nothing to say
     assert capsys.readouterr().err == ""
+
+
+def test_no_loading_bars_in_a_batch_log(capsys):
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    with models._quiet_loading():
+        assert list(gguf_utils.tqdm(range(3), desc="Converting GGUF")) == [0, 1, 2]
+    assert capsys.readouterr().err == ""  # stderr is no terminal under capsys
+    assert not isinstance(gguf_utils.tqdm, functools.partial)  # restored afterwards
