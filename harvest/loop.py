@@ -110,6 +110,8 @@ def _tokenizing(contexts: Iterator[np.ndarray], n_contexts: int | None, seq_len:
     with progress.Progress("tokenize", total, "tok") as bar:
         for ctx in contexts:
             bar.update(len(ctx))
+            if bar.n == total:  # the plan stops asking at the total, so this generator would end only when freed
+                bar.close()
             yield ctx
 
 
