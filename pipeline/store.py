@@ -552,6 +552,24 @@ class StoreWriter:
         atomic.write_json(marker_path(self.path, s), marker)
 
 
+def check_target(path: str | os.PathLike, *, overwrite: bool = False) -> bool:
+    """Check, writing nothing, that `init_store(path, overwrite=overwrite)` may go ahead (so a caller can fail
+    before loading a model); True when a planned store lies there to be resumed. SaeError for a file, or for a
+    folder that is not a store of ours."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise SaeError(f"{path} exists and is not a folder; choose another --out")
+    if overwrite:
+        if not _is_removable(path):
+            raise SaeError(f"{path} is not an activation store; refusing to delete it even with --overwrite")
+        return False
+    if (path / "plan.json").exists():
+        return True
+    if not _is_removable(path):
+        raise SaeError(f"{path} exists and is not an activation store; choose another --out")
+    return False
+
+
 def init_store(
     path: str | os.PathLike, meta: dict[str, Any], contexts: Iterable[np.ndarray], *, overwrite: bool = False
 ) -> StoreWriter:
@@ -564,17 +582,12 @@ def init_store(
     """
     path = Path(path)
     meta = {"format_version": FORMAT_VERSION, **meta, "tool_version": __version__}
-    if path.exists() and not path.is_dir():
-        raise SaeError(f"{path} exists and is not a folder; choose another --out")
+    resume = check_target(path, overwrite=overwrite)
     if overwrite:
-        if not _is_removable(path):
-            raise SaeError(f"{path} is not an activation store; refusing to delete it even with --overwrite")
         shutil.rmtree(path, ignore_errors=True)
-    if (path / "plan.json").exists():
+    if resume:
         _check_fingerprint(path, meta)
         return StoreWriter(path)
-    if not _is_removable(path):
-        raise SaeError(f"{path} exists and is not an activation store; choose another --out")
     created = not path.exists()
     with _init_lock(path):
         if (path / "plan.json").exists():  # another task finished init while we waited

@@ -337,7 +337,13 @@ def test_summary_and_progress(tmp_path, llama_dir, corpus, capsys):
     cfg = config(tmp_path / "s.zarr", llama_dir, corpus, max_tokens=48 * 8)
     harvest(cfg)
     out, err = capsys.readouterr()
-    assert "tok/s" in err  # the progress bar's rate
+    # stderr is no terminal here: plain lines, as in a batch log; the plan's tokenizing ends before the forward
+    lines = err.splitlines()
+    assert lines[0] == "tokenize: started, 384 tok"
+    assert lines[1].startswith("tokenize: 384/384 tok (100.0%) ") and " tok/s in " in lines[1]
+    assert lines[2] == "harvest: started, 384 tok"
+    assert lines[-1].startswith("harvest: 384/384 tok (100.0%) ") and " tok/s in " in lines[-1]
+    assert out.startswith("harvest: done in ")
     summary = " ".join(out.split())
     assert "384 of 384 tokens × 2 sites" in summary and "finalized" in summary
     for part in ("MB on disk", "bytes/token", "vs raw bfloat16", "vs float32", "s wall"):
