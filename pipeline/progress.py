@@ -131,7 +131,7 @@ class Progress:
             self._bar.update(n)
             return
         now = time.monotonic()
-        if now - self._last >= self.interval:
+        if now - self._last >= self.interval and self.n != self.total:  # at the total, close() writes the line
             self._last = now
             self._write(self._line())
 

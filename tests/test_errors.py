@@ -219,7 +219,8 @@ def test_mistake_gives_one_line_and_exit_2(env, args, words, monkeypatch):
     assert result.exit_code == 2, f"exit {result.exit_code}: {out}\n{result.exc_info}"
     assert isinstance(result.exception, SystemExit), result.exc_info
     assert "Traceback" not in out
-    lines = [line for line in out.splitlines() if line.strip()]
+    # `sae run` heads each stage it starts with a `== stage:` line on stdout; the problem is the one other line
+    lines = [line for line in out.splitlines() if line.strip() and not line.startswith("== ")]
     assert len(lines) == 1, out
     assert lines[0].startswith("error: "), out
     for w in words:
@@ -254,4 +255,4 @@ def test_checked_before_the_model_loads(env, case, monkeypatch):
     monkeypatch.chdir(env["root"])
     args = next(c[1] for c in CASES if c[0] == case)
     result = CliRunner().invoke(main, [a.format(**{k: str(v) for k, v in env.items()}) for a in args])
-    assert result.exit_code == 2 and result.output.startswith("error: "), result.output
+    assert result.exit_code == 2 and result.stderr.startswith("error: "), result.output
