@@ -443,5 +443,7 @@ def test_cli(env, tmp_path):
     assert res.exit_code == 0, res.output
     assert len(json.loads((tmp_path / "rep" / "report.json").read_text())) == 2
     make_sae(tmp_path / "bad", random_weights(d=32), env=env)
-    res = CliRunner().invoke(main, ["eval", str(tmp_path / "bad"), "--out", str(tmp_path / "rep2")])
+    # with eval data named: the data is checked before the model loads, the SAE's width after
+    bad = ["eval", str(tmp_path / "bad"), "--out", str(tmp_path / "rep2"), "--dataset", str(env["heldout"])]
+    res = CliRunner().invoke(main, bad)
     assert res.exit_code == 2 and "d_in 32" in res.output

@@ -344,12 +344,13 @@ def test_progress_lines_and_summary_when_not_a_tty(store, tmp_path, monkeypatch,
         m.setattr(trainer, "_StopFlag", _StopAtOnce)
         with pytest.raises(trainer.TrainingInterrupted):
             run_train(replace(cfg, out=tmp_path / "stopped"))
-    err = capsys.readouterr().err.splitlines()
-    head = err.index(next(s for s in err if s.startswith("train: done in ")))
-    assert err[head + 1].startswith("  stopped by SIGTERM after step 1 of 20")
-    assert err[head + 2].startswith("  batchtopk-k4-F64: loss ") and " L0 " in err[head + 2]
+    out = capsys.readouterr().out.splitlines()  # the summary is the stage's result: stdout
+    head = out.index(next(s for s in out if s.startswith("train: done in ")))
+    assert out[head + 1].startswith("  stopped by SIGTERM after step 1 of 20")
+    assert out[head + 2].startswith("  batchtopk-k4-F64: loss ") and " L0 " in out[head + 2]
     dirs = run_train(replace(cfg, log_every=5))
-    err = capsys.readouterr().err.splitlines()
+    captured = capsys.readouterr()
+    err, out = captured.err.splitlines(), captured.out.splitlines()
     assert err[0] == "train: started, 1,280 tok"
     lines = [s for s in err if s.startswith("train: ") and " tok (" in s]
     assert len(lines) >= 20 and all(" tok/s " in s for s in lines)
@@ -357,13 +358,13 @@ def test_progress_lines_and_summary_when_not_a_tty(store, tmp_path, monkeypatch,
     assert "| batchtopk-k4-F64: loss " in lines[5] and " | topk-k4-F64: loss " in lines[5]
     assert lines[-1].startswith("train: 1,280/1,280 tok (100.0%) ") and " in 0:" in lines[-1]
     assert " L0 4.0 dead " in lines[-1] and "%" in lines[-1]
-    head = err.index(next(s for s in err if s.startswith("train: done in ")))
-    assert re.match(r"train: done in \d+:\d\d:\d\d \(1,280 tok, [\d.]+k? tok/s\)", err[head])
-    for d, line in zip(dirs, err[head + 1 : head + 3], strict=True):
+    head = out.index(next(s for s in out if s.startswith("train: done in ")))
+    assert re.match(r"train: done in \d+:\d\d:\d\d \(1,280 tok, [\d.]+k? tok/s\)", out[head])
+    for d, line in zip(dirs, out[head + 1 : head + 3], strict=True):
         val = [r for r in _log(d) if r["split"] == "val"][-1]
         assert line.startswith(f"  {d.name}: L0 {val['l0_theta']:.1f}, FVU {val['fvu_theta']:.3f} on ")
         assert f"on {val['rows']:,} validation rows" in line and re.search(r"dead \d+\.\d%$", line)
-    assert "batch mode L0 " in err[head + 1]  # BatchTopK: exported threshold and batch mode both
+    assert "batch mode L0 " in out[head + 1]  # BatchTopK: exported threshold and batch mode both
 
 
 class _Terminal(io.StringIO):
@@ -371,7 +372,7 @@ class _Terminal(io.StringIO):
         return True
 
 
-def test_progress_bar_on_a_tty_labels_figures_by_sae(store, tmp_path, monkeypatch):
+def test_progress_bar_on_a_tty_labels_figures_by_sae(store, tmp_path, monkeypatch, capsys):
     term = _Terminal()
     monkeypatch.setattr(sys, "stderr", term)
     run_train(_cfg(store, tmp_path / "out", arch=("batchtopk", "topk"), tokens=64 * 20, log_every=5))
@@ -379,7 +380,7 @@ def test_progress_bar_on_a_tty_labels_figures_by_sae(store, tmp_path, monkeypatc
     assert "train: started" not in text and "\r" in text  # a tqdm bar, not plain lines
     assert re.search(r"tok/s, batchtopk-k4-F64: loss \S+ L0 \S+ dead \S+% \| topk-k4-F64: loss \S+ L0", text)
     assert "loss=" not in text  # not the old unlabelled a/b pairs
-    assert "train: done in " in text
+    assert "train: done in " in capsys.readouterr().out
 
 
 def test_checkpoint_holds_no_cuda_rng(store, tmp_path, monkeypatch):
