@@ -164,19 +164,19 @@ class SaeConfig:
             raise SaeError(f"{where}: expected a JSON object")
         meta = d.get("metadata")
         meta = dict(meta) if isinstance(meta, dict) else {}
-        arch = d.get("architecture")
-        if arch is None:  # SAELens < 6: flat config, TopK marked by its activation function
+        lens_arch = d.get("architecture")
+        if lens_arch is None:  # SAELens < 6: flat config, TopK marked by its activation function
             act = d.get("activation_fn", d.get("activation_fn_str"))
             kw = d.get("activation_fn_kwargs") or {}
-            arch = "topk" if act == "topk" and kw.get("k") is not None else "standard"
-            if arch == "topk":
+            lens_arch = "topk" if act == "topk" and kw.get("k") is not None else "standard"
+            if lens_arch == "topk":
                 d = {**d, "k": kw["k"]}
             for key in ("model_name", "hook_name", "hook_point", "context_size", "prepend_bos", "dataset_path"):
                 if key in d and key not in meta:
                     meta["hook_name" if key == "hook_point" else key] = d[key]
-        if arch not in ARCHITECTURES:
+        if lens_arch not in ARCHITECTURES:
             raise SaeError(
-                f"{where}: architecture {arch!r} is not supported; supported: {', '.join(ARCHITECTURES)} "
+                f"{where}: architecture {lens_arch!r} is not supported; supported: {', '.join(ARCHITECTURES)} "
                 "(BatchTopK SAEs are stored as jumprelu)"
             )
         norm = d.get("normalize_activations", "none")
@@ -198,7 +198,7 @@ class SaeConfig:
         k = d.get("k", meta.get("k"))
         if k is None and isinstance(meta.get("training_architecture_details"), dict):
             k = meta["training_architecture_details"].get("k")  # SAELens BatchTopK saved as jumprelu
-        if arch == "topk" and (not isinstance(k, (int, float)) or int(k) != k or k < 1):
+        if lens_arch == "topk" and (not isinstance(k, (int, float)) or int(k) != k or k < 1):
             raise SaeError(f"{where}: a topk SAE needs an integer k ≥ 1, got {k!r}")
         known = {name: meta.pop(name) for name in cls._META_FIELDS if name in meta and meta[name] is not None}
         meta.pop("k", None)
@@ -208,7 +208,7 @@ class SaeConfig:
         if "theta" in known and not isinstance(known["theta"], (int, float)):
             raise SaeError(f"{where}: metadata.theta must be a number, got {known['theta']!r}")
         return cls(
-            architecture=arch,
+            architecture=lens_arch,
             d_in=d["d_in"],
             d_sae=d["d_sae"],
             k=k,
@@ -390,10 +390,10 @@ class SparseAutoencoder(nn.Module):
         return pre
 
     def _activate(self, pre: Tensor) -> Tensor:
-        arch = self.cfg.architecture
-        if arch == "jumprelu":
+        lens_arch = self.cfg.architecture
+        if lens_arch == "jumprelu":
             return pre.relu() * (pre > self.threshold)
-        if arch == "topk":
+        if lens_arch == "topk":
             top = torch.topk(pre, int(self.cfg.k), dim=-1, sorted=False)
             return torch.zeros_like(pre).scatter_(-1, top.indices, top.values.relu())
         return pre.relu()
