@@ -270,3 +270,42 @@ def test_theta_update_runs_through_after_step():
     sae.after_step(out, 32, 1, Plan(theta_start=1))
     assert sae.theta.item() == pytest.approx(out.min_act.item()) and sae.theta_ready()
     assert make_sae("matryoshka", D, F, variance=VAR, k=4).theta_ready() is False
+
+
+# --------------------------------------------------------------------------------------------------
+# DDP: each rank's loss and gradients are its share of one process's on the whole batch
+
+
+def _ddp_worker(rank: int, world: int, init_file: str, x: torch.Tensor, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)  # a forked child must not enter the parent's OpenMP pool
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        sae = make("matryoshka", widths=WIDTHS)
+        sae.process_group = dist.group.WORLD
+        dead = torch.zeros(F, dtype=torch.bool)
+        dead[::3] = True
+        out = sae(x.chunk(world)[rank], dead, decoder="sparse")
+        out.loss.backward()
+        torch.save({"loss": out.loss.detach(), "grads": grads(sae), "fired": out.fired}, f"{out_dir}/{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_matryoshka_under_ddp_sums_to_one_process(tmp_path):
+    world, x = 2, batch(40)
+    torch.multiprocessing.start_processes(
+        _ddp_worker, args=(world, str(tmp_path / "init"), x, str(tmp_path)), nprocs=world, join=True,
+        start_method="fork",
+    )  # fmt: skip
+    got = [torch.load(tmp_path / f"{r}.pt") for r in range(world)]
+    sae = make("matryoshka", widths=WIDTHS)
+    dead = torch.zeros(F, dtype=torch.bool)
+    dead[::3] = True
+    one = sae(x, dead, decoder="sparse")
+    one.loss.backward()
+    assert sum(g["loss"] for g in got).item() == pytest.approx(one.loss.item(), rel=1e-5)
+    for name, g in grads(sae).items():
+        torch.testing.assert_close(got[0]["grads"][name] + got[1]["grads"][name], g, rtol=1e-4, atol=1e-5)
+    assert all(torch.equal(g["fired"], one.fired) for g in got)

@@ -17,6 +17,7 @@ from torch import Tensor
 from sae.errors import SaeError
 from sae.saedir import batch_topk_indices
 
+from ..kernels import no_autocast
 from .base import SaeOutput, Terms, TrainingSae
 
 THETA_L0_ROWS = 1024
@@ -69,7 +70,8 @@ class BatchTopK(TrainingSae):
         """θ, and the L0 that θ would give on (a slice of) the batch."""
         l0 = None
         if self.theta_ready():
-            pre = self._pre(x[:THETA_L0_ROWS])
+            with no_autocast(x.device):  # not through `_pre`: its reused buffer has the batch's shape
+                pre = torch.addmm(self.b_enc, x[:THETA_L0_ROWS].float() - self.b_dec, self.W_enc)
             l0 = float(((pre > self.theta) & (pre > 0)).sum()) / len(pre)
         return {"theta": float(self.theta), "l0_theta": l0}
 
