@@ -572,7 +572,7 @@ class TrainingSae(nn.Module):
     ) -> SparseAutoencoder:
         """The inference SAE in raw activation units: with x_train = c·x, W_enc' = c·W_enc, W_dec' = W_dec/c,
         b_dec' = b_dec/c; b_enc and thresholds unchanged. The SAELens architecture is the table's `exports_as`;
-        the architecture's metadata is added to `metadata`."""
+        `metadata` gains σ² (`recon_variance`, scaled units) and the architecture's own keys."""
         c = float(self.input_scale)
         threshold = self.export_threshold()
         cfg = SaeConfig(
@@ -586,7 +586,7 @@ class TrainingSae(nn.Module):
             theta=float(self.theta) if self.info.has_theta else None,
             input_scale=c,
             complete=complete,
-            metadata={**(metadata or {}), **self.metadata()},
+            metadata={**(metadata or {}), "recon_variance": self.variance, **self.metadata()},
         )
         sae = SparseAutoencoder(cfg, device=self.W_enc.device)
         sae.W_enc.copy_(self.W_enc * c)
