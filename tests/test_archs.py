@@ -3,6 +3,7 @@ reconstruction normaliser, fp32 selection under bf16 autocast, and no branches o
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from pathlib import Path
@@ -309,3 +310,54 @@ def test_matryoshka_under_ddp_sums_to_one_process(tmp_path):
     for name, g in grads(sae).items():
         torch.testing.assert_close(got[0]["grads"][name] + got[1]["grads"][name], g, rtol=1e-4, atol=1e-5)
     assert all(torch.equal(g["fired"], one.fired) for g in got)
+
+
+# --------------------------------------------------------------------------------------------------
+# In a sweep beside BatchTopK, from one data pass; a run cut after a checkpoint resumes bit-exactly
+
+
+def test_matryoshka_in_a_sweep_resumes_exactly(tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    from _synthetic import SITE, make_store
+    from safetensors.torch import load_file
+
+    from sae.saedir import is_complete, load_sae
+    from sae.train import checkpoint
+    from sae.train import train as run_train
+
+    store = make_store(tmp_path / "s.zarr", d=D, n_contexts=120, seq_len=16, chunk_rows=64)
+    cfg = TrainConfig(
+        store=store, site=SITE, out=tmp_path / "ref", arch=("batchtopk", "matryoshka"), k=(4,), dict_size=(64,),
+        matryoshka_widths=(8, 16, 64), batch_size=64, tokens=64 * 40, checkpoint_every=64 * 10, buffer_mb=0,
+        decoder="sparse", device="cpu", log_every=5,
+    )  # fmt: skip
+    ref = run_train(cfg)
+    assert [d.name for d in ref] == ["batchtopk-k4-F64", "matryoshka-k4-F64"]
+    m = load_sae(ref[1])
+    assert m.cfg.architecture == "jumprelu" and m.cfg.metadata["matryoshka_widths"] == [8, 16, 64]
+    assert m.cfg.theta is not None and m.cfg.k == 4
+
+    class Cut(Exception):
+        pass
+
+    save = checkpoint.save_run
+
+    def save_then_die(*a, **kw):
+        save(*a, **kw)
+        raise Cut  # as a kill right after the first checkpoint
+
+    monkeypatch.setattr(checkpoint, "save_run", save_then_die)
+    cut = replace(cfg, out=tmp_path / "cut")
+    with pytest.raises(Cut):
+        run_train(cut)
+    monkeypatch.undo()
+    run_train(replace(cut, resume=True))
+    for d in ref:
+        got = cut.out / d.name
+        assert is_complete(got)
+        a, b = load_file(str(d / "sae_weights.safetensors")), load_file(str(got / "sae_weights.safetensors"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), d.name
+        keys = ("step", "loss", "recon_loss", "fvu", "l0", "theta", "l0_theta", "fvu_theta", "fvu_batch")
+        rows = lambda p: [{k: r.get(k) for k in keys} for r in map(json.loads, p.read_text().splitlines())]  # noqa: E731
+        assert rows(got / "train_log.jsonl") == rows(d / "train_log.jsonl")
