@@ -34,6 +34,7 @@ Per step, the trainer:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from typing import Any, ClassVar, NamedTuple
@@ -511,9 +512,12 @@ class TrainingSae(nn.Module):
     # ---------------------------------------------------------------------------------------------
     # Decoder choice
 
-    def choose_decoder(self, x: Tensor, dead_mask: Tensor | None = None, repeats: int = 2) -> dict[str, float]:
+    def choose_decoder(
+        self, x: Tensor, dead_mask: Tensor | None = None, repeats: int = 2, autocast: Any = None
+    ) -> dict[str, float]:
         """Time one forward+backward with the dense and with the sparse decoder on the real batch `x` (scaled),
-        under the caller's autocast (the trainer's), and keep the faster for `decoder="auto"`. For
+        the forward under `autocast` (the training step's context; none by default), and keep the faster for
+        `decoder="auto"`. For
         architectures whose density changes during training, the result becomes a density limit: with
         t(ρ) ≈ t_enc + (t − t_enc)·ρ/ρ₀ for the sparse path, sparse is used while
         ρ ≤ ρ₀·(t_dense − t_enc)/(t_sparse − t_enc). Gradients and state are left untouched.
@@ -525,7 +529,8 @@ class TrainingSae(nn.Module):
             times = []
             for _ in range(repeats + 1):  # the first run warms up and is not counted
                 t0 = time.perf_counter()
-                out = self.forward(x, dead_mask, decoder=mode)
+                with autocast if autocast is not None else contextlib.nullcontext():
+                    out = self.forward(x, dead_mask, decoder=mode)
                 out.loss.backward()
                 if x.device.type == "cuda":
                     torch.cuda.synchronize(x.device)
@@ -542,7 +547,8 @@ class TrainingSae(nn.Module):
                 t_enc = math.inf
                 for _ in range(repeats):
                     t0 = time.perf_counter()
-                    self._pre(x)
+                    with autocast if autocast is not None else contextlib.nullcontext():
+                        self._pre(x)
                     if x.device.type == "cuda":
                         torch.cuda.synchronize(x.device)
                     t_enc = min(t_enc, time.perf_counter() - t0)
