@@ -365,3 +365,20 @@ def _log_rows(d: Path) -> list[dict]:
     """An SAE's log without its timings."""
     keys = ("step", "loss", "recon_loss", "fvu", "l0", "theta", "l0_theta", "fvu_theta", "fvu_batch")
     return [{k: r.get(k) for k in keys} for r in map(json.loads, (d / "train_log.jsonl").read_text().splitlines())]
+
+
+def test_bad_widths_are_one_line_exit_2_and_write_nothing(tmp_path):
+    from _synthetic import SITE, make_store
+    from click.testing import CliRunner
+
+    from sae import cli
+
+    store = make_store(tmp_path / "s.zarr", d=D, n_contexts=20, seq_len=16, chunk_rows=64)
+    out = tmp_path / "out"
+    args = ["train", str(store), "--site", SITE, "--out", str(out), "--arch", "batchtopk,matryoshka"]
+    args += ["--dict-size", "64", "--matryoshka-widths", "8,4,64", "--device", "cpu"]
+    res = CliRunner().invoke(cli.main, args)
+    assert res.exit_code == 2, res.output
+    lines = [line for line in res.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: --matryoshka-widths 8,4,64: widths must increase")
+    assert not out.exists()
