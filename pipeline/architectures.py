@@ -73,4 +73,13 @@ def get(name: str) -> Architecture:
         raise SaeError(f"architecture {name!r} is not one of {', '.join(NAMES)}") from None
 
 
-__all__ = ["ARCHS", "Architecture", "NAMES", "TABLE", "get"]
+def batch_mode(trained: str | None) -> bool:
+    """Whether an SAE whose cfg.json names `trained` as its training architecture encodes by batch top-k too: one
+    of ours with `batch_mode`, or a SAELens-made one that names none (SAELens stores BatchTopK as jumprelu)."""
+    if trained is None:
+        return True
+    info = ARCHS.get(trained)
+    return info is not None and info.batch_mode
+
+
+__all__ = ["ARCHS", "Architecture", "NAMES", "TABLE", "batch_mode", "get"]

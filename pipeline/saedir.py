@@ -407,9 +407,7 @@ class SparseAutoencoder(nn.Module):
     def batch_topk(self) -> bool:
         """Whether `encode_batch` selects over the batch: a jumprelu SAE with a known k whose training
         architecture has a batch mode (`sae.architectures`), or that SAELens wrote with no name of ours."""
-        trained = self.cfg.training_architecture
-        info = architectures.ARCHS.get(trained) if trained is not None else None
-        batch = trained is None or (info is not None and info.batch_mode)
+        batch = architectures.batch_mode(self.cfg.training_architecture)
         return self.cfg.architecture == "jumprelu" and self.cfg.k is not None and batch
 
     def encode_batch(self, x: Tensor) -> Tensor:
