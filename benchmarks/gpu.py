@@ -123,13 +123,14 @@ def gpu_main(args: argparse.Namespace) -> None:
         site = store.sites[0]
         cfg = TrainConfig(store=paths["none"], site=site, out=Path(tmp) / "out", k=(k,), expansion=(args.expansion,),
                           batch_size=b, decoder="sparse")  # fmt: skip
-        scale = math.sqrt(d) / store.stats(site, skip_bos=True).mean_norm
+        stats = store.stats(site, skip_bos=True)
+        scale = math.sqrt(d) / stats.mean_norm
         plan = make_plan(cfg, 10**9, scale)
         (point,) = sweep(cfg)
         runs = {}
         for mode in MODES:
             torch.manual_seed(0)
-            runs[mode] = make_run(cfg, point, d, device, scale)
+            runs[mode] = make_run(cfg, point, d, device, scale, stats.variance * scale**2)
         lr = runs["fp32"].lr
         with Bf16Reader(store, site, batch_size=b, device="cuda", seed=1, threads=threads) as feed:
             x0 = feed.next_batch().x * scale

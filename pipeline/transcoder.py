@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import __version__, atomic
+from . import __version__, architectures, atomic
 from .errors import SaeError
 
 CFG_FILE = "cfg.json"
@@ -346,9 +346,10 @@ class Transcoder(nn.Module):
 
     @property
     def batch_topk(self) -> bool:
-        """Whether `encode_batch` selects over the batch (a BatchTopK-trained transcoder with a known k)."""
-        trained = self.cfg.training_architecture
-        return self.cfg.jumprelu and self.cfg.k is not None and trained in (None, "batchtopk")
+        """Whether `encode_batch` selects over the batch (a jumprelu transcoder with a known k whose training
+        architecture has a batch mode, `sae.architectures`)."""
+        batch = architectures.batch_mode(self.cfg.training_architecture)
+        return self.cfg.jumprelu and self.cfg.k is not None and batch
 
     def encode_batch(self, x: Tensor) -> Tensor:
         """BatchTopK: keep the round(k·N) largest entries of relu(pre) over all N rows of `x`; others: `encode`."""
