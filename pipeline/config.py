@@ -97,6 +97,9 @@ class HarvestConfig:
     overwrite: bool = False
     """Delete an existing store at `out` and start afresh."""
 
+    massive_factor: float = 5.0
+    """A row is massive when its norm exceeds this × the site's median non-BOS norm (store statistics, summary)."""
+
     trust_remote_code: bool = False
     """Allow model code from the hub (off unless asked for)."""
 
