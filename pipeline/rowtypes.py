@@ -61,8 +61,10 @@ def norm_bins(norms: np.ndarray) -> np.ndarray:
 
 
 def histogram(norms: np.ndarray) -> dict[str, list[int]]:
-    """The sparse norm histogram {"bins": sorted bin ids, "counts": rows per bin} of `norms`."""
-    bins, counts = np.unique(norm_bins(norms), return_counts=True)
+    """The sparse norm histogram {"bins": sorted bin ids, "counts": rows per bin} of the finite `norms` (a row
+    holding NaN or Inf has no place in it; the store counts those apart)."""
+    norms = np.asarray(norms, dtype=np.float64)
+    bins, counts = np.unique(norm_bins(norms[np.isfinite(norms)]), return_counts=True)
     return {"bins": bins.tolist(), "counts": counts.tolist()}
 
 
@@ -110,7 +112,7 @@ def shard_norms(
     return {
         "n": int(norms.size),
         "hist": histogram(norms),
-        "max": float(norms.max()) if norms.size else None,
+        "max": float(norms[np.isfinite(norms)].max()) if np.isfinite(norms).any() else None,
         "floor": candidate_floor(norms),
         "candidates": {
             "norm": norms[c].tolist(),
