@@ -190,7 +190,7 @@ def submit(manifest: Path, scheduler: str, dry_run: bool) -> None:
 @click.option(
     "--massive-factor",
     type=float,
-    help="A row is massive when its norm exceeds this × the median non-BOS norm; default: the store's setting (5).",
+    help="A row is massive when its norm exceeds this × the median non-BOS norm; default: the store's setting (3).",
 )
 @click.option("--scheduler", metavar="ADDRESS", help=_SCHEDULER_HELP)
 def stats(

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-DEFAULT_MASSIVE_FACTOR = 5.0
+DEFAULT_MASSIVE_FACTOR = 3.0
 """Default M: a row is massive when its norm exceeds M × the site's median non-BOS norm (README, "Massive
 rows", says how it was chosen)."""
 

@@ -198,7 +198,7 @@ def test_stats_report_the_manifest_norm_statistics_and_recompute_them_for_old_st
     assert store_stats(path)[SITE].norms == recorded
     r = CliRunner().invoke(main, ["stats", str(path)])
     assert r.exit_code == 0, r.output
-    assert "massive rows   norm > 5 × median" in r.output and f"{len(rows)} rows" in r.output
+    assert "massive rows   norm > 3 × median" in r.output and f"{len(rows)} rows" in r.output
     assert "at positions 2 (100 %)" in r.output and "#7 ×4" in r.output
     r = CliRunner().invoke(main, ["stats", str(path), "--json"])
     assert json.loads(r.output)[SITE]["norms"]["massive"]["count"] == len(rows)
