@@ -10,11 +10,11 @@ import pytest
 import torch
 from conftest import ARCHS, TINY_TEXT, make_model, make_tokenizer
 
+from sae import rowtypes
 from sae.config import EvalConfig
 from sae.corpus import corpus_info, iter_contexts
 from sae.errors import SaeError
 from sae.evaluate import evaluate
-from sae import rowtypes
 from sae.evaluate.evaluate import PrefixReplay, RowTypes, SaeSpec, _sae_splice, _SaeState, resolve_dataset, run_pass
 from sae.evaluate.metrics import bootstrap_weights, fvu_resampled, interval
 from sae.evaluate.report import METRIC_KEYS, PLOTS
