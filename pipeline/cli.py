@@ -82,7 +82,7 @@ def main() -> None:
     """Harvest LM activations into Zarr stores, train BatchTopK sparse autoencoders, evaluate them.
 
     \b
-    Typical run (embedded SmolLM2-135M and the embedded Shakespeare corpus, no hub needed):
+    Typical run (embedded SmolLM2-135M-Instruct and the embedded Shakespeare corpus, no hub needed):
       sae harvest --site blocks.15.hook_resid_post --max-tokens 200000 --out runs/store.zarr
       sae train runs/store.zarr --site blocks.15.hook_resid_post --k 16,32,64 --out runs/saes
       sae eval runs/saes --out runs/report
