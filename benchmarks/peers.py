@@ -3,7 +3,8 @@ peer libraries that install here against ours, on the same activations and confi
 
 Cache: the same model (the embedded SmolLM2-135M-Instruct, float32 on CPU), the same site (the residual stream
 after block L: `blocks.L.hook_resid_post` for us, the output of `model.layers.L` hooked through sae-lens'
-HookedProxyLM), the same packed contexts of the same corpus, the same batches of contexts, shards of the same size. Each side runs end
+HookedProxyLM), the same packed contexts of the same corpus, the same batches of contexts, shards of the same size.
+Each side runs end
 to end from the text file to a finished cache in a fresh folder: model load, tokenization and packing, forward
 (both stop after the site's block), conversion, writing. sae-lens gets the contexts as a pre-tokenized
 `datasets.Dataset`, built inside its timing from our packer (what its PretokenizeRunner step would do), so both
