@@ -40,7 +40,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from sae import rowtypes
-from sae.config import EvalConfig
+from sae.config import DEFAULT_MODEL, EvalConfig
 from sae.corpus import available_splits, corpus_info, iter_contexts
 from sae.errors import SaeError
 from sae.metrics import MeanAccumulator
@@ -62,6 +62,9 @@ from .report import summary_table, write_report
 
 HELDOUT_SPLITS = ("heldout", "validation", "valid", "test")
 """Split names taken, in this order, as a corpus' held-out data."""
+
+EMBEDDED_MODEL_NAME = "SmolLM2-135M-Instruct, Q4_1 GGUF dequantised to float32"
+"""What the embedded default model is, for reports."""
 
 DEFAULT_BATCH_ROWS = 4096
 """Batch mode's batch size for an SAE that records no training batch size (sae train's default)."""
@@ -747,7 +750,7 @@ def evaluate(cfg: EvalConfig) -> Path:
 
     results = [_result(st, clean, ablated, means, info, dataset, split, cfg) for st in states]
     setup = {
-        "model": info.id,
+        "model": info.id + (f" ({EMBEDDED_MODEL_NAME})" if info.id == DEFAULT_MODEL else ""),
         "model dtype": info.dtype,
         "dataset": dataset,
         "split": split,
