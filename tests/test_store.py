@@ -418,3 +418,13 @@ def test_stores_without_norm_statistics_still_open(tmp_path):
     (path / "manifest.json").write_text(json.dumps(manifest))
     st = store.Store.open(path)
     assert st.norm_stats(SITES[0]) is None and st.stats(SITES[0]).n_rows == 108
+
+
+def test_harvest_summary_prints_the_norm_statistics(tmp_path):
+    from sae.harvest import summary
+
+    planted(tmp_path / "s.zarr", shard_rows=640)
+    text = summary(tmp_path / "s.zarr", 1.0, 0, decode=lambda ids: f"tok{ids[0]}")
+    assert f"{SITES[0]}:" in text and "row norms      over 600 non-BOS rows: median" in text
+    assert "massive rows   norm > 5 × median" in text and "25 rows (4.17 % of rows)" in text
+    assert "at positions 1 (80 %), 7 (20 %)" in text and "'tok5' (#5) ×12" in text
