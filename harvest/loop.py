@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from sae import store
+from sae import rowtypes, store
 from sae.config import HarvestConfig
 from sae.corpus import corpus_info, iter_contexts
 from sae.errors import SaeError
@@ -52,6 +52,8 @@ def harvest(cfg: HarvestConfig) -> Path:
     if cfg.init and (task is not None or cfg.overwrite):
         raise SaeError("--init only creates the store and its plan; drop --shard/--overwrite")
     _check_sizes(cfg)
+    if not cfg.massive_factor > 0:
+        raise SaeError(f"--massive-factor must be positive, got {cfg.massive_factor}")
 
     model, tokenizer, info = load_model(
         cfg.model,
@@ -75,6 +77,7 @@ def harvest(cfg: HarvestConfig) -> Path:
         "chunk_rows": chunk_rows,
         "shard_rows": chunk_rows * cfg.shard_chunks,
         "seed": cfg.seed,
+        "massive_factor": cfg.massive_factor,
     }
     # Lazy: only a new store reads the corpus; a resumed one takes its contexts from the plan.
     contexts = iter_contexts(
@@ -95,7 +98,7 @@ def harvest(cfg: HarvestConfig) -> Path:
     n_tokens = harvest_shards(model, sites, writer, todo, batch_size=cfg.batch_size)
     if task is None:
         store.finalize(out)
-    _echo(summary(out, time.perf_counter() - t0, n_tokens, task=task))
+    _echo(summary(out, time.perf_counter() - t0, n_tokens, task=task, decode=tokenizer.decode))
     return out
 
 
@@ -185,8 +188,11 @@ def compute_shard(
     return bufs, tokens
 
 
-def summary(path: Path, seconds: float, n_tokens: int, *, task: tuple[int, int] | None = None) -> str:
-    """One paragraph on the store at `path` and this run: tokens, sites, bytes, compression, wall time."""
+def summary(
+    path: Path, seconds: float, n_tokens: int, *, task: tuple[int, int] | None = None, decode: Any = None
+) -> str:
+    """One paragraph on the store at `path` and this run: tokens, sites, bytes, compression, wall time; then,
+    once finalized, each site's norm distribution and massive rows (token ids named through `decode`)."""
     st = store.Store.open(path, finalized=False)
     writer = store.StoreWriter(path)
     done = writer.done()
@@ -212,6 +218,11 @@ def summary(path: Path, seconds: float, n_tokens: int, *, task: tuple[int, int] 
         f"({', '.join(st.sites)}; d_model {st.d_model}, {st.dtype}, codec {st.attrs['codec']}), {state}. "
         f"{disk / 1e6:,.1f} MB on disk, {disk / max(rows, 1):,.0f} bytes/token; activations compressed "
         f"{raw / max(act_disk, 1):.2f}× vs raw {st.dtype} and {f32 / max(act_disk, 1):.2f}× vs float32. {run}."
+        + "".join(
+            f"\n{site}:\n" + "\n".join(rowtypes.describe_norms(norms, decode))
+            for site in st.sites
+            if (norms := st.norm_stats(site)) is not None
+        )
     )
 
 

@@ -89,7 +89,7 @@ def main(progress_interval: float | None) -> None:
     """Harvest LM activations into Zarr stores, train BatchTopK sparse autoencoders, evaluate them.
 
     \b
-    Typical run (embedded SmolLM2-135M and the embedded Shakespeare corpus, no hub needed):
+    Typical run (embedded SmolLM2-135M-Instruct and the embedded Shakespeare corpus, no hub needed):
       sae harvest --site blocks.15.hook_resid_post --max-tokens 200000 --out runs/store.zarr
       sae train runs/store.zarr --site blocks.15.hook_resid_post --k 16,32,64 --out runs/saes
       sae eval runs/saes --out runs/report
@@ -199,16 +199,30 @@ def submit(manifest: Path, scheduler: str, dry_run: bool) -> None:
 @click.option("--site", "sites", multiple=True, help="Site(s) to summarise; default: all.")
 @click.option("--skip-bos", is_flag=True, help="Leave out the BOS rows (position 0).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON, with the full mean and max vectors.")
+@click.option(
+    "--massive-factor",
+    type=float,
+    help="A row is massive when its norm exceeds this × the median non-BOS norm; default: the store's setting (3).",
+)
 @click.option("--scheduler", metavar="ADDRESS", help=_SCHEDULER_HELP)
-def stats(store: Path, sites: tuple[str, ...], skip_bos: bool, as_json: bool, scheduler: str | None) -> None:
+def stats(
+    store: Path, sites: tuple[str, ...], skip_bos: bool, as_json: bool, massive_factor: float | None,
+    scheduler: str | None,
+) -> None:  # fmt: skip
     """Recompute STORE's statistics from its activations: mean vector, mean norm, variance, per-dimension max,
-    NaN/Inf count."""
+    NaN/Inf count, and over non-BOS rows the norm distribution and the massive rows (count, share of the
+    variance, positions, tokens)."""
     import json
 
-    from .storetools import format_stats, stats_json, store_stats
+    from .storetools import format_stats, stats_json, store_decoder, store_stats
 
-    result = _run(lambda: store_stats(store, sites=sites, skip_bos=skip_bos, scheduler=scheduler))
-    click.echo(json.dumps(stats_json(result)) if as_json else format_stats(store, result, skip_bos=skip_bos))
+    result = _run(
+        lambda: store_stats(store, sites=sites, skip_bos=skip_bos, massive_factor=massive_factor, scheduler=scheduler)
+    )
+    if as_json:
+        click.echo(json.dumps(stats_json(result)))
+    else:
+        click.echo(format_stats(store, result, skip_bos=skip_bos, decode=store_decoder(store)))
 
 
 @main.command()
