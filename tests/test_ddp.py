@@ -59,7 +59,7 @@ def _cfg(store, out, **kw):
         store=store,
         site=SITE,
         out=out,
-        arch=("batchtopk", "topk"),
+        arch=("batchtopk", "topk", "matryoshka"),
         k=(4,),
         dict_size=(64,),
         batch_size=64,
@@ -107,7 +107,7 @@ def _fields(cfg: TrainConfig) -> str:
 
 def test_two_ranks_match_one_process(store, reference, tmp_path):
     out = tmp_path / "out"
-    args = [str(store), "--site", SITE, "--out", str(out), "--arch", "batchtopk,topk", "--k", "4"]
+    args = [str(store), "--site", SITE, "--out", str(out), "--arch", "batchtopk,topk,matryoshka", "--k", "4"]
     args += ["--dict-size", "64", "--batch-size", "64", "--tokens", str(64 * STEPS), "--checkpoint-every"]
     args += [str(64 * 12), "--decoder", "dense", "--device", "cpu"]
     res = _torchrun(["-m", "sae.cli", "train", *args])

@@ -1,7 +1,8 @@
-"""Training-time SAEs (sae.train.sae): selection, losses, gradients, bookkeeping and export."""
+"""Training-time SAEs (sae.train.archs, sae.train.kernels): selection, losses, gradients, bookkeeping, export."""
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import pytest
@@ -9,17 +10,34 @@ import torch
 
 from sae.errors import SaeError
 from sae.saedir import SweepPoint, batch_topk_indices
-from sae.train.sae import JumpReLU, SparsePattern, Step, TrainingSae, estimate_input_scale, geometric_median
+from sae.train.archs import from_config, make_sae, sae_class
+from sae.train.archs.base import TrainingSae, estimate_input_scale, geometric_median
+from sae.train.kernels import JumpReLU, SparseDecode, SparsePattern, Step
 
 D, F = 16, 96
-ARCHS = ["batchtopk", "topk", "relu", "jumprelu"]
+ARCHS = ["batchtopk", "topk", "relu", "jumprelu", "matryoshka"]
+VAR = D * 1.5**2
+"""σ² of the rows `batch` draws: the fixed dataset variance every test SAE normalises its reconstruction by."""
+
+
+def accepted(arch: str) -> set[str]:
+    """Constructor arguments of `arch`'s class and its bases."""
+    return {
+        p for c in sae_class(arch).__mro__ if "__init__" in vars(c) for p in inspect.signature(c.__init__).parameters
+    }
+
+
+def new(arch: str, **kw) -> TrainingSae:
+    """`make_sae(arch, D, F, ...)` with the arguments `arch` takes out of `kw` (σ² = VAR unless given)."""
+    kw = {"variance": VAR, **kw}
+    return make_sae(arch, D, F, **{k: v for k, v in kw.items() if k in accepted(arch)})
 
 
 def make(arch: str, seed: int = 0, **kw) -> TrainingSae:
     """A small SAE with non-trivial biases (so every gradient path is exercised)."""
     torch.manual_seed(seed)
-    kw = {"k": 4, "k_aux": 8, "init_threshold": 0.4, "bandwidth": 0.3, **kw}
-    sae = TrainingSae(arch, D, F, seed=seed, **kw)
+    kw = {"k": 4, "k_aux": 8, "init_threshold": 0.4, "bandwidth": 0.3, "widths": (8, 32, F), **kw}
+    sae = new(arch, seed=seed, **kw)
     with torch.no_grad():
         sae.b_enc.normal_(0, 0.1)
         sae.b_dec.normal_(0, 0.2)
@@ -123,7 +141,7 @@ def _reference_loss(sae: TrainingSae, x: torch.Tensor, dead: torch.Tensor | None
     """The BatchTopK / TopK loss written naively with dense tensors and plain autograd."""
     b = x.shape[0]
     pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
-    if sae.arch == "batchtopk":
+    if sae.arch != "topk":  # batchtopk (matryoshka has its own reference below)
         flat = pre.relu().flatten()
         mask = torch.zeros_like(flat, dtype=torch.bool)
         mask[torch.topk(flat, int(sae.k) * b).indices] = True
@@ -132,7 +150,7 @@ def _reference_loss(sae: TrainingSae, x: torch.Tensor, dead: torch.Tensor | None
         top = torch.topk(pre, int(sae.k), dim=1)
         a = torch.zeros_like(pre).scatter(1, top.indices, top.values.relu())
     x_hat = a @ sae.W_dec + sae.b_dec
-    fvu = (x_hat - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
+    fvu = (x_hat - x).pow(2).sum() / (b * sae.variance)  # the fixed dataset variance, not the batch's
     if dead is None or not dead.any():
         return fvu
     n_dead = int(dead.sum())
@@ -189,11 +207,9 @@ def test_sparse_decoder_gradient_touches_only_active_rows():
     rows = torch.tensor([0, 0, 1, 3, 3, 3])
     cols = torch.tensor([2, 5, 5, 0, 1, 7])
     pat = SparsePattern(rows, cols, 4, 9)
-    from sae.train.sae import _SparseDecode
-
     vals = torch.rand(6, requires_grad=True)
     w = torch.randn(9, 5, requires_grad=True)
-    out = _SparseDecode.apply(vals, w, pat)
+    out = SparseDecode.apply(vals, w, pat)
     dense = torch.zeros(4, 9).index_put((rows, cols), vals.detach())
     torch.testing.assert_close(out, dense @ w.detach())
     g = torch.randn(4, 5)
@@ -305,7 +321,7 @@ def test_jumprelu_threshold_has_its_own_lr_and_stays_non_negative():
 
 def _train_jumprelu(l0_coeff: float, steps: int = 60, **kw) -> tuple[float, float]:
     """(L0 at the start, L0 at the end) of a short Adam run on a fixed Gaussian batch, through `param_groups`."""
-    sae = TrainingSae("jumprelu", D, F, l0_coeff=l0_coeff, init_threshold=0.01, seed=0, **kw)
+    sae = new("jumprelu", l0_coeff=l0_coeff, init_threshold=0.01, seed=0, **kw)
     x = torch.randn(256, D, generator=torch.Generator().manual_seed(3))
     x *= math.sqrt(D) / x.norm(dim=1).mean()  # the trainer's input scale: E‖x‖ = √d
     opt = torch.optim.Adam(sae.param_groups(5e-3))
@@ -356,10 +372,10 @@ def test_decoder_rows_stay_unit_norm():
 
 
 def test_init_w_enc_is_w_dec_transpose():
-    sae = TrainingSae("batchtopk", D, F, k=4, seed=5)
+    sae = new("batchtopk", k=4, seed=5)
     torch.testing.assert_close(sae.W_enc, sae.W_dec.t())
     torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(F))
-    other = TrainingSae("batchtopk", D, F, k=4, seed=5)
+    other = new("batchtopk", k=4, seed=5)
     assert torch.equal(sae.W_dec, other.W_dec)
 
 
@@ -386,7 +402,7 @@ def test_aux_is_zero_without_dead_latents():
     for dead in (None, torch.zeros(F, dtype=torch.bool)):
         out = sae(x, dead)
         assert out.aux_loss.item() == 0 and out.n_dead == 0
-        assert out.loss.item() == pytest.approx(out.fvu.item())
+        assert out.loss.item() == pytest.approx(out.recon_loss.item())
 
 
 @pytest.mark.parametrize("decoder", ["dense", "sparse"])
@@ -447,18 +463,19 @@ def test_export_folds_the_input_scale(arch):
     sae = make(arch)
     c = 3.7
     sae.set_input_scale(c)
-    sae.update_theta(torch.tensor(0.3))
+    if sae.info.has_theta:
+        sae.update_theta(torch.tensor(0.3))
     raw = batch(32) / c
     out = sae(raw * c, decoder="dense")
     exported = sae.export(model_name="m", hook_name="blocks.0.hook_resid_post")
     with torch.no_grad():
-        if arch == "batchtopk":
+        if exported.batch_topk:
             x_hat = exported.decode(exported.encode_batch(raw))
         else:
             x_hat = exported(raw)
     torch.testing.assert_close(x_hat, out.x_hat.detach() / c, rtol=1e-5, atol=1e-6)
     assert exported.cfg.input_scale == pytest.approx(c)
-    if arch == "batchtopk":  # inference mode: the θ threshold, as JumpReLU
+    if sae.info.has_theta:  # inference mode: the θ threshold, as JumpReLU
         with torch.no_grad():
             pre = (raw * c - sae.b_dec) @ sae.W_enc + sae.b_enc
             expected = pre * (pre > 0.3)
@@ -540,12 +557,14 @@ def test_from_config_and_bad_arguments():
     from sae.config import TrainConfig
 
     cfg = TrainConfig(k=(8,), expansion=(4,), k_aux=6, decoder="sparse")
-    sae = TrainingSae.from_config(cfg, SweepPoint("batchtopk-k8-x4", "batchtopk", 8, None, 4, None), D)
-    assert (sae.d_sae, sae.k, sae.k_aux, sae.decoder) == (4 * D, 8, 6, "sparse")
+    sae = from_config(cfg, SweepPoint("batchtopk-k8-x4", "batchtopk", 8, None, 4, None), D, variance=VAR)
+    assert (sae.d_sae, sae.k, sae.k_aux, sae.decoder, sae.variance) == (4 * D, 8, 6, "sparse", VAR)
     with pytest.raises(SaeError):
-        TrainingSae("gated", D, F)
+        make_sae("gated", D, F, variance=VAR)
     with pytest.raises(SaeError):
-        TrainingSae("topk", D, F, k=F + 1)
+        make_sae("topk", D, F, k=F + 1, variance=VAR)
+    with pytest.raises(SaeError):
+        make_sae("batchtopk", D, F, variance=0.0)
     with pytest.raises(SaeError):
         make("batchtopk")(torch.zeros(3, D + 1))
 

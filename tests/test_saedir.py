@@ -23,24 +23,27 @@ from sae.saedir import (
     sweep,
     sweep_names,
 )
-from sae.train.sae import TrainingSae
+from sae.train.archs import make_sae
+from sae.train.archs.base import TrainingSae
 
 D, F = 16, 64
-ARCHS = ["batchtopk", "topk", "relu", "jumprelu"]
+ARCHS = ["batchtopk", "topk", "relu", "jumprelu", "matryoshka"]
+OPTIONS = {"batchtopk": {"k": 4}, "topk": {"k": 4}, "jumprelu": {"init_threshold": 0.3}, "matryoshka": {"k": 4}}
 META = {"store": "/runs/store.zarr", "keep_bos": False, "tokens_seen": 123456, "model": {"id": "gpt2"}}
 
 
 def trained(arch: str, seed: int = 0) -> TrainingSae:
     """A training SAE with non-trivial weights, scale and θ, as if trained for a while."""
     torch.manual_seed(seed)
-    sae = TrainingSae(arch, D, F, k=4, init_threshold=0.3, seed=seed)
+    sae = make_sae(arch, D, F, variance=1.0, seed=seed, **OPTIONS.get(arch, {}))
     with torch.no_grad():
         sae.b_enc.normal_(0, 0.2)
         sae.b_dec.normal_(0, 0.5)
         if arch == "jumprelu":
             sae.threshold.mul_(torch.exp(torch.randn(F) * 0.3))
     sae.set_input_scale(2.5)
-    sae.update_theta(torch.tensor(0.25))
+    if sae.info.has_theta:
+        sae.update_theta(torch.tensor(0.25))
     return sae
 
 
@@ -75,8 +78,8 @@ def test_save_load_round_trip(tmp_path, arch):
     assert (c.architecture, c.d_in, c.d_sae, c.training_architecture) == (sae.cfg.architecture, D, F, arch)
     assert (c.model_name, c.hook_name, c.complete, c.input_scale) == ("gpt2", "blocks.1.hook_resid_post", True, 2.5)
     assert c.metadata["store"] == META["store"] and c.metadata["model"] == {"id": "gpt2"}
-    assert c.theta == (pytest.approx(0.25) if arch == "batchtopk" else None)
-    assert c.k == (4 if arch in ("batchtopk", "topk") else None)
+    assert c.theta == (pytest.approx(0.25) if arch in ("batchtopk", "matryoshka") else None)
+    assert c.k == (4 if arch in ("batchtopk", "topk", "matryoshka") else None)
     x = raw_batch()
     torch.testing.assert_close(loaded(x), sae(x))
     torch.testing.assert_close(loaded.encode_batch(x), sae.encode_batch(x))

@@ -2,7 +2,7 @@
 loop needs (parameter broadcast, gradient sum, the global-batch figures of a step, the readers' positions).
 
 Rank r trains on the r-th contiguous 1/N of each global batch, which its reader draws from its own lanes
-(disjoint chunks); the BatchTopK selection, the dead-latent counters and θ are global (sae.train.sae reduces them
+(disjoint chunks); the BatchTopK selection, the dead-latent counters and θ are global (sae.train.archs reduces them
 over `Dist.group`), so the weights match one process reading the same lanes.
 
 Two groups: `group` (nccl on GPUs) for the tensors of a step, and `cpu_group` (gloo) for the barriers, the stop
@@ -162,7 +162,7 @@ def reduce_output(o: Any, d: Dist) -> Any:
     """The global-batch losses and L0 of a step: the sums of the ranks' shares (see SaeOutput)."""
     if d.group is None:
         return o
-    keys = ("loss", "fvu", "mse", "aux_loss", "sparsity_loss", "l0")
+    keys = ("loss", "recon_loss", "fvu", "mse", "aux_loss", "sparsity_loss", "l0")
     t = torch.stack([getattr(o, k).detach().float().reshape(()) for k in keys])
     dist.all_reduce(t, group=d.group)
     return o._replace(**dict(zip(keys, t.unbind(), strict=True)))

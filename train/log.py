@@ -12,19 +12,7 @@ import torch
 from sae.errors import SaeError
 
 from .plan import Plan
-from .sae import TrainingSae
 from .saerun import SaeRun
-
-THETA_L0_ROWS = 1024
-"""Rows of the batch on which the θ-mode L0 of a train row is measured."""
-
-
-@torch.no_grad()
-def theta_l0(sae: TrainingSae, x: torch.Tensor) -> float:
-    """L0 that the θ threshold would give on (a slice of) the training batch."""
-    x = x[:THETA_L0_ROWS].float()
-    pre = torch.addmm(sae.b_enc, x - sae.b_dec, sae.W_enc)
-    return float(((pre > sae.theta) & (pre > 0)).sum()) / len(x)
 
 
 def train_row(
@@ -43,6 +31,7 @@ def train_row(
         "step": step,
         "tokens": step * plan.batch_size,
         "loss": loss,
+        "recon_loss": float(o.recon_loss.detach()),
         "fvu": float(o.fvu.detach()),
         "mse": float(o.mse.detach()),
         "aux_loss": float(o.aux_loss.detach()),
@@ -55,13 +44,7 @@ def train_row(
         "tokens_per_s": tok_s,
         "decoder": "sparse" if o.sparse else "dense",
     }
-    if r.sae.arch == "batchtopk":
-        row["theta"] = float(r.sae.theta)
-        row["l0_theta"] = theta_l0(r.sae, x) if int(r.sae.theta_updates) > 0 else None
-    if r.sae.arch == "jumprelu":  # where the thresholds are, and how many sit at their floor of 0
-        th = r.sae.threshold.detach()
-        row["threshold_mean"] = float(th.mean())
-        row["threshold_zero_fraction"] = float((th == 0).float().mean())
+    row.update(r.sae.log_fields(x))  # the architecture's own: θ and its L0, thresholds, ...
     return row
 
 
@@ -91,4 +74,4 @@ def summary_line(r: SaeRun, last: dict[str, Any], plan: Plan) -> str:
     return f"{r.name}: {text}, dead {100 * dead:.1f}%"
 
 
-__all__ = ["THETA_L0_ROWS", "progress_figures", "summary_line", "theta_l0", "train_row"]
+__all__ = ["progress_figures", "summary_line", "train_row"]

@@ -15,10 +15,10 @@ from sae.config import TrainConfig
 from sae.errors import SaeError
 from sae.store import Store
 
+from .archs import TrainingSae, from_config
 from .plan import Plan, default_lr
 from .reader import ChunkReader
 from .rundir import LOG_DIR, LOG_FILE
-from .sae import TrainingSae
 
 
 @dataclass
@@ -53,9 +53,12 @@ def _make_optimizer(sae: TrainingSae, lr: float) -> torch.optim.Adam:
         return torch.optim.Adam(sae.param_groups(lr), lr=lr, betas=(0.9, 0.999))
 
 
-def make_run(cfg: TrainConfig, point: Any, d_in: int, device: torch.device, input_scale: float) -> SaeRun:
-    """The SAE of sweep point `point` (sae.saedir.SweepPoint), freshly initialised, with its Adam."""
-    sae = TrainingSae.from_config(cfg, point, d_in, device=device)
+def make_run(
+    cfg: TrainConfig, point: Any, d_in: int, device: torch.device, input_scale: float, variance: float
+) -> SaeRun:
+    """The SAE of sweep point `point` (sae.saedir.SweepPoint), freshly initialised, with its Adam; `variance` is
+    σ² of the scaled training rows, the fixed normaliser of its reconstruction term."""
+    sae = from_config(cfg, point, d_in, variance=variance, device=device)
     if sae.k is not None and sae.k > sae.d_sae:
         raise SaeError(f"{point.name}: k={sae.k} exceeds the dictionary size {sae.d_sae}")
     sae.set_input_scale(input_scale)
@@ -98,13 +101,7 @@ def save_sae(
         "val_chunks": reader.val_chunks,
         "reader_lanes": reader.lanes,
     }
-    if r.sae.arch == "relu":
-        metadata["l1_coeff"] = r.sae.l1_coeff
-    if r.sae.arch == "jumprelu":
-        metadata["l0_coeff"] = r.sae.l0_coeff
-        metadata["jumprelu_bandwidth"] = r.sae.bandwidth
-        metadata["jumprelu_lr_scale"] = r.sae.threshold_lr_scale
-        metadata["jumprelu_init_threshold"] = cfg.jumprelu_init_threshold
+    # (export adds the architecture's own settings to the metadata)
     r.sae.save(r.dir, model_name=model.get("id"), hook_name=site, complete=complete, metadata=metadata)
     if r.log is not None:
         r.log.flush()

@@ -36,6 +36,7 @@ from sae.saedir import sweep
 from sae.store import Store
 
 from . import checkpoint
+from .archs import check_config
 from .ddp import (
     SINGLE,
     Dist,
@@ -82,6 +83,7 @@ def _train(cfg: TrainConfig, dd: Dist, device: torch.device) -> list[Path]:
     points = sweep(cfg)
     if not points:
         raise SaeError("the sweep is empty: give at least one --arch and one --k / --dict-size / --expansion")
+    check_config(cfg, points, d)  # each architecture validates its settings before anything is written
     names = [p.name for p in points]
     out = Path(cfg.out)
     identity = store_identity(store, site)
@@ -103,6 +105,9 @@ def _train(cfg: TrainConfig, dd: Dist, device: torch.device) -> list[Path]:
         _find_bad_rows(store, site, cfg.keep_bos)  # raises naming the rows, when some are NaN/Inf
         raise SaeError(f"store {cfg.store}: site {site} has mean norm {stats.mean_norm}; cannot scale the inputs")
     scale = math.sqrt(d) / stats.mean_norm
+    if not (math.isfinite(stats.variance) and stats.variance > 0):
+        raise SaeError(f"store {cfg.store}: site {site} has variance {stats.variance}; nothing to reconstruct")
+    variance = stats.variance * scale**2  # σ² of the scaled rows: the fixed normaliser of the reconstruction
     lanes = cfg.reader_lanes if cfg.reader_lanes is not None else dd.world  # (a checkpoint's state overrides)
     reader = ChunkReader(
         store,
@@ -132,7 +137,7 @@ def _train(cfg: TrainConfig, dd: Dist, device: torch.device) -> list[Path]:
             out.mkdir(parents=True, exist_ok=True)
         if ck is None and dd.main:
             atomic.write_json(out / RUN_FILE, {**run_info, "plan": plan._asdict(), "started": time.time()})
-        runs = [make_run(cfg, p, d, device, scale) for p in points]
+        runs = [make_run(cfg, p, d, device, scale, variance) for p in points]
         if dd.group is not None:
             for r in runs:
                 r.sae.process_group = dd.group
@@ -214,7 +219,7 @@ def _loop(
         if step == start and step == 0:
             for r in runs:
                 if r.sae.decoder == "auto":
-                    r.sae.choose_decoder(x)
+                    r.sae.choose_decoder(x, autocast=autocast)  # timed as the steps run
                     # the ranks' timings differ: rank 0's choice for all
                     r.sae.sparse_max_density = broadcast_float(r.sae.sparse_max_density, dd)
 
@@ -279,10 +284,11 @@ def train_step(
 ) -> tuple[Any, torch.Tensor]:
     """One optimizer step of one SAE on the scaled batch `x` (in DDP: this rank's slice of the global batch);
     returns its SaeOutput and the gradient norm (before clipping), both left on the device: the step reads
-    nothing back to the host itself (what the SAE's forward may read is sae.train.sae's business)."""
+    nothing back to the host itself (what the SAE's forward may read is sae.train.archs' business)."""
     sae = r.sae
     if dd.group is not None and r.grad_sync is None:
         r.grad_sync = GradSync(sae, dd)
+    sae.before_step(step, plan)
     with autocast:
         o = sae(x, dead_mask=sae.dead_mask(plan.dead_tokens))
     if r.grad_sync is not None:
@@ -296,11 +302,7 @@ def train_step(
         g["lr"] = lr * g.get("lr_scale", 1.0)
     r.opt.step()
     r.opt.zero_grad(set_to_none=True)
-    sae.normalize_decoder()
-    sae.clamp_threshold()
-    sae.update_dead(o.fired, len(x) * dd.world)  # `fired` is global already
-    if sae.arch == "batchtopk" and step >= plan.theta_start:
-        sae.update_theta(o.min_act, plan.theta_decay)
+    sae.after_step(o, len(x) * dd.world, step, plan)  # renormalise, dead counters (`fired` is global), θ, ...
     return o, gn
 
 

@@ -11,9 +11,9 @@ import torch
 from sae.metrics import ReconstructionAccumulator
 from sae.saedir import batch_topk_indices
 
+from .archs import TrainingSae
 from .plan import Plan
 from .reader import Rows
-from .sae import TrainingSae
 
 VAL_MAX_ROWS = 8192
 """At most this many held-out rows are validated on."""
@@ -50,14 +50,14 @@ def validate(sae: TrainingSae, val: Rows, batch_size: int, device: torch.device)
 def val_row(sae: TrainingSae, val: Rows, plan: Plan, step: int, device: torch.device) -> dict[str, Any]:
     """The log row `split: "val"` of `sae` after `step` steps."""
     m: dict[str, Any] = validate(sae, val, plan.batch_size, device)
-    if sae.arch == "batchtopk" and int(sae.theta_updates) == 0:  # θ's EMA has not started: no θ mode yet
+    if not sae.theta_ready():  # BatchTopK's θ EMA has not started: no θ mode yet
         m.update({k: None for k in m if k.endswith("_theta")})
     return {"split": "val", "step": step, "tokens": step * plan.batch_size, "rows": len(val.x), **m}
 
 
 def _decode(inf: Any, a: torch.Tensor) -> torch.Tensor:
     """inf.decode(a); with few non-zeros (k per row) a sparse product instead of a dense [B, F]·[F, d] GEMM."""
-    if float((a != 0).float().mean()) > 0.05 or a.device.type != "cpu":
+    if a.device.type != "cpu" or float((a != 0).float().mean()) > 0.05:  # (no [B, F] temporary on a GPU)
         return inf.decode(a)
     with warnings.catch_warnings():  # torch's one-time "sparse CSR support is in beta" notice
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
