@@ -207,6 +207,21 @@ class TrainConfig:
     keep_bos: bool = False
     """Train on BOS rows (position 0) too; they are skipped by default."""
 
+    exclude_massive: float | None = None
+    """Leave rows with norm > this × the site's median non-BOS norm (from the store's statistics) out of
+    training; recorded in the SAE's metadata `exclude`, and eval leaves them unspliced. Default: keep them."""
+
+    exclude_positions: tuple[int, ...] = ()
+    """Context positions whose rows are left out of training (recorded as `exclude`)."""
+
+    exclude_tokens: tuple[int, ...] = ()
+    """Token ids whose rows are left out of training (recorded as `exclude`)."""
+
+    theta: Literal["ema", "calibrated"] = "calibrated"
+    """BatchTopK-family θ exported as the inference threshold: `calibrated` on held-out rows so that θ-mode L0
+    there is k (the second half of the validation rows; needs --val-chunks ≥ 1), or the training `ema` of the
+    batches' smallest kept activations. Both are recorded in the metadata."""
+
     device: str = "auto"
     """`auto` (CUDA when available), `cpu`, `cuda` or `cuda:N`."""
 
