@@ -172,7 +172,10 @@ def compute_shard(
     dtype = _TORCH_DTYPES[writer.meta["dtype"]]
     d = writer.meta["d_model"]
     device = next(model.parameters()).device
-    bufs = {site.name: torch.empty(n, d, dtype=dtype) for site in sites}
+    # On a GPU the rows go to pinned host memory by non-blocking copies on a side stream: batch b's copy overlaps
+    # batch b+1's forward, and the host waits once per shard, not once per batch.
+    copier = torch.cuda.Stream(device) if device.type == "cuda" else None
+    bufs = {site.name: torch.empty(n, d, dtype=dtype, pin_memory=copier is not None) for site in sites}
     for b in range(0, len(ids), batch_size):
         batch = torch.from_numpy(ids[b : b + batch_size]).to(device=device, dtype=torch.long)
         acts = capture(model, sites, batch)
@@ -181,9 +184,17 @@ def compute_shard(
         a, z = max(lo, 0), min(lo + batch.numel(), n)
         for name, x in acts.items():
             rows = x.reshape(-1, d)[a - lo : z - lo]
-            bufs[name][a:z].copy_(rows.to(dtype) if rows.device.type != "cpu" else rows)
+            if copier is None:
+                bufs[name][a:z].copy_(rows)
+            else:
+                copier.wait_stream(torch.cuda.current_stream(device))  # the forward that made `rows` is done
+                with torch.cuda.stream(copier):
+                    bufs[name][a:z].copy_(rows.to(dtype), non_blocking=True)
+                rows.record_stream(copier)  # its memory is not reused by the next forward before the copy ends
         if bar is not None:
             bar.update(z - a)
+    if copier is not None:
+        copier.synchronize()
     tokens = ids.reshape(-1)[offset : offset + n]
     return bufs, tokens
 

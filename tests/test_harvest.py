@@ -27,8 +27,13 @@ from sae.store import Store, from_storage
 HELDOUT = Path(__file__).resolve().parents[2] / "shared" / "corpus" / "heldout.jsonl.gz"
 
 # Shards of 128 rows straddle the 48-token contexts; 4800 tokens make 38 shards, the last one of 64 rows.
+# The device and the model dtype are pinned: the defaults (`auto`) would harvest with a bfloat16 model on a GPU
+# machine, and these tests compare rows with a float32 CPU forward exactly or to float32 tolerances.
 SITES = ("blocks.1.hook_resid_post", "blocks.2.hook_mlp_out")
-SMALL = dict(seq_len=48, chunk_rows=64, shard_chunks=2, max_tokens=4800, batch_size=8, sites=SITES)
+SMALL = dict(
+    seq_len=48, chunk_rows=64, shard_chunks=2, max_tokens=4800, batch_size=8, sites=SITES, device="cpu",
+    model_dtype="float32",
+)  # fmt: skip
 
 
 @pytest.fixture(autouse=True)
@@ -214,7 +219,7 @@ def test_smollm2_rows_equal_a_plain_forward(tmp_path, corpus):
     sites = ("blocks.3.hook_resid_post", "blocks.5.hook_attn_out", "blocks.5.hook_mlp_out")
     cfg = HarvestConfig(
         out=tmp_path / "s.zarr", model="smollm2-135m", dataset=str(corpus), sites=sites, seq_len=64,
-        max_tokens=64 * 6, batch_size=4, chunk_rows=128, shard_chunks=2,
+        max_tokens=64 * 6, batch_size=4, chunk_rows=128, shard_chunks=2, device="cpu", model_dtype="float32",
     )  # fmt: skip
     harvest(cfg)
     st = Store.open(cfg.out)
