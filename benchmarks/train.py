@@ -361,7 +361,8 @@ def compare_matryoshka(args, cfg, store, site, d, device, scale, variance, plan,
         "",
         "Matryoshka decodes its prefixes in one sparse product over the selected entries (each entry moved to its "
         "row's prefix group) and sums the groups cumulatively; the dense path multiplies each column group by its "
-        "block of W_dec. Both cost one decode, so the extra work is the P-fold reconstruction loss.",
+        "block of W_dec. Both cost one decode; the extra work is elementwise: the P reconstructions and their loss "
+        "terms over [B, P, d], forward and backward.",
     ]
     return "\n".join(lines)
 

@@ -2,7 +2,8 @@
 
 Pure data, importable by every stage (`sae.architectures`). The code of an architecture lives in its module
 under train/archs/, which registers its class under the same name; nothing outside those modules and this
-table branches on an architecture's name. Adding one: a module in train/archs/, an entry here, its tests.
+table branches on an architecture's name. Adding one: a module in train/archs/, an entry here, its tests (and,
+when it has settings of its own, their fields in TrainConfig, the one config schema behind flags and manifests).
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from sae import architectures
 from sae.errors import SaeError
 from sae.saedir import SweepPoint, batch_topk_indices
 from sae.train.archs import from_config, make_sae, sae_class
@@ -15,7 +16,7 @@ from sae.train.archs.base import TrainingSae, estimate_input_scale, geometric_me
 from sae.train.kernels import JumpReLU, SparseDecode, SparsePattern, Step
 
 D, F = 16, 96
-ARCHS = ["batchtopk", "topk", "relu", "jumprelu", "matryoshka"]
+ARCHS = list(architectures.NAMES)
 VAR = D * 1.5**2
 """σ² of the rows `batch` draws: the fixed dataset variance every test SAE normalises its reconstruction by."""
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from sae import architectures
 from sae.errors import SaeError
 from sae.saedir import (
     CFG_FILE,
@@ -27,7 +28,7 @@ from sae.train.archs import make_sae
 from sae.train.archs.base import TrainingSae
 
 D, F = 16, 64
-ARCHS = ["batchtopk", "topk", "relu", "jumprelu", "matryoshka"]
+ARCHS = list(architectures.NAMES)
 OPTIONS = {"batchtopk": {"k": 4}, "topk": {"k": 4}, "jumprelu": {"init_threshold": 0.3}, "matryoshka": {"k": 4}}
 META = {"store": "/runs/store.zarr", "keep_bos": False, "tokens_seen": 123456, "model": {"id": "gpt2"}}
 
@@ -78,8 +79,8 @@ def test_save_load_round_trip(tmp_path, arch):
     assert (c.architecture, c.d_in, c.d_sae, c.training_architecture) == (sae.cfg.architecture, D, F, arch)
     assert (c.model_name, c.hook_name, c.complete, c.input_scale) == ("gpt2", "blocks.1.hook_resid_post", True, 2.5)
     assert c.metadata["store"] == META["store"] and c.metadata["model"] == {"id": "gpt2"}
-    assert c.theta == (pytest.approx(0.25) if arch in ("batchtopk", "matryoshka") else None)
-    assert c.k == (4 if arch in ("batchtopk", "topk", "matryoshka") else None)
+    assert c.theta == (pytest.approx(0.25) if architectures.get(arch).has_theta else None)
+    assert c.k == (4 if architectures.get(arch).sweep == "k" else None)
     x = raw_batch()
     torch.testing.assert_close(loaded(x), sae(x))
     torch.testing.assert_close(loaded.encode_batch(x), sae.encode_batch(x))

@@ -67,6 +67,15 @@ class SparsePattern:
             self._t = (perm, crow_t, self.rows[perm])
         return self._t
 
+    def with_rows(self, rows: Tensor, n_rows: int) -> SparsePattern:
+        """The same entries moved to other rows of an [n_rows, F] matrix, still ascending, with each column's
+        entries in the same order (e.g. row r → r·P + g with g a function of the column): the transpose's sort
+        is shared, not redone."""
+        out = SparsePattern(rows, self.cols, n_rows, self.n_cols)
+        perm, crow_t, _ = self._transpose()
+        out._t = (perm, crow_t, rows[perm])
+        return out
+
     def csr(self, values: Tensor) -> Tensor:
         return _csr(self.crow, self.cols, values, (self.n_rows, self.n_cols))
 

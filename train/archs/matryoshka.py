@@ -73,7 +73,7 @@ class Matryoshka(BatchTopK):
         if sparse:
             inner = torch.tensor(self.widths[:-1], dtype=pat.cols.dtype, device=pat.cols.device)
             group = torch.bucketize(pat.cols, inner, right=True)
-            grouped = SparsePattern(pat.rows * p + group, pat.cols, b * p, pat.n_cols)
+            grouped = pat.with_rows(pat.rows * p + group, b * p)  # a column's rows keep their order
             parts = SparseDecode.apply(acts, self.W_dec, grouped).view(b, p, self.d_in)
         else:
             a = dense_acts(pat, acts)
