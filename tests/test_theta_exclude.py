@@ -40,7 +40,11 @@ def massive_store(tmp_path_factory):
         x[torch.from_numpy(position == MASSIVE_POSITION)] *= 20
         return x
 
-    return make_store(tmp_path_factory.mktemp("massive") / "m.zarr", d=16, n_contexts=400, seq_len=16, data=data)
+    def tokens(rows):
+        return rows * 7919 % 97 + 1  # every id in 1..97, about 1 row in 97 each
+
+    path = tmp_path_factory.mktemp("massive") / "m.zarr"
+    return make_store(path, d=16, n_contexts=400, seq_len=16, data=data, tokens=tokens)
 
 
 def _val_rows(d):
