@@ -219,7 +219,7 @@ class TrainConfig:
 
     theta: Literal["ema", "calibrated"] = "calibrated"
     """BatchTopK-family θ exported as the inference threshold: `calibrated` on held-out rows so that θ-mode L0
-    there is k (the second half of the validation rows; needs --val-chunks ≥ 1), or the training `ema` of the
+    there is k (every second validation row; needs --val-chunks ≥ 1), or the training `ema` of the
     batches' smallest kept activations. Both are recorded in the metadata."""
 
     device: str = "auto"

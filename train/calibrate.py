@@ -2,8 +2,8 @@
 (`sae.architectures`: `has_theta`), set on held-out rows so that θ-mode L0 on those rows equals k.
 
 The EMA of each batch's smallest kept activation lands below k in θ mode: the L0 of the mean θ is not the mean
-per-batch L0. So at every save the trainer takes N held-out rows (the second half of the reader's validation
-rows; the first half stays for the validation metrics, so those measure θ on rows it was not fitted on) and sets
+per-batch L0. So at every save the trainer takes N held-out rows (every second row of the reader's validation
+rows; the others hold the validation metrics, so those measure θ on rows it was not fitted on) and sets
 θ between the (k·N)-th and (k·N+1)-th largest post-ReLU pre-activation over those rows: exactly k·N entries
 exceed it. Pre-activations do not change with the export's input scaling, so θ is the same in training and raw
 units. The EMA keeps running in the SAE's `theta` buffer (and the checkpoint); the chosen value is what the
@@ -96,13 +96,14 @@ def check_theta(cfg: Any, points: list[Any]) -> None:
 
 
 def split_held_out(held: Rows | None, max_val: int, max_cal: int) -> tuple[Rows | None, Rows | None]:
-    """The held-out rows split into (validation rows, calibration rows): the first half (at most `max_val`) and
-    the second half (at most `max_cal`). The store's rows are shuffled within shards, so both are fair samples."""
+    """The held-out rows split into (validation rows, calibration rows): alternate rows (at most `max_val` and
+    `max_cal`). Alternate, not halves: the held-out chunks come from different shards, so from different parts
+    of the corpus, and rows are shuffled only within a shard; halves would fit θ on one text and test it on
+    another."""
     if held is None:
         return None, None
-    h = len(held.x) // 2
-    val = Rows(held.x[:h][:max_val], held.rows[:h][:max_val])
-    cal = Rows(held.x[h:][:max_cal], held.rows[h:][:max_cal])
+    val = Rows(held.x[0::2][:max_val], held.rows[0::2][:max_val])
+    cal = Rows(held.x[1::2][:max_cal], held.rows[1::2][:max_cal])
     return val, cal
 
 

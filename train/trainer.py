@@ -167,7 +167,7 @@ def _train(cfg: TrainConfig, dd: Dist, device: torch.device) -> list[Path]:
             if dd.main:
                 r.log = stack.enter_context(open(r.log_path, "a"))
         held = reader.validation_rows(2 * VAL_MAX_ROWS) if cfg.val_chunks > 0 and dd.main else None
-        # the first half for the validation metrics, the second for calibrating θ (sae.train.calibrate)
+        # alternate rows for the validation metrics and for calibrating θ (sae.train.calibrate)
         val, cal = split_held_out(rowfilter.rows(held), VAL_MAX_ROWS, VAL_MAX_ROWS)
         meta = {"config": config, "store": identity, "plan": plan._asdict()}
         stop = stack.enter_context(_StopFlag())
