@@ -4,8 +4,13 @@ positions, token ids) are counted exactly and recorded in the SAE's metadata `ex
 from __future__ import annotations
 
 import json
+import os
 import signal
+import socket
+import subprocess
+import sys
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,6 +28,8 @@ from sae.train import train as run_train
 from sae.train import trainer
 from sae.train.reader import ChunkReader
 from sae.train.validate import VAL_MAX_ROWS
+
+ROOT = Path(__file__).resolve().parents[1]
 
 MASSIVE_POSITION = 7
 """Every row at this position is planted 20× longer than the others."""
@@ -63,10 +70,10 @@ def _held_out_halves(store, site, val_chunks):
 def test_calibrated_theta_hits_k_on_other_held_out_rows(big_store, tmp_path):
     k = 8
     base = dict(store=big_store, site=SITE, k=(k,), dict_size=(256,), batch_size=512, tokens=512 * 120)
-    (d,) = run_train(TrainConfig(**base, out=tmp_path / "cal", val_chunks=16, device="cpu"))
-    (e,) = run_train(TrainConfig(**base, out=tmp_path / "ema", val_chunks=16, theta="ema", device="cpu"))
-    val_half, cal_half = _held_out_halves(big_store, SITE, 16)
-    assert len(val_half) > 3000 and len(cal_half) > 3000
+    (d,) = run_train(TrainConfig(**base, out=tmp_path / "cal", val_chunks=32, device="cpu"))
+    (e,) = run_train(TrainConfig(**base, out=tmp_path / "ema", val_chunks=32, theta="ema", device="cpu"))
+    val_half, cal_half = _held_out_halves(big_store, SITE, 32)
+    assert len(val_half) > 7000 and len(cal_half) > 7000
 
     sae = load_sae(d)
     meta = sae.cfg.metadata
@@ -187,3 +194,25 @@ def test_exclusion_counts_survive_a_resume(massive_store, tmp_path, monkeypatch)
     a, b = load_sae(whole), load_sae(cut)
     assert a.cfg.metadata["exclude"] == b.cfg.metadata["exclude"] and a.cfg.metadata["exclude"]["n_excluded"] > 0
     assert a.cfg.theta == b.cfg.theta and torch.equal(a.W_enc, b.W_enc)
+
+
+def test_two_ranks_count_the_exclusions_of_one_process(massive_store, tmp_path):
+    """Under torchrun each rank drops its own rows; the recorded counts are the global ones, as one process reading
+    the same two lanes records them."""
+    base = dict(store=massive_store, site=SITE, k=(4,), dict_size=(64,), batch_size=64, tokens=64 * 20)
+    cfg = TrainConfig(**base, out=tmp_path / "one", exclude_massive=3.0, exclude_positions=(3,), reader_lanes=2)
+    (one,) = run_train(replace(cfg, device="cpu", decoder="dense"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "OMP_NUM_THREADS": "1"}
+    args = [str(massive_store), "--site", SITE, "--out", str(tmp_path / "two"), "--k", "4", "--dict-size", "64"]
+    args += ["--batch-size", "64", "--tokens", str(64 * 20), "--exclude-massive", "3", "--exclude-positions", "3"]
+    args += ["--decoder", "dense", "--device", "cpu"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1"]
+    cmd += [f"--master_port={port}", "-m", "sae.cli", "train", *args]
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-4000:]
+    two = tmp_path / "two" / one.name
+    assert load_sae(two).cfg.metadata["exclude"] == load_sae(one).cfg.metadata["exclude"]
+    assert load_sae(one).cfg.metadata["exclude"]["n_excluded"] > 0
