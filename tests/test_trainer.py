@@ -399,5 +399,5 @@ def test_checkpoint_holds_no_cuda_rng(store, tmp_path, monkeypatch):
     loaded = checkpoint.load(tmp_path / "out")
     assert [k for k in loaded.tensors if k.startswith("rng/")] == ["rng/torch"]
     cfg = _cfg(store, tmp_path / "out")
-    runs = [trainer.make_run(cfg, p, 16, torch.device("cpu"), 1.0) for p in sweep(cfg)]
+    runs = [trainer.make_run(cfg, p, 16, torch.device("cpu"), 1.0, 1.0) for p in sweep(cfg)]
     checkpoint.restore_run(loaded, runs, truncate_logs=False)
