@@ -317,7 +317,8 @@ def write_doc(table: str, command: str, args: argparse.Namespace, site: str, n_c
     threads = "torch's default threads" if not args.threads else f"torch threads: {args.threads}"
     section = f"""## Eval
 
-`{command}` — SmolLM2-135M (`smollm2-135m`, float32 on CPU, {threads}), {n_contexts} held-out contexts of
+`{command}` — SmolLM2-135M-Instruct (`smollm2-135m`: Q4_1 GGUF dequantised to float32, on CPU,
+{threads}), {n_contexts} held-out contexts of
 `{args.dataset}`, seq_len {args.seq_len}, batch {args.batch_size} contexts, SAEs at `{site}` with d_sae
 {args.d_sae} and **random weights** (exported BatchTopK: JumpReLU with one θ, calibrated to L0 ≈ {args.k}; eval
 throughput does not depend on the weights), threshold mode, position 0 (BOS) unspliced as for SAEs trained

@@ -273,7 +273,8 @@ def write_doc(table: str, command: str, args: argparse.Namespace, info: ModelInf
 
 Command: `{command}`
 
-SmolLM2-135M (`smollm2-135m`, float32 on CPU), site `{site}`, corpus `{args.dataset}`, seq_len
+SmolLM2-135M-Instruct (`smollm2-135m`: Q4_1 GGUF dequantised to float32, on CPU), site `{site}`,
+corpus `{args.dataset}`, seq_len
 {args.seq_len}, batches of {args.batch_size} contexts, bfloat16 storage, default codec (Blosc zstd 1, byte
 shuffle) and chunks ({store.default_chunk_rows(info.d_model)} rows), shards of {args.shard_chunks} chunks so the
 run has several. (a) is the bare forward over the same contexts in the same batches, stopped after the site's

@@ -1,9 +1,10 @@
 """Peers, side by side in one run: sae-lens' activation cache against `sae harvest`, and the SAE trainers of the
 peer libraries that install here against ours, on the same activations and config.
 
-Cache: the same model (the embedded SmolLM2-135M, float32 on CPU), the same site (the residual stream after block
-L: `blocks.L.hook_resid_post` for us, the output of `model.layers.L` hooked through sae-lens' HookedProxyLM), the
-same packed contexts of the same corpus, the same batches of contexts, shards of the same size. Each side runs end
+Cache: the same model (the embedded SmolLM2-135M-Instruct, float32 on CPU), the same site (the residual stream
+after block L: `blocks.L.hook_resid_post` for us, the output of `model.layers.L` hooked through sae-lens'
+HookedProxyLM), the same packed contexts of the same corpus, the same batches of contexts, shards of the same size.
+Each side runs end
 to end from the text file to a finished cache in a fresh folder: model load, tokenization and packing, forward
 (both stop after the site's block), conversion, writing. sae-lens gets the contexts as a pre-tokenized
 `datasets.Dataset`, built inside its timing from our packer (what its PretokenizeRunner step would do), so both
@@ -535,7 +536,8 @@ move with them; every side saw the same load, interleaved, and the CPU-time figu
 
 ### Activation cache: `sae harvest` vs sae-lens `CacheActivationsRunner`
 
-SmolLM2-135M (`{s.model}`, float32 on CPU, both sides load the same converted safetensors), site `{s.site}` (for
+SmolLM2-135M-Instruct (`{s.model}`: Q4_1 GGUF dequantised to float32, on CPU, both sides load the same
+converted safetensors), site `{s.site}` (for
 sae-lens `{s.lens_hook}` through its `HookedProxyLM`), {s.tokens:,} tokens per cache: the first
 {s.tokens // s.seq_len} packed contexts of `{s.dataset}`, seq_len {s.seq_len}, BOS first, in forward batches of
 {s.batch_size} contexts, written in shards of {s.shard_rows:,} tokens (our shard; sae-lens' `buffer_size_gb` set

@@ -1,6 +1,6 @@
 """Reproduce the BatchTopK paper's comparison at CPU scale: BatchTopK, TopK and JumpReLU at k ∈ {16, 32, 64}.
 
-On SmolLM2-135M (`smollm2-135m`) activations of one mid-depth residual site, through the real CLI:
+On SmolLM2-135M-Instruct (`smollm2-135m`) activations of one mid-depth residual site, through the real CLI:
   harvest  `sae harvest` of the train split of ../shared/corpus into <out>/train.zarr
   pilot    one `sae train` sweep of JumpReLU SAEs over a grid of L0 coefficients λ, with as many optimizer
            steps as the main run but --pilot-batch-size rows per step; each λ's L0 on the store's validation
@@ -44,7 +44,7 @@ from sae.store import Store
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "results.md"
 IMG = ROOT / "docs" / "img"
-HEADING = "Reproduction: BatchTopK vs TopK vs JumpReLU on SmolLM2-135M"
+HEADING = "Reproduction: BatchTopK vs TopK vs JumpReLU on SmolLM2-135M-Instruct"
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus"
 KS = (16, 32, 64)
 PILOT_GRID = (0.1, 0.3, 1.0, 3.0, 10.0, 30.0)
@@ -286,7 +286,8 @@ def section(args: argparse.Namespace, info: dict[str, Any], entries: dict[str, d
         "",
         f"Command: `{info['command']}` (written by `benchmarks/reproduce.py`).",
         "",
-        f"**Setup.** SmolLM2-135M (`{args.model}`, float32 on CPU), site `{args.site}` (d = {info['d']}), contexts "
+        f"**Setup.** SmolLM2-135M-Instruct (`{args.model}`: Q4_1 GGUF dequantised to float32, on CPU), "
+        f"site `{args.site}` (d = {info['d']}), contexts "
         f"of {args.seq_len} tokens. Training data: {info['train_tokens']:,} tokens of "
         f"`{CORPUS / 'train.jsonl.gz'}` harvested into a bfloat16 store (`{shlex.join(h)}`); "
         f"{info['tokens_seen']:,} of them trained on, once ({info['steps']} steps of {args.batch_size} rows; BOS "

@@ -1,6 +1,6 @@
 """Training throughput, side by side in one process (interleaved rounds, so machine load hits all alike).
 
-Measures, at SmolLM2-135M shapes (d=576, F=4608, k=32, B=4096) by default:
+Measures, at SmolLM2-135M-Instruct shapes (d=576, F=4608, k=32, B=4096) by default:
   reader      the shuffled chunk reader alone (tokens/s), against the trainer's consumption (goal ≥ 3×)
   matmul      this machine's dense fp32 matmul FLOP/s on the step's own GEMM shapes
   dense       our BatchTopK step with the dense decoder: tokens/s and FLOP/s against `matmul` (goal ≥ 0.75)

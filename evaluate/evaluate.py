@@ -12,11 +12,22 @@ mean ablation, a forward that stops at the site computes it from the eval tokens
 Positions (the same for every CE variant and KL): with t0 = 1 when the SAE was trained without BOS rows and
 0 otherwise, activations at positions t ≥ t0 are replaced (the reconstruction metrics cover those rows), and
 CE/KL average over the predictions made from positions t0 ≤ t ≤ T − 2 (the prediction at t of token t + 1).
+Rows the SAE was trained without (its metadata key `exclude`, see `sae.rowtypes.Exclusion`: massive rows, given
+positions or token ids) keep their clean activation, as BOS does, and are left out of the reconstruction metrics.
+
+Row types: a spliced row is *massive* when its norm exceeds M × the site's median non-BOS norm (M:
+--massive-factor, else the store's setting; the median from the store's statistics, else from the eval rows);
+every reconstruction metric is reported over all spliced rows and over typical and massive rows apart.
+
+Batch mode selects as training did: the spliced rows of all eval contexts are shuffled with --seed and encoded
+in batches of the SAE's training batch size (metadata `batch_size`, else --batch-rows), so one context's
+reconstruction depends on rows of other contexts, as in a training batch.
 """
 
 from __future__ import annotations
 
 import glob
+import math
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -27,21 +38,35 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from sae import progress
-from sae.config import EvalConfig
+from sae import progress, rowtypes
+from sae.config import DEFAULT_MODEL, EvalConfig
 from sae.corpus import available_splits, check_corpus, corpus_info, iter_contexts
 from sae.errors import SaeError
-from sae.metrics import MeanAccumulator, ReconstructionAccumulator
+from sae.metrics import MeanAccumulator
 from sae.models import ModelInfo, check_model_name, load_model
 from sae.saedir import SparseAutoencoder, load_sae
 from sae.sites import SITE_TABLE, Site, capture, parse_site, site_width, splice
 from sae.store import Store
 
-from .metrics import CeAccumulator, ce_recovered, token_losses
+from .metrics import (
+    CeAccumulator,
+    SpliceStats,
+    bootstrap_weights,
+    ce_recovered,
+    fvu_resampled,
+    interval,
+    token_losses,
+)
 from .report import summary_table, write_report
 
 HELDOUT_SPLITS = ("heldout", "validation", "valid", "test")
 """Split names taken, in this order, as a corpus' held-out data."""
+
+EMBEDDED_MODEL_NAME = "SmolLM2-135M-Instruct, Q4_1 GGUF dequantised to float32"
+"""What the embedded default model is, for reports."""
+
+DEFAULT_BATCH_ROWS = 4096
+"""Batch mode's batch size for an SAE that records no training batch size (sae train's default)."""
 
 
 class SaeSpec(NamedTuple):
@@ -63,6 +88,10 @@ class SaeSpec(NamedTuple):
     """Recorded training corpus (`sae.corpus.corpus_info` form), None when unknown."""
     store: Path | None
     """The store the SAE was trained from, when recorded."""
+    exclude: rowtypes.Exclusion = rowtypes.Exclusion()
+    """Rows the SAE was trained without besides BOS (metadata `exclude`); eval leaves them unspliced."""
+    train_batch_size: int | None = None
+    """Rows per training batch (metadata `batch_size`): batch mode's batch size."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -98,8 +127,11 @@ def find_sae_dirs(paths: tuple[Path, ...] | list[Path]) -> list[Path]:
                     "holding SAE directories"
                 )
             found += subs
-    unique = list(dict.fromkeys(d.resolve() for d in found))
-    return unique
+    # One entry per directory, named as the user gave it (reports show paths as typed, not resolved).
+    unique: dict[Path, Path] = {}
+    for d in found:
+        unique.setdefault(d.resolve(), d)
+    return list(unique.values())
 
 
 def _names(paths: list[Path]) -> list[str]:
@@ -131,6 +163,8 @@ def describe(path: Path, name: str, sae: SparseAutoencoder) -> SaeSpec:
         model=model,
         corpus=corpus if isinstance(corpus, dict) else None,
         store=Path(store) if isinstance(store, str) and store else None,
+        exclude=rowtypes.exclusion_from_metadata(meta),
+        train_batch_size=int(meta["batch_size"]) if isinstance(meta.get("batch_size"), int) else None,
     )
 
 
@@ -317,9 +351,11 @@ def ablation_means(
     model: Any,
     info: ModelInfo,
     contexts: np.ndarray,
+    rows: dict[str, Tensor] | None = None,
 ) -> dict[tuple[str, int], tuple[Tensor, str]]:
     """Mean activation per (site, t0) for mean ablation, and where it came from: --store, else the SAE's
-    recorded store, else the eval tokens at the spliced positions (one pass that stops at the site)."""
+    recorded store, else the eval tokens at the spliced positions (from `rows`, the captured activations, or one
+    pass that stops at the site)."""
     device = next(model.parameters()).device
     out: dict[tuple[str, int], tuple[Tensor, str]] = {}
     todo = []
@@ -335,7 +371,14 @@ def ablation_means(
             except SaeError:
                 continue  # a recorded store that moved on or changed: try the next, else the eval tokens
         else:
-            todo.append(key)
+            site = sites[hook].name
+            if rows is not None and site in rows:
+                x = rows[site][:, t0:].reshape(-1, rows[site].shape[-1])
+                acc = MeanAccumulator(x.shape[-1], "cpu")
+                acc.add(x)
+                out[key] = (acc.mean.float().to(device), "eval tokens")
+            else:
+                todo.append(key)
     if todo:
         acc = {key: MeanAccumulator(model.config.hidden_size, device) for key in todo}
         todo_sites = list(dict.fromkeys(sites[hook] for hook, _ in todo))
@@ -351,6 +394,60 @@ def ablation_means(
     return out
 
 
+def capture_rows(model: Any, contexts: np.ndarray, sites: list[Site], batch_size: int) -> dict[str, Tensor]:
+    """The clean activations of `sites` on every eval context, [N, T, d] float32 on the CPU (one forward that
+    stops at the deepest site)."""
+    if not sites:
+        return {}
+    device = next(model.parameters()).device
+    out: dict[str, list[Tensor]] = {s.name: [] for s in sites}
+    for i in range(0, len(contexts), batch_size):
+        ids = torch.from_numpy(contexts[i : i + batch_size]).to(device, torch.long)
+        with torch.inference_mode():
+            acts = capture(model, sites, ids)
+        for s in sites:
+            out[s.name].append(acts[s.name].float().cpu())
+    return {k: torch.cat(v) for k, v in out.items()}
+
+
+def _store_norms(path: Path, hook: str) -> dict[str, Any] | None:
+    try:
+        return Store.open(path).norm_stats(hook)
+    except SaeError:
+        return None
+
+
+def row_types(
+    specs: list[SaeSpec], sites: dict[str, Site], cfg: EvalConfig, rows: dict[str, Tensor]
+) -> dict[str, RowTypes]:
+    """Per hook: the median non-BOS norm (--store's statistics, else the SAE's store's, else the eval rows at
+    positions ≥ 1 in `rows`) and M (--massive-factor, else the store's setting, else the default)."""
+    out = {}
+    for hook, site in sites.items():
+        paths = [cfg.store] if cfg.store is not None else []
+        paths += [s.store for s in specs if s.hook_name == hook and s.store and s.store.exists()]
+        found = next(((p, n) for p in dict.fromkeys(paths) if (n := _store_norms(p, hook)) is not None), None)
+        if found is not None:
+            path, norms = found
+            factor = cfg.massive_factor or float(norms["massive"]["factor"])
+            out[hook] = RowTypes(float(norms["median"]), factor, f"store {path}")
+            continue
+        x = rows[site.name][:, 1:].reshape(-1, rows[site.name].shape[-1])
+        median = float(rowtypes.row_norms(x).median()) if len(x) else None
+        out[hook] = RowTypes(median, cfg.massive_factor or rowtypes.DEFAULT_MASSIVE_FACTOR, "eval tokens")
+    return out
+
+
+def _needs_rows(specs: list[SaeSpec], cfg: EvalConfig) -> set[str]:
+    """Hooks whose median row norm no store gives: those need a capture pass over the eval tokens."""
+    out = set()
+    for s in specs:
+        paths = [cfg.store] if cfg.store is not None else ([s.store] if s.store and s.store.exists() else [])
+        if not any(_store_norms(p, s.hook_name) is not None for p in paths):
+            out.add(s.hook_name)
+    return out
+
+
 # --------------------------------------------------------------------------------------------------
 # The pass
 
@@ -361,18 +458,91 @@ def _replace_from(act: Tensor, t0: int, new: Tensor) -> Tensor:
     return new if t0 == 0 else torch.cat([act[:, :t0], new], dim=1)
 
 
-def _sae_splice(sae: Any, t0: int, batch_mode: bool, acc: ReconstructionAccumulator) -> Callable[[Tensor], Tensor]:
+class RowTypes(NamedTuple):
+    """How the rows of one site are told apart."""
+
+    median: float | None
+    """Median non-BOS row norm of the site (None: unknown, every row counts as typical)."""
+    factor: float
+    """M: a row is massive when its norm exceeds M × median."""
+    source: str
+    """Where the median came from: `store PATH` or `eval tokens`."""
+
+    @property
+    def threshold(self) -> float | None:
+        return None if self.median is None else rowtypes.massive_threshold(self.median, self.factor)
+
+
+def _excluded(spec: SaeSpec, norms: Tensor, position: Tensor, tokens: Tensor, types: RowTypes) -> Tensor:
+    """Rows of `spec`'s spliced positions it was trained without (its own threshold, else M_sae × median)."""
+    ex = spec.exclude
+    thr = None
+    if ex.massive_factor is not None and types.median is not None:
+        thr = rowtypes.massive_threshold(types.median, ex.massive_factor)
+    return rowtypes.excluded_mask(norms, position, tokens, ex, thr)
+
+
+def _sae_splice(st: _SaeState, ids: Tensor, ctx0: int) -> Callable[[Tensor], Tensor]:
+    """The splice of one SAE for the forward batch of contexts ctx0.. with token ids `ids` [B, T]: spliced
+    positions ≥ t0 get x̂, except rows the SAE never trained on; the reconstruction statistics see the rest."""
+    sae, t0 = st.spec.sae, st.t0
     dtype = sae.W_dec.dtype
 
     def fn(act: Tensor) -> Tensor:
         x = act[:, t0:]
-        flat = x.reshape(-1, x.shape[-1]).to(dtype)
-        a = sae.encode_batch(flat) if batch_mode else sae.encode(flat)
+        b, t, d = x.shape
+        flat = x.reshape(-1, d)
+        if st.batch_xhat is not None:  # batch mode: reconstructions precomputed over shuffled batches
+            new = st.batch_xhat[ctx0 : ctx0 + b].to(act.device, act.dtype).reshape(-1, d)
+            keep = ~st.batch_excluded[ctx0 : ctx0 + b].to(act.device).reshape(-1)
+            out = torch.where(keep[:, None], new, flat)
+            return _replace_from(act, t0, out.view(x.shape))
+        norms = rowtypes.row_norms(flat)
+        position = torch.arange(t0, t0 + t, device=act.device).repeat(b)
+        context = torch.arange(ctx0, ctx0 + b, device=act.device).repeat_interleave(t)
+        tokens = ids[:, t0:].reshape(-1).to(act.device)
+        keep = ~_excluded(st.spec, norms, position, tokens, st.types)
+        xs = flat[keep].to(dtype)
+        a = sae.encode(xs)
         x_hat = sae.decode(a)
-        acc.add(flat, x_hat, a)
-        return _replace_from(act, t0, x_hat.view(x.shape))
+        st.stats.add(xs, x_hat, a, context[keep], rowtypes.massive_mask(norms[keep], st.types.threshold))
+        st.stats.n_excluded += int((~keep).sum())
+        out = flat.clone()
+        out[keep] = x_hat.to(act.dtype)
+        return _replace_from(act, t0, out.view(x.shape))
 
     return fn
+
+
+def batch_reconstructions(st: _SaeState, rows: Tensor, contexts: np.ndarray, batch_rows: int, seed: int) -> None:
+    """Batch mode as training selects: every spliced, non-excluded row of the eval contexts (`rows` [N, T, d],
+    the site's clean activations on the CPU) shuffled with `seed` and encoded with batch top-k in batches of
+    `batch_rows`. Feeds the statistics and keeps x̂ for the splice."""
+    sae, t0 = st.spec.sae, st.t0
+    device, dtype = sae.W_dec.device, sae.W_dec.dtype
+    x = rows[:, t0:]
+    n, t, d = x.shape
+    flat = x.reshape(-1, d)
+    norms = rowtypes.row_norms(flat)
+    position = torch.arange(t0, t0 + t).repeat(n)
+    context = torch.arange(n).repeat_interleave(t)
+    tokens = torch.from_numpy(np.ascontiguousarray(contexts[:, t0:])).reshape(-1).long()
+    excluded = _excluded(st.spec, norms, position, tokens, st.types)
+    massive = rowtypes.massive_mask(norms, st.types.threshold)
+    idx = torch.nonzero(~excluded).squeeze(1)
+    order = idx[torch.randperm(len(idx), generator=torch.Generator().manual_seed(seed))]
+    out = flat.clone()
+    with torch.inference_mode():
+        for i in range(0, len(order), batch_rows):
+            j = order[i : i + batch_rows]
+            xb = flat[j].to(device, dtype)
+            a = sae.encode_batch(xb)
+            x_hat = sae.decode(a)
+            st.stats.add(xb, x_hat, a, context[j].to(device), massive[j].to(device))
+            out[j] = x_hat.float().cpu()
+    st.stats.n_excluded += int(excluded.sum())
+    st.batch_xhat = out.view(n, t, d)
+    st.batch_excluded = excluded.view(n, t)
 
 
 def _ablate_splice(t0: int, value: Tensor | None) -> Callable[[Tensor], Tensor]:
@@ -445,10 +615,19 @@ def encoder_modes(sae: Any, mode: str) -> list[str]:
 
 
 class _SaeState:
-    def __init__(self, spec: SaeSpec, site: Site, t0: int, device: torch.device, mode: str = "threshold") -> None:
-        self.spec, self.site, self.t0, self.mode = spec, site, t0, mode
-        self.recon = ReconstructionAccumulator(int(spec.sae.cfg.d_in), int(spec.sae.cfg.d_sae), device)
+    def __init__(
+        self, spec: SaeSpec, site: Site, t0: int, device: torch.device, mode: str, types: RowTypes, n_contexts: int
+    ) -> None:
+        self.spec, self.site, self.t0, self.mode, self.types = spec, site, t0, mode, types
+        self.stats = SpliceStats(int(spec.sae.cfg.d_in), int(spec.sae.cfg.d_sae), n_contexts, device)
         self.ce = CeAccumulator()
+        self.batch_xhat: Tensor | None = None
+        self.batch_excluded: Tensor | None = None
+
+    @property
+    def recon(self) -> Any:
+        """The reconstruction accumulator over all spliced rows."""
+        return self.stats.groups["all"]
 
 
 def run_pass(
@@ -459,18 +638,34 @@ def run_pass(
     means: dict[tuple[str, int], tuple[Tensor, str]],
     cfg: EvalConfig,
     *,
+    types: dict[str, RowTypes] | None = None,
+    rows: dict[str, Tensor] | None = None,
     reuse_prefix: bool = True,
 ) -> tuple[list[_SaeState], dict[int, CeAccumulator], dict[tuple[str, int], dict[str, CeAccumulator]]]:
-    """One pass over `contexts`: per-SAE accumulators, clean CE per t0, zero/mean CE per (site, t0).
+    """One pass over `contexts`: per-SAE accumulators, clean CE per t0, zero/mean CE (and zero-ablation KL) per
+    (site, t0). `types`: row types per hook (default: every row typical); `rows`: each site's clean activations
+    [N, T, d] on the CPU, needed for batch mode (captured here when missing).
 
     `reuse_prefix=False` runs every forward in full (for checking that `PrefixReplay` changes nothing).
     """
     device = next(model.parameters()).device
+    types = types or {}
+    n_ctx = len(contexts)
     states = [
-        _SaeState(s, sites[s.hook_name], int(s.skip_bos), device, mode)
+        _SaeState(
+            s, sites[s.hook_name], int(s.skip_bos), device, mode,
+            types.get(s.hook_name, RowTypes(None, rowtypes.DEFAULT_MASSIVE_FACTOR, "none")), n_ctx,
+        )
         for s in specs
         for mode in encoder_modes(s.sae, cfg.mode)
-    ]
+    ]  # fmt: skip
+    batch_states = [st for st in states if st.mode == "batch" and st.spec.sae.batch_topk]
+    if batch_states:
+        need = [sites[h] for h in dict.fromkeys(st.spec.hook_name for st in batch_states) if h not in (rows or {})]
+        rows = {**(rows or {}), **capture_rows(model, contexts, need, cfg.batch_size)}
+        for st in batch_states:
+            size = cfg.batch_rows or st.spec.train_batch_size or DEFAULT_BATCH_ROWS
+            batch_reconstructions(st, rows[st.site.name], contexts, size, cfg.seed)
     groups = list(dict.fromkeys((st.spec.hook_name, st.t0) for st in states))
     clean = {t0: CeAccumulator() for _, t0 in groups}
     ablated = {key: {"zero": CeAccumulator(), "mean": CeAccumulator()} for key in groups}
@@ -497,10 +692,11 @@ def run_pass(
                 acc.add(ref.nll[:, t0:])
             for (hook, t0), accs in ablated.items():
                 for kind, value in (("zero", None), ("mean", means[hook, t0][0])):
-                    out = token_losses(forward(ids, sites[hook], _ablate_splice(t0, value))[:, :-1], targets)
-                    accs[kind].add(out.nll[:, t0:])
+                    logits = forward(ids, sites[hook], _ablate_splice(t0, value))[:, :-1]
+                    out = token_losses(logits, targets, ref.clean if kind == "zero" else None)
+                    accs[kind].add(out.nll[:, t0:], None if out.kl is None else out.kl[:, t0:])
             for st in states:
-                logits = forward(ids, st.site, _sae_splice(st.spec.sae, st.t0, st.mode == "batch", st.recon))
+                logits = forward(ids, st.site, _sae_splice(st, ids, i))
                 out = token_losses(logits[:, :-1], targets, ref.clean)
                 st.ce.add(out.nll[:, st.t0 :], out.kl[:, st.t0 :])
                 del logits
@@ -550,12 +746,17 @@ def evaluate(cfg: EvalConfig) -> Path:
     contexts = load_contexts(dataset, tokenizer, split, cfg)
 
     keys = list(dict.fromkeys((s.hook_name, int(s.skip_bos)) for s in specs))
-    means = ablation_means(keys, sites, specs, cfg, model, info, contexts)
-    states, clean, ablated = run_pass(model, contexts, specs, sites, means, cfg)
+    batch = cfg.mode != "threshold" and any(s.sae.batch_topk for s in specs)
+    need = _needs_rows(specs, cfg) | ({s.hook_name for s in specs if s.sae.batch_topk} if batch else set())
+    rows = capture_rows(model, contexts, [sites[h] for h in sorted(need)], cfg.batch_size)
+    types = row_types(specs, {h: sites[h] for h in dict.fromkeys(s.hook_name for s in specs)}, cfg, rows)
+    means = ablation_means(keys, sites, specs, cfg, model, info, contexts, rows)
+    states, clean, ablated = run_pass(model, contexts, specs, sites, means, cfg, types=types, rows=rows)
+    del rows
 
     results = [_result(st, clean, ablated, means, info, dataset, split, cfg) for st in states]
     setup = {
-        "model": info.id,
+        "model": info.id + (f" ({EMBEDDED_MODEL_NAME})" if info.id == DEFAULT_MODEL else ""),
         "model dtype": info.dtype,
         "dataset": dataset,
         "split": split,
@@ -563,6 +764,7 @@ def evaluate(cfg: EvalConfig) -> Path:
         "seq_len": contexts.shape[1],
         "encoder mode": cfg.mode,
         "batch size": cfg.batch_size,
+        "bootstrap": f"{cfg.bootstrap} resamples of the contexts, seed {cfg.seed}" if cfg.bootstrap else "none",
     }
     write_report(Path(cfg.out), results, setup)
     progress.summary("eval", [*summary_table(results).splitlines(), f"report: {cfg.out}"])
@@ -583,8 +785,10 @@ def _result(
     key = (spec.hook_name, t0)
     ce_clean, ce_sae = clean[t0].ce, st.ce.ce
     ce_zero, ce_mean = ablated[key]["zero"].ce, ablated[key]["mean"].ce
-    recon = st.recon.result()
+    recon = st.stats.result()
+    kl_zero = ablated[key]["zero"].mean_kl
     scfg = spec.sae.cfg
+    norms, l0 = st.stats.rows()
     return {
         # `both`: a BatchTopK SAE's batch-mode entry is told apart by its name
         "name": spec.name + (" (batch)" if cfg.mode == "both" and st.mode == "batch" else ""),
@@ -604,8 +808,11 @@ def _result(
         "ce_recovered_mean": ce_recovered(ce_mean, ce_sae, ce_clean),
         "delta_ce": ce_sae - ce_clean,
         "kl": st.ce.mean_kl,
+        "kl_zero": kl_zero,
+        "kl_score": 1 - st.ce.mean_kl / kl_zero if kl_zero > 0 else math.nan,
         "fvu": recon["fvu"],
         "nmse": recon["nmse"],
+        "nmse_per_row": recon["nmse_per_row"],
         "cosine": recon["cosine"],
         "l0": recon["l0"],
         "dead_fraction": recon["dead_fraction"],
@@ -618,6 +825,44 @@ def _result(
         "dataset": dataset,
         "split": split,
         "seq_len": cfg.seq_len,
+        "ci95": _intervals(st, clean[t0], ablated[key], cfg),
+        "row_types": {
+            "massive_factor": st.types.factor,
+            "median_norm": st.types.median,
+            "massive_threshold": st.types.threshold,
+            "median_source": st.types.source,
+            **recon["groups"],
+        },
+        "excluded": {"rows": spec.exclude.describe(), "n_rows": st.stats.n_excluded, **spec.exclude._asdict()},
+        "batch_rows": (cfg.batch_rows or spec.train_batch_size or DEFAULT_BATCH_ROWS) if st.mode == "batch" else None,
         "l0_histogram": recon["l0_histogram"],
         "fire_counts": recon["fire_counts"],
+        "row_norm_l0": (norms, l0),
     }
+
+
+def _intervals(
+    st: _SaeState, clean: CeAccumulator, ablated: dict[str, CeAccumulator], cfg: EvalConfig
+) -> dict[str, list[float]]:
+    """95 % bootstrap intervals over contexts (the same resamples for every SAE: `cfg.seed`)."""
+    if cfg.bootstrap < 1:
+        return {}
+    nll_c, _, n = clean.per_context()
+    nll_s, kl_s, _ = st.ce.per_context()
+    nll_z, kl_z, _ = ablated["zero"].per_context()
+    nll_m, _, _ = ablated["mean"].per_context()
+    w = bootstrap_weights(len(n), cfg.bootstrap, cfg.seed)
+    wn = w @ n
+    ce_c, ce_s, ce_z, ce_m = (w @ v / wn for v in (nll_c, nll_s, nll_z, nll_m))
+    kl, klz = w @ kl_s / wn, w @ kl_z / wn
+    s = st.stats
+    fvu = fvu_resampled(w, *(t.cpu().numpy() for t in (s.ctx_sq_err, s.ctx_sum, s.ctx_sq, s.ctx_n)))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return {
+            "delta_ce": interval(ce_s - ce_c),
+            "ce_recovered": interval((ce_z - ce_s) / (ce_z - ce_c)),
+            "ce_recovered_mean": interval((ce_m - ce_s) / (ce_m - ce_c)),
+            "kl": interval(kl),
+            "kl_score": interval(1 - kl / klz),
+            "fvu": interval(fvu),
+        }

@@ -24,7 +24,13 @@ METRIC_KEYS = (
 )  # fmt: skip
 """The metric names every report.json entry carries, exactly."""
 
-PLOTS = ("frontier.png", "l0_histogram.png", "firing_frequency.png")
+PLOTS = ("frontier.png", "l0_histogram.png", "firing_frequency.png", "latent_budget.png")
+
+_NOT_JSON = ("fire_counts", "row_norm_l0")
+"""Per-latent and per-row arrays that feed the plots but stay out of report.json."""
+
+CI_KEYS = ("delta_ce", "ce_recovered", "ce_recovered_mean", "kl", "kl_score", "fvu")
+"""Metrics reported with a 95 % bootstrap interval over contexts."""
 
 MODE_LABELS = {"threshold": "θ", "batch": "batch top-k"}
 """How plots name an encoder mode when an architecture appears in both."""
@@ -43,18 +49,51 @@ DEFINITIONS = """\
   **cosine** = mean cos(x, x̂); sums over all spliced positions (`n_tokens` rows).
 - **L0** = mean number of active latents per token; **dead** = fraction of latents that never fired on the
   eval tokens; **dense** = fraction firing on more than 10 % of them.
+- **NMSE (row mean)** = mean over rows of ‖x − x̂‖² / ‖x‖², beside the pooled NMSE (which large rows dominate).
+- **KL score** = 1 − KL_sae / KL_zero (SAEBench's normalised KL; KL_zero: KL(p_clean ‖ p_zero-ablated)).
+- **Row types.** A spliced row is *massive* when its norm exceeds M × the site's median non-BOS norm (M and
+  the median's source in the row-type table), else *typical*. Reconstruction metrics are given over all
+  spliced rows and per type, with each type's share of the rows and of the latent budget (Σ active latents).
+- **Excluded rows.** Rows the SAE was trained without (its metadata `exclude`: massive rows, positions or
+  token ids) keep their clean activation, like BOS, and are in no reconstruction metric; CE and KL still
+  average over every prediction from spliced positions.
+- **95 % intervals** (in brackets): percentile bootstrap over eval contexts (resampled with replacement, fixed
+  seed, the same resamples for every SAE).
+- **Batch mode** (`batch top-k`): the spliced rows of all eval contexts are shuffled with the seed and encoded
+  with batch top-k in batches of the SAE's training batch size, as training selects.
 """
 
 
 def write_report(out: Path, results: list[dict[str, Any]], setup: dict[str, Any]) -> None:
     """Write report.json, report.md and the plots into `out` (each file replaced atomically)."""
     out.mkdir(parents=True, exist_ok=True)
-    entries = [{k: v for k, v in r.items() if k != "fire_counts"} for r in results]
+    entries = [
+        {**{k: v for k, v in r.items() if k not in _NOT_JSON}, "latent_budget_by_norm": budget_bins(r)} for r in results
+    ]
     atomic.write_json(out / "report.json", _json_safe(entries))
     atomic.write_bytes(out / "report.md", markdown(results, setup).encode())
     _save(plot_frontier(results), out / "frontier.png")
     _save(plot_l0_histogram(results), out / "l0_histogram.png")
     _save(plot_firing_frequency(results), out / "firing_frequency.png")
+    _save(plot_latent_budget(results), out / "latent_budget.png")
+
+
+def budget_bins(r: dict[str, Any]) -> list[dict[str, float]]:
+    """Mean L0 of the spliced rows per band of norm / median norm (for report.json; the plot shows every row)."""
+    norms, l0 = r.get("row_norm_l0", (np.zeros(0), np.zeros(0)))
+    median = (r.get("row_types") or {}).get("median_norm")
+    if not len(norms) or not median:
+        return []
+    ratio = np.asarray(norms) / median
+    edges = [0, 0.5, 0.75, 1, 1.25, 1.5, 2, 3, 5, 10, 20, 50, math.inf]
+    out = []
+    for a, b in zip(edges[:-1], edges[1:], strict=True):
+        sel = (ratio >= a) & (ratio < b)
+        if sel.any():
+            out.append(
+                {"norm_ratio_from": a, "norm_ratio_to": b, "rows": int(sel.sum()), "mean_l0": float(l0[sel].mean())}
+            )
+    return out
 
 
 def _json_safe(obj: Any) -> Any:
@@ -93,6 +132,47 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def _with_ci(r: dict[str, Any], key: str, spec: str = ".4f") -> str:
+    ci = (r.get("ci95") or {}).get(key)
+    if not ci or not all(_finite(v) for v in ci):
+        return _fmt(r.get(key), spec)
+    return f"{_fmt(r.get(key), spec)} [{format(ci[0], spec)}, {format(ci[1], spec)}]"
+
+
+def _ci_rows(results: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    header = ["SAE", "FVU", "ΔCE", "CE rec. (zero)", "CE rec. (mean)", "KL", "KL score"]
+    rows = [
+        [
+            r["name"],
+            *(_with_ci(r, k) for k in ("fvu", "delta_ce", "ce_recovered", "ce_recovered_mean", "kl", "kl_score")),
+        ]
+        for r in results
+    ]
+    return header, rows
+
+
+def _type_rows(results: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    header = ["SAE", "rows", "share of rows", "share of latents", "L0", "FVU", "NMSE", "NMSE (row mean)", "cos"]
+    rows = []
+    for r in results:
+        types = r.get("row_types") or {}
+        for g, v in ((g, types[g]) for g in ("all", "typical", "massive") if g in types):
+            rows.append(
+                [
+                    f"{r['name']}: {g}",
+                    str(v["n_rows"]),
+                    _fmt(v["share_rows"], ".2%"),
+                    _fmt(v["share_budget"], ".2%"),
+                    _fmt(v["l0"], ".1f"),
+                    _fmt(v["fvu"], ".4f"),
+                    _fmt(v["nmse"], ".4f"),
+                    _fmt(v["nmse_per_row"], ".4f"),
+                    _fmt(v["cosine"], ".4f"),
+                ]
+            )
+    return header, rows
+
+
 def _metric_rows(results: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
     header = ["SAE", "L0", "FVU", "NMSE", "cos", "ΔCE", "CE rec.", "CE rec. (mean)", "KL", "dead", "dense"]
     rows = [
@@ -112,6 +192,22 @@ def _metric_rows(results: list[dict[str, Any]]) -> tuple[list[str], list[list[st
         for r in results
     ]
     return header, rows
+
+
+def _types_intro(results: list[dict[str, Any]]) -> str:
+    """One line per SAE: M, the median and where it came from, and the rows left unspliced besides BOS."""
+    lines = []
+    for r in results:
+        t, ex = r.get("row_types") or {}, r.get("excluded") or {}
+        median = t.get("median_norm")
+        lines.append(
+            f"- {r['name']}: massive = norm > {_fmt(t.get('massive_factor'), 'g')} × median "
+            f"{_fmt(median, '.4g')} (median from {t.get('median_source', '–')}); "
+            f"left unspliced besides BOS: {ex.get('rows', 'nothing')}"
+            + (f" ({ex['n_rows']} rows)" if ex.get("n_rows") else "")
+            + (f"; batch mode over shuffled batches of {r['batch_rows']} rows" if r.get("batch_rows") else "")
+        )
+    return "\n".join(lines)
 
 
 def summary_table(results: list[dict[str, Any]]) -> str:
@@ -160,6 +256,16 @@ def markdown(results: list[dict[str, Any]], setup: dict[str, Any]) -> str:
         "",
         _table(*_metric_rows(results)),
         "",
+        "## 95 % bootstrap intervals over contexts",
+        "",
+        _table(*_ci_rows(results)),
+        "",
+        "## Typical and massive rows",
+        "",
+        _types_intro(results),
+        "",
+        _table(*_type_rows(results)),
+        "",
         "## Cross-entropy (nats per token)",
         "",
         _table(
@@ -189,6 +295,8 @@ def markdown(results: list[dict[str, Any]], setup: dict[str, Any]) -> str:
         "![Per-token L0](l0_histogram.png)",
         "",
         "![Latent firing frequency](firing_frequency.png)",
+        "",
+        "![Latent budget against row norm](latent_budget.png)",
         "",
     ]
     return "\n".join(parts)
@@ -277,37 +385,93 @@ def _quantile(counts: np.ndarray, q: float) -> int:
     return int(np.searchsorted(cdf, q))
 
 
+def _l0_series(r: dict[str, Any]) -> list[tuple[str, str, np.ndarray]]:
+    """(label, line style, L0 counts) per row type of one SAE: typical and massive when the report splits them,
+    else all rows."""
+    types = r.get("row_types") or {}
+    split = [(g, ls) for g, ls in (("typical", "-"), ("massive", "--")) if (types.get(g) or {}).get("n_rows")]
+    if not split:
+        return [("all rows", "-", np.asarray(r["l0_histogram"], dtype=float))]
+    return [(g, ls, np.asarray(types[g]["l0_histogram"], dtype=float)) for g, ls in split]
+
+
 def plot_l0_histogram(results: list[dict[str, Any]]) -> plt.Figure:
     """Distribution over tokens of the number of active latents (BatchTopK paper, Figure 3), one panel per
-    architecture (and dictionary size). The x-axis ends where 99.5 % of every SAE's tokens lie; the legend
-    says how many tokens lie beyond."""
-    hists = {id(r): np.asarray(r["l0_histogram"], dtype=float) for r in results}
-    top = max([_quantile(h, 0.995) + 1 for h in hists.values()] + [int(r.get("k") or 0) + 1 for r in results] + [2])
+    architecture (and dictionary size), typical rows solid and massive rows dashed, each as a fraction of its
+    own rows. The x-axis ends where 99.5 % of every series' tokens lie; the legend says how many lie beyond."""
+    series = {id(r): _l0_series(r) for r in results}
+    top = max(
+        [_quantile(h, 0.995) + 1 for ss in series.values() for _, _, h in ss]
+        + [int(r.get("k") or 0) + 1 for r in results]
+        + [2]
+    )
     top = int(math.ceil(top * 1.1))
     width = max(1, math.ceil(top / 60))  # at most ~60 bins, so wide dictionaries stay readable
     n_bins = math.ceil(top / width)
     groups = _groups(results)
     fig, axes = _panels(len(groups))
     for ax, (key, rs) in zip(axes, groups.items(), strict=True):
-        for r in rs:
-            counts = hists[id(r)]
-            total = max(counts.sum(), 1)
-            shown = np.zeros(n_bins * width)
-            m = min(len(counts), len(shown))
-            shown[:m] = counts[:m]
-            frac = shown.reshape(n_bins, width).sum(1) / total
-            beyond = counts[len(shown) :].sum() / total
-            label = f"{r['name']} (mean {r['l0']:.1f}" + (f"; {beyond:.1%} > {len(shown)}" if beyond else "") + ")"
-            step = ax.stairs(frac, np.arange(n_bins + 1) * width, linewidth=1.6, label=label)
+        for i, r in enumerate(rs):
+            color = f"C{i}"
+            for label, ls, counts in series[id(r)]:
+                total = max(counts.sum(), 1)
+                shown = np.zeros(n_bins * width)
+                m = min(len(counts), len(shown))
+                shown[:m] = counts[:m]
+                frac = shown.reshape(n_bins, width).sum(1) / total
+                beyond = counts[len(shown) :].sum() / total
+                mean = float((np.arange(len(counts)) * counts).sum() / total)
+                text = f"{r['name']}, {label}: {int(counts.sum())} rows, mean {mean:.1f}"
+                text += f"; {beyond:.1%} > {len(shown)}" if beyond else ""
+                ax.stairs(frac, np.arange(n_bins + 1) * width, linewidth=1.6, linestyle=ls, color=color, label=text)
             if r.get("k"):
-                ax.axvline(float(r["k"]), color=step.get_edgecolor(), linestyle=":", linewidth=1.2)
+                ax.axvline(float(r["k"]), color=color, linestyle=":", linewidth=1.2)
         ax.set_xlim(0, n_bins * width)
         ax.set_xlabel("active latents per token (L0)" + (f", bins of {width}" if width > 1 else ""))
-        ax.set_ylabel("fraction of tokens")
+        ax.set_ylabel("fraction of the row type's tokens")
         ax.set_title(_group_label(key))
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize="x-small")
-    fig.suptitle("Per-token L0 distribution (dotted lines: k)")
+    fig.suptitle("Per-token L0 by row type (solid: typical, dashed: massive; dotted lines: k)")
+    fig.tight_layout()
+    return fig
+
+
+def plot_latent_budget(results: list[dict[str, Any]]) -> plt.Figure:
+    """Active latents per row against the row's norm (over the site's median norm), one panel per SAE: every
+    row as a faint dot, the mean L0 per norm band as a line, M as a vertical line. BatchTopK's adaptive
+    allocation shows as L0 rising with the norm; TopK's as a flat line at k."""
+    fig, axes = _panels(len(results), width=4.6, height=3.6)
+    rng = np.random.default_rng(0)
+    for ax, r in zip(axes, results, strict=True):
+        norms, l0 = (np.asarray(v, dtype=float) for v in r.get("row_norm_l0", (np.zeros(0), np.zeros(0))))
+        t = r.get("row_types") or {}
+        median = t.get("median_norm") or (float(np.median(norms)) if len(norms) else 1.0)
+        ratio = norms / median if median else norms
+        keep = ratio > 0
+        ratio, l0 = ratio[keep], l0[keep]
+        if len(ratio) > 20000:  # a readable cloud; the band means use every row
+            pick = rng.choice(len(ratio), 20000, replace=False)
+        else:
+            pick = np.arange(len(ratio))
+        ax.scatter(ratio[pick], l0[pick], s=2, alpha=0.15, color="C0", rasterized=True, label="rows")
+        if len(ratio):
+            edges = np.geomspace(ratio.min(), ratio.max() * 1.0001, 25)
+            idx = np.digitize(ratio, edges) - 1
+            xs = [np.sqrt(edges[i] * edges[i + 1]) for i in range(len(edges) - 1) if (idx == i).any()]
+            ys = [l0[idx == i].mean() for i in range(len(edges) - 1) if (idx == i).any()]
+            ax.plot(xs, ys, "-o", color="C3", ms=3, lw=1.6, label="mean L0 per norm band")
+        if t.get("massive_factor"):
+            ax.axvline(float(t["massive_factor"]), color="gray", ls="--", lw=1, label=f"M = {t['massive_factor']:g}")
+        if r.get("k"):
+            ax.axhline(float(r["k"]), color="black", ls=":", lw=1, label=f"k = {r['k']}")
+        ax.set_xscale("log")
+        ax.set_xlabel("row norm / median non-BOS norm")
+        ax.set_ylabel("active latents (L0)")
+        ax.set_title(r["name"], fontsize="medium")
+        ax.grid(True, alpha=0.3, which="both")
+        ax.legend(fontsize="x-small")
+    fig.suptitle("Latent budget against row norm")
     fig.tight_layout()
     return fig
 

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from sae import progress, store
+from sae import progress, rowtypes, store
 from sae.config import HarvestConfig
 from sae.corpus import check_corpus, corpus_info, iter_contexts
 from sae.errors import SaeError
@@ -52,6 +52,8 @@ def harvest(cfg: HarvestConfig) -> Path:
         raise SaeError("--init only creates the store and its plan; drop --shard/--overwrite")
     _check_sizes(cfg)
     # What can be checked without the model is checked before loading it (a download, or a minute on a CPU).
+    if not cfg.massive_factor > 0:
+        raise SaeError(f"--massive-factor must be positive, got {cfg.massive_factor}")
     check_model_name(cfg.model, revision=cfg.revision)
     if not store.check_target(out, overwrite=cfg.overwrite):  # a resumed store takes its contexts from its plan
         check_corpus(cfg.dataset, split=cfg.split, text_column=cfg.text_column)
@@ -78,6 +80,7 @@ def harvest(cfg: HarvestConfig) -> Path:
         "chunk_rows": chunk_rows,
         "shard_rows": chunk_rows * cfg.shard_chunks,
         "seed": cfg.seed,
+        "massive_factor": cfg.massive_factor,
     }
     # Lazy: only a new store reads the corpus; a resumed one takes its contexts from the plan.
     contexts = iter_contexts(
@@ -99,7 +102,7 @@ def harvest(cfg: HarvestConfig) -> Path:
     n_tokens = harvest_shards(model, sites, writer, todo, batch_size=cfg.batch_size)
     if task is None:
         store.finalize(out)
-    progress.summary("harvest", summary(out, time.perf_counter() - t0, n_tokens, task=task))
+    progress.summary("harvest", summary(out, time.perf_counter() - t0, n_tokens, task=task, decode=tokenizer.decode))
     return out
 
 
@@ -208,9 +211,12 @@ def compute_shard(
     return bufs, tokens
 
 
-def summary(path: Path, seconds: float, n_tokens: int, *, task: tuple[int, int] | None = None) -> list[str]:
+def summary(
+    path: Path, seconds: float, n_tokens: int, *, task: tuple[int, int] | None = None, decode: Any = None
+) -> list[str]:
     """The lines of the closing paragraph on the store at `path` and this run: tokens, sites and state; bytes and
-    compression; this run's tokens and wall time."""
+    compression; this run's tokens and wall time; then, once finalized, each site's norm distribution and massive
+    rows (token ids named through `decode`)."""
     st = store.Store.open(path, finalized=False)
     writer = store.StoreWriter(path)
     done = writer.done()
@@ -237,6 +243,11 @@ def summary(path: Path, seconds: float, n_tokens: int, *, task: tuple[int, int] 
         f"{disk / 1e6:,.1f} MB on disk, {disk / max(rows, 1):,.0f} bytes/token; activations compressed "
         f"{raw / max(act_disk, 1):.2f}× vs raw {st.dtype} and {f32 / max(act_disk, 1):.2f}× vs float32.",
         f"{run}.",
+    ] + [
+        line
+        for site in st.sites
+        if (norms := st.norm_stats(site)) is not None
+        for line in (f"{site}:", *("  " + n for n in rowtypes.describe_norms(norms, decode)))
     ]
 
 

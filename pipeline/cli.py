@@ -141,7 +141,7 @@ def main(progress_interval: float | None) -> None:
     """Harvest LM activations into Zarr stores, train BatchTopK sparse autoencoders, evaluate them.
 
     \b
-    The README's demo (embedded SmolLM2-135M and Shakespeare corpus, no hub needed), in one command:
+    The README's demo (embedded SmolLM2-135M-Instruct and Shakespeare corpus, no hub needed), in one command:
       sae run manifests/smollm2-demo.yaml
     \b
     The same run, stage by stage:
@@ -272,20 +272,31 @@ def submit(manifest: Path, scheduler: str, dry_run: bool) -> None:
 @click.option("--site", "sites", multiple=True, help="Site(s) to summarise; default: all.")
 @click.option("--skip-bos", is_flag=True, help="Leave out the BOS rows (position 0).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON, with the full mean and max vectors.")
+@click.option(
+    "--massive-factor",
+    type=float,
+    help="A row is massive when its norm exceeds this × the median non-BOS norm; default: the store's setting (3).",
+)
 @click.option("--scheduler", metavar="ADDRESS", help=_SCHEDULER_HELP)
-def stats(store: Path, sites: tuple[str, ...], skip_bos: bool, as_json: bool, scheduler: str | None) -> None:
+def stats(
+    store: Path, sites: tuple[str, ...], skip_bos: bool, as_json: bool, massive_factor: float | None,
+    scheduler: str | None,
+) -> None:  # fmt: skip
     """Recompute STORE's statistics from its activations: mean vector, mean norm, variance, per-dimension max,
-    NaN/Inf count."""
+    NaN/Inf count, and over non-BOS rows the norm distribution and the massive rows (count, share of the
+    variance, positions, tokens)."""
     import json
 
     from .progress import summary
-    from .storetools import format_stats, stats_json, store_stats
+    from .storetools import format_stats, stats_json, store_decoder, store_stats
 
-    result = _run(lambda: store_stats(store, sites=sites, skip_bos=skip_bos, scheduler=scheduler))
+    result = _run(
+        lambda: store_stats(store, sites=sites, skip_bos=skip_bos, massive_factor=massive_factor, scheduler=scheduler)
+    )
     if as_json:
         click.echo(json.dumps(stats_json(result)))
     else:
-        summary("stats", format_stats(store, result, skip_bos=skip_bos).splitlines())
+        summary("stats", format_stats(store, result, skip_bos=skip_bos, decode=store_decoder(store)).splitlines())
 
 
 @main.command()

@@ -115,6 +115,9 @@ class HarvestConfig:
     overwrite: bool = False
     """Delete an existing store at `out` and start afresh."""
 
+    massive_factor: float = 3.0
+    """A row is massive when its norm exceeds this × the site's median non-BOS norm (store statistics, summary)."""
+
     trust_remote_code: bool = False
     """Allow model code from the hub (off unless asked for)."""
 
@@ -224,6 +227,21 @@ class TrainConfig:
     keep_bos: bool = False
     """Train on BOS rows (position 0) too; they are skipped by default."""
 
+    exclude_massive: float | None = None
+    """Leave rows with norm > this × the site's median non-BOS norm (from the store's statistics) out of
+    training; recorded in the SAE's metadata `exclude`, and eval leaves them unspliced. Default: keep them."""
+
+    exclude_positions: tuple[int, ...] = ()
+    """Context positions whose rows are left out of training (recorded as `exclude`)."""
+
+    exclude_tokens: tuple[int, ...] = ()
+    """Token ids whose rows are left out of training (recorded as `exclude`)."""
+
+    theta: Literal["ema", "calibrated"] = "calibrated"
+    """BatchTopK-family θ exported as the inference threshold: `calibrated` on held-out rows so that θ-mode L0
+    there is k (every second validation row; needs --val-chunks ≥ 1), or the training `ema` of the
+    batches' smallest kept activations. Both are recorded in the metadata."""
+
     device: str = "auto"
     """`auto` (CUDA when available), `cpu`, `cuda` or `cuda:N`."""
 
@@ -280,7 +298,21 @@ class EvalConfig:
     forwards; other SAEs have one encoder and one entry)."""
 
     store: Path | None = None
-    """Store whose manifest gives the mean vector for CE_mean; default: the SAE's store, else the eval tokens."""
+    """Store whose manifest gives the mean vector for CE_mean and the median row norm; default: the SAE's store,
+    else the eval tokens."""
+
+    massive_factor: float | None = None
+    """Rows with norm > this × the site's median non-BOS norm are reported as massive; default: the store's setting
+    (3 unless the harvest chose another)."""
+
+    batch_rows: int | None = None
+    """Batch mode: rows per shuffled batch; default: the SAE's training batch size (4096 when it records none)."""
+
+    bootstrap: int = 1000
+    """Bootstrap resamples of the eval contexts for the 95 % confidence intervals (0: none)."""
+
+    seed: int = 0
+    """Seed of the bootstrap and of batch mode's row shuffle."""
 
     device: str = "auto"
     """`auto` (CUDA when available), `cpu`, `cuda` or `cuda:N`."""

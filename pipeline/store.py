@@ -13,7 +13,9 @@ run.zarr/                     Zarr v3 group; attrs["sae_store"]: format version,
                               re-read the corpus and rows map back to text
   plan.json                   written last by init: the fingerprint of the settings, row and shard counts
   markers/shard-NNNNN.json    one per finished shard, written atomically after its data: checksums, statistics
-  manifest.json               written by finalize: shard list with checksums, per-site statistics
+  manifest.json               written by finalize: shard list with checksums, per-site statistics: mean,
+                              mean norm and variance over all and non-BOS rows; the non-BOS norm distribution
+                              and massive rows (`norms`, see sae.rowtypes)
 ```
 Rows are numbered context-major (row = context·seq_len + position) and shard s owns rows
 [s·shard_rows, (s+1)·shard_rows); inside a shard they are stored in a seeded permutation. Shards are written
@@ -42,7 +44,7 @@ import torch
 import zarr
 from zarr.codecs import BloscCodec
 
-from . import __version__, atomic
+from . import __version__, atomic, rowtypes
 from .errors import SaeError
 
 FORMAT_VERSION = 1
@@ -127,8 +129,11 @@ def _as_float64(stored: np.ndarray, dtype: str) -> np.ndarray:
     return stored.astype(np.float64)
 
 
-def _accumulate(stored: np.ndarray, dtype: str, keep: np.ndarray, block: int = 1024) -> dict[str, Any]:
-    """Sums for the mean vector, mean norm and variance of the stored rows where `keep`, in float64.
+def accumulate(
+    stored: np.ndarray, dtype: str, keep: np.ndarray, block: int = 1024, *, norms: bool = False
+) -> dict[str, Any]:
+    """Sums for the mean vector, mean norm and variance of the stored rows where `keep`, in float64 (with
+    `norms`, also the rows' norms under key "norms", an array the caller removes before writing JSON).
 
     numpy on one thread, on purpose: this runs in the shard writer beside the forward, where torch ops would start
     a second OpenMP team that fights the forward's threads for the cores; and small blocks keep the float64 copy
@@ -137,14 +142,40 @@ def _accumulate(stored: np.ndarray, dtype: str, keep: np.ndarray, block: int = 1
     total = np.zeros(stored.shape[1], dtype=np.float64)
     sum_norm = sum_sq = 0.0
     n = 0
+    row_norms = []
     for i in range(0, stored.shape[0], block):
         xb = _as_float64(stored[i : i + block][keep[i : i + block]], dtype)
         sq = np.einsum("ij,ij->i", xb, xb)
+        nb = np.sqrt(sq)
         total += xb.sum(0)
-        sum_norm += float(np.sqrt(sq).sum())
+        sum_norm += float(nb.sum())
         sum_sq += float(sq.sum())
         n += xb.shape[0]
-    return {"n": n, "sum": total.tolist(), "sum_norm": sum_norm, "sum_sq": sum_sq}
+        if norms:
+            row_norms.append(nb)
+    out: dict[str, Any] = {"n": n, "sum": total.tolist(), "sum_norm": sum_norm, "sum_sq": sum_sq}
+    if norms:
+        out["norms"] = np.concatenate(row_norms) if row_norms else np.zeros(0)
+    return out
+
+
+def norm_part(
+    stored: np.ndarray,
+    dtype: str,
+    keep: np.ndarray,
+    norms: np.ndarray,
+    sums: dict[str, Any],
+    position: np.ndarray,
+    tokens: np.ndarray,
+) -> dict[str, Any]:
+    """The norm statistics of one shard's rows where `keep` (`sae.rowtypes.shard_norms`): `norms` and `sums` from
+    `accumulate` over the same rows. The candidate massive rows' dot products with the shard mean are computed
+    here, from those few rows only."""
+    cand = rowtypes.candidate_rows(norms)
+    idx = np.flatnonzero(keep)[cand]
+    mean = np.asarray(sums["sum"]) / max(sums["n"], 1)
+    dots = _as_float64(stored[idx], dtype) @ mean if idx.size else np.zeros(0)
+    return rowtypes.shard_norms(norms, dots, position[keep], tokens[keep], cand)
 
 
 def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
@@ -275,6 +306,13 @@ class Store:
             raise SaeError(f"store {self.path} has no site {site!r}; its sites: {', '.join(self.sites)}")
         s = self.manifest["stats"][site]["no_bos" if skip_bos else "all"]
         return SiteStats(torch.tensor(s["mean"], dtype=torch.float32), s["mean_norm"], s["variance"], s["n_rows"])
+
+    def norm_stats(self, site: str) -> dict[str, Any] | None:
+        """The manifest's norm distribution and massive-row summary of `site` over non-BOS rows (keys of
+        `sae.rowtypes.summarise`); None for a store finalized before these statistics existed."""
+        if self.manifest is None or site not in self.sites:
+            return None
+        return self.manifest["stats"].get(site, {}).get("norms")
 
     def disk_bytes(self, *names: str) -> int:
         """Bytes the store takes on disk; with `names` (sites or other arrays), only those arrays'."""
@@ -538,13 +576,15 @@ class StoreWriter:
             x = acts[site]
             if x.shape != (n, self.meta["d_model"]):
                 raise ValueError(f"shard {s} of {site}: got {tuple(x.shape)}, want {(n, self.meta['d_model'])}")
-            # Permuted in numpy, like everything in this thread (see _accumulate): a single-threaded copy.
+            # Permuted in numpy, like everything in this thread (see accumulate): a single-threaded copy.
             stored = to_storage(x, self.meta["dtype"])[perm]
             self._array(_site_key(site))[start:stop] = stored
             marker["checksums"][site] = checksum(stored)
-            no_bos = _accumulate(stored, self.meta["dtype"], ~bos)
-            everything = _merge(no_bos, _accumulate(stored, self.meta["dtype"], bos))
-            marker["stats"][site] = {"all": everything, "no_bos": no_bos}
+            no_bos = accumulate(stored, self.meta["dtype"], ~bos, norms=True)
+            norms = no_bos.pop("norms")
+            everything = _merge(no_bos, accumulate(stored, self.meta["dtype"], bos))
+            part = norm_part(stored, self.meta["dtype"], ~bos, norms, no_bos, meta["position"], meta["tokens"])
+            marker["stats"][site] = {"all": everything, "no_bos": no_bos, "norms": part}
         for name, a in meta.items():
             self._array(name)[start:stop] = a
             marker["checksums"][name] = checksum(a)
@@ -695,13 +735,18 @@ def finalize(path: str | os.PathLike) -> Store:
             "rerun their harvest tasks, then finalize again"
         )
     shards, totals = [], {}
+    norm_parts: dict[str, list[dict[str, Any]]] = {}
     for s in range(plan["n_shards"]):
         m = _read_json(marker_path(path, s))
         if (m["start"], m["stop"]) != writer.shard_range(s):
             raise SaeError(f"store {path}: marker of shard {s} covers rows {m['start']}..{m['stop']}, not the plan's")
         shards.append({"index": s, "start": m["start"], "stop": m["stop"], "checksums": m["checksums"]})
         for site, parts in m["stats"].items():
+            if "norms" in parts:
+                norm_parts.setdefault(site, []).append(parts["norms"])
             for part, acc in parts.items():
+                if part == "norms":
+                    continue
                 t = totals.setdefault(site, {}).setdefault(part, {"n": 0, "sum": 0.0, "sum_norm": 0.0, "sum_sq": 0.0})
                 t["n"] += acc["n"]
                 t["sum"] = t["sum"] + np.asarray(acc["sum"])
@@ -719,6 +764,14 @@ def finalize(path: str | os.PathLike) -> Store:
                 "mean_norm": t["sum_norm"] / n,
                 "variance": max(t["sum_sq"] / n - float(mean @ mean), 0.0),
             }
+    factor = float(read_attrs(path).get("massive_factor") or rowtypes.DEFAULT_MASSIVE_FACTOR)
+    for site, parts in norm_parts.items():
+        if len(parts) == plan["n_shards"]:  # markers written before norm statistics existed: none
+            nb = stats[site]["no_bos"]
+            sq_dev = nb["variance"] * nb["n_rows"]
+            stats[site]["norms"] = norm_summary(
+                parts, np.asarray(nb["mean"]), sq_dev, factor, lambda ids: token_counts(path, ids)
+            )
     manifest = {
         "format_version": FORMAT_VERSION,
         "n_rows": plan["n_rows"],
@@ -728,6 +781,43 @@ def finalize(path: str | os.PathLike) -> Store:
     }
     atomic.write_json(path / "manifest.json", manifest)
     return Store.open(path)
+
+
+def norm_summary(
+    parts: list[dict[str, Any]], mean: np.ndarray, total_sq_dev: float, factor: float, counts: Any
+) -> dict[str, Any]:
+    """`sae.rowtypes.summarise` of one site's shard parts, with the non-BOS occurrences of the top massive token
+    ids from `counts(ids) -> {id: count}`. JSON-ready (NaN as null)."""
+    median = rowtypes.quantile(rowtypes.merge_histograms([p["hist"] for p in parts]), 0.5)
+    ids = rowtypes.top_token_ids(parts, median, factor)
+    out = rowtypes.summarise(parts, mean, total_sq_dev, factor=factor, token_totals=counts(ids) if ids else {})
+    return _nan_to_none(out)
+
+
+def _nan_to_none(obj: Any) -> Any:
+    if isinstance(obj, float) and not np.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _nan_to_none(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_nan_to_none(v) for v in obj]
+    return obj
+
+
+def token_counts(path: str | os.PathLike, ids: list[int]) -> dict[int, int]:
+    """Occurrences of token `ids` at non-BOS rows of the store at `path` (reads `tokens` and `position` shard by
+    shard: 8 bytes a row, against the activations' kilobytes)."""
+    group = zarr.open_group(Path(path), mode="r")
+    tok, pos = group["tokens"], group["position"]
+    step = int(tok.shards[0]) if getattr(tok, "shards", None) else int(tok.chunks[0])
+    wanted = np.asarray(sorted(ids), dtype=np.int64)
+    total = np.zeros(len(wanted), dtype=np.int64)
+    for a in range(0, tok.shape[0], step):
+        t = np.asarray(tok[a : a + step])[np.asarray(pos[a : a + step]) != 0]
+        i = np.searchsorted(wanted, t)
+        hit = (i < len(wanted)) & (wanted[np.minimum(i, len(wanted) - 1)] == t)
+        total += np.bincount(i[hit], minlength=len(wanted))
+    return dict(zip(wanted.tolist(), total.tolist(), strict=True))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ import dask.array as da
 import numpy as np
 import torch
 
-from . import progress, store
+from . import progress, rowtypes, store
 from .errors import SaeError
 
 _BLOCK = 65536
@@ -82,10 +82,13 @@ class SiteSummary(NamedTuple):
     """Largest value of each dimension [d_model] (NaNs ignored)."""
     nonfinite: int
     """Number of NaN or ±Inf values."""
+    norms: dict[str, Any] | None = None
+    """Norm distribution and massive rows over the non-BOS rows (`sae.rowtypes.summarise`; None when the site
+    has no non-BOS rows or holds NaN/Inf)."""
 
 
 @np.errstate(invalid="ignore", over="ignore")  # NaN/Inf in the data are counted and reported, not warned about
-def _shard_sums(x: np.ndarray, position: np.ndarray, dtype: str, skip_bos: bool) -> dict[str, Any]:
+def _shard_sums(x: np.ndarray, position: np.ndarray, tokens: np.ndarray, dtype: str, skip_bos: bool) -> dict[str, Any]:
     d = x.shape[1]
     out = {"n": 0, "sum": np.zeros(d), "sum_norm": 0.0, "sum_sq": 0.0, "max": np.full(d, -np.inf), "nonfinite": 0}
     for i in range(0, x.shape[0], _BLOCK):
@@ -101,10 +104,18 @@ def _shard_sums(x: np.ndarray, position: np.ndarray, dtype: str, skip_bos: bool)
         out["sum_sq"] += float((norms * norms).sum())
         out["max"] = np.fmax(out["max"], np.fmax.reduce(xb, axis=0))
         out["nonfinite"] += int((~np.isfinite(xb)).sum())
+    # The norm statistics over non-BOS rows, computed as the shard writer computes them (sae.store.norm_part).
+    keep = position != 0
+    sums = store.accumulate(x, dtype, keep, _BLOCK, norms=True)
+    norms = sums.pop("norms")
+    out["norms"] = store.norm_part(x, dtype, keep, norms, sums, position, tokens) if np.isfinite(norms).all() else None
+    ids, counts = np.unique(tokens[keep], return_counts=True)
+    out["tokens"] = dict(zip(ids.tolist(), counts.tolist(), strict=True))
+    out["no_bos"] = sums
     return out
 
 
-def _combine(parts: Sequence[dict[str, Any]]) -> SiteSummary:
+def _combine(parts: Sequence[dict[str, Any]], factor: float) -> SiteSummary:
     n = sum(p["n"] for p in parts)
     total = np.sum([p["sum"] for p in parts], axis=0)
     mean = total / max(n, 1)
@@ -113,32 +124,83 @@ def _combine(parts: Sequence[dict[str, Any]]) -> SiteSummary:
     if not math.isfinite(float(mean @ mean)):
         variance = float("nan")
     mx = np.fmax.reduce(np.stack([p["max"] for p in parts]), axis=0)
-    return SiteSummary(n, mean, mean_norm, variance, mx, sum(p["nonfinite"] for p in parts))
+    norms = None
+    nb = [p["no_bos"] for p in parts]
+    n_nb = sum(q["n"] for q in nb)
+    if n_nb and all(p["norms"] is not None for p in parts):
+        m_nb = np.sum([q["sum"] for q in nb], axis=0) / n_nb
+        sq_dev = max(sum(q["sum_sq"] for q in nb) - n_nb * float(m_nb @ m_nb), 0.0)
+        totals: dict[int, int] = {}
+        for p in parts:
+            for t, c in p["tokens"].items():
+                totals[t] = totals.get(t, 0) + c
+        norms = store.norm_summary([p["norms"] for p in parts], m_nb, sq_dev, factor, lambda ids: totals)
+    return SiteSummary(n, mean, mean_norm, variance, mx, sum(p["nonfinite"] for p in parts), norms)
 
 
 def store_stats(
-    path: str | Path, *, sites: Sequence[str] = (), skip_bos: bool = False, scheduler: str | None = None
+    path: str | Path,
+    *,
+    sites: Sequence[str] = (),
+    skip_bos: bool = False,
+    massive_factor: float | None = None,
+    scheduler: str | None = None,
 ) -> dict[str, SiteSummary]:
-    """Recompute the statistics of `sites` (default: all) of the finalized store at `path` with dask."""
+    """Recompute the statistics of `sites` (default: all) of the finalized store at `path` with dask, the
+    norm distribution and massive rows (norm > `massive_factor` × median; default: the store's setting, else
+    `sae.rowtypes.DEFAULT_MASSIVE_FACTOR`) among them. Stores finalized before norm statistics existed get them
+    here too."""
     progress.begin("stats")
     st = store.Store.open(path)
     for s in sites:
         if s not in st.sites:
             raise SaeError(f"store {st.path} has no site {s!r}; its sites: {', '.join(st.sites)}")
+    if massive_factor is not None and not massive_factor > 0:
+        raise SaeError(f"--massive-factor must be positive, got {massive_factor}")
+    factor = massive_factor or float(st.attrs.get("massive_factor") or rowtypes.DEFAULT_MASSIVE_FACTOR)
     position = shard_array(st, "position").to_delayed().ravel()
+    tokens = shard_array(st, "tokens").to_delayed().ravel()
     names = list(sites or st.sites)
     tasks = []
     for site in names:
         blocks = shard_array(st, site).to_delayed().ravel()
-        tasks += [dask.delayed(_shard_sums)(b, p, st.dtype, skip_bos) for b, p in zip(blocks, position, strict=True)]
+        tasks += [
+            dask.delayed(_shard_sums)(b, p, t, st.dtype, skip_bos)
+            for b, p, t in zip(blocks, position, tokens, strict=True)
+        ]
     with dask_client(scheduler) as client:
         parts = client.gather(compute(client, tasks, "stats", "shard files"))
     n = len(position)
-    return {site: _combine(parts[i * n : (i + 1) * n]) for i, site in enumerate(names)}
+    return {site: _combine(parts[i * n : (i + 1) * n], factor) for i, site in enumerate(names)}
 
 
-def format_stats(path: str | Path, stats: dict[str, SiteSummary], *, skip_bos: bool = False) -> str:
-    """Human-readable summary of `store_stats`."""
+def store_decoder(path: str | Path) -> Any:
+    """The decode function of the store's tokenizer when it is on this machine already (the embedded model's
+    converted directory, a local model directory, or a hub model in the local cache), else None: `sae stats`
+    never downloads a model to name tokens."""
+    try:
+        model = store.read_attrs(Path(path)).get("model") or {}
+        name = str(model.get("id") or "")
+        from transformers import AutoTokenizer
+
+        from .embedded import sae_home
+        from .models import DEFAULT_MODEL
+
+        if name == DEFAULT_MODEL:
+            sha = str(model.get("sha256") or "")
+            dirs = sorted((sae_home() / "models").glob(f"{DEFAULT_MODEL}-{sha[:12]}*")) if sha else []
+            if not dirs:
+                return None
+            return AutoTokenizer.from_pretrained(dirs[0]).decode
+        if Path(name).expanduser().is_dir():
+            return AutoTokenizer.from_pretrained(Path(name).expanduser()).decode
+        return AutoTokenizer.from_pretrained(name, revision=model.get("revision"), local_files_only=True).decode
+    except Exception:  # no tokenizer here: token ids are shown alone
+        return None
+
+
+def format_stats(path: str | Path, stats: dict[str, SiteSummary], *, skip_bos: bool = False, decode: Any = None) -> str:
+    """Human-readable summary of `store_stats` (`decode` turns token ids into text)."""
     lines = []
     for site, s in stats.items():
         mx = s.max
@@ -152,6 +214,8 @@ def format_stats(path: str | Path, stats: dict[str, SiteSummary], *, skip_bos: b
             f"smallest {np.nanmin(mx):.4g} (dim {np.nanargmin(mx)})",
             f"  NaN/Inf        {s.nonfinite:,}",
         ]
+        if s.norms is not None:
+            lines += rowtypes.describe_norms(s.norms, decode)
     return "\n".join(lines)
 
 
@@ -169,6 +233,7 @@ def stats_json(stats: dict[str, SiteSummary]) -> dict[str, Any]:
             "nonfinite": s.nonfinite,
             "mean": [num(v) for v in s.mean],
             "max": [num(v) for v in s.max],
+            "norms": s.norms,
         }
         for site, s in stats.items()
     }

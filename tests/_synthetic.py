@@ -50,8 +50,10 @@ def make_store(
     model: str = "synthetic",
     done: bool = True,
     poison: dict[int, float] | None = None,
+    tokens: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> Path:
-    """A finalized store of `n_contexts` × `seq_len` rows; `poison` {planned row: value} plants bad values."""
+    """A finalized store of `n_contexts` × `seq_len` rows; `poison` {planned row: value} plants bad values;
+    `tokens(rows)` gives the token id array of store rows `rows` (default: all 0)."""
     data = data or sparse_data(d)
     meta = {
         "model": {"id": model, "revision": None, "dtype": "float32"},
@@ -79,7 +81,8 @@ def make_store(
                 if start <= row < stop:
                     x[row - start, 0] = value
             acts[site] = x
-        w.write_shard(s, acts, np.zeros(stop - start, dtype=np.int32))
+        ids = np.zeros(stop - start, dtype=np.int32) if tokens is None else tokens(np.arange(start, stop))
+        w.write_shard(s, acts, ids.astype(np.int32))
         if not done and s == 0:
             return path
     finalize(path)

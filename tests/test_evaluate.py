@@ -10,13 +10,14 @@ import pytest
 import torch
 from conftest import ARCHS, TINY_TEXT, make_model, make_tokenizer
 
+from sae import rowtypes
 from sae.config import EvalConfig
 from sae.corpus import corpus_info, iter_contexts
 from sae.errors import SaeError
 from sae.evaluate import evaluate
-from sae.evaluate.evaluate import PrefixReplay, SaeSpec, _sae_splice, resolve_dataset, run_pass
+from sae.evaluate.evaluate import PrefixReplay, RowTypes, SaeSpec, _sae_splice, _SaeState, resolve_dataset, run_pass
+from sae.evaluate.metrics import bootstrap_weights, fvu_resampled, interval
 from sae.evaluate.report import METRIC_KEYS, PLOTS
-from sae.metrics import ReconstructionAccumulator
 from sae.saedir import SaeConfig, SparseAutoencoder, load_sae, save_sae
 from sae.sites import parse_site
 
@@ -206,6 +207,14 @@ def test_identity_and_zero_saes_and_report(env, tmp_path):
     assert zero["ce_recovered"] == 0.0 and zero["nmse"] == 1.0 and zero["l0"] == 0.0
     assert zero["dead_fraction"] == 1.0 and zero["cosine"] == 0.0
     assert ident["ce_clean"] == zero["ce_clean"] == r["random"]["ce_clean"]  # one clean pass for all
+    # SAEBench's normalised KL: 1 for a perfect SAE, 0 for one no better than zero ablation
+    assert ident["kl_score"] == 1.0 and zero["kl_score"] == pytest.approx(0.0, abs=1e-9) and zero["kl_zero"] > 0
+    rnd = r["random"]
+    for key, (lo, hi) in rnd["ci95"].items():
+        assert lo <= rnd[key] <= hi, key
+    types = rnd["row_types"]
+    assert types["median_source"] == "eval tokens" and types["massive_factor"] == rowtypes.DEFAULT_MASSIVE_FACTOR
+    assert types["typical"]["n_rows"] + types["massive"]["n_rows"] == types["all"]["n_rows"] == rnd["n_tokens"]
     for e in r.values():
         assert set(METRIC_KEYS) <= set(e)
         assert all(isinstance(e[k], (int, float)) for k in METRIC_KEYS)
@@ -218,6 +227,8 @@ def test_identity_and_zero_saes_and_report(env, tmp_path):
     assert isinstance(entries, list) and len(entries) == 3
     md = (report / "report.md").read_text()
     assert "| identity |" in md and "CE recovered" in md and "frontier.png" in md
+    assert "## 95 % bootstrap intervals over contexts" in md and "random: typical" in md
+    assert ident["sae_dir"] == str(out / "identity")  # as the user named it (through its folder), not resolved
     for name in PLOTS:
         assert (report / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -231,15 +242,83 @@ def test_metrics_match_direct_computation(env, tmp_path):
     assert 0 < got["l0"] < 128 and 0 < got["fvu"]
 
 
+def _state(sae, t0, exclude=rowtypes.Exclusion(), median=1.0, factor=3.0, n_contexts=2):
+    spec = SaeSpec(None, "s", sae, "h", bool(t0), None, None, None, exclude=exclude)
+    return _SaeState(spec, None, t0, torch.device("cpu"), "threshold", RowTypes(median, factor, "test"), n_contexts)
+
+
 def test_bos_left_clean_only_when_trained_without_it():
     sae = SparseAutoencoder(SaeConfig(architecture="standard", d_in=4, d_sae=8))  # all-zero weights: x̂ = 0
     act = torch.randn(2, 5, 4)
     for t0 in (0, 1):
-        acc = ReconstructionAccumulator(4, 8)
-        out = _sae_splice(sae, t0, False, acc)(act)
+        st = _state(sae, t0, median=None)
+        out = _sae_splice(st, torch.zeros(2, 5, dtype=torch.long), 0)(act)
         assert torch.equal(out[:, :t0], act[:, :t0])
         assert not out[:, t0:].any()
-        assert acc.n == 2 * (5 - t0)
+        assert st.recon.n == 2 * (5 - t0)
+
+
+def test_excluded_rows_stay_clean_and_row_groups_sum_to_all():
+    """Rows the SAE never trained on (massive rows, a position, a token id) keep their activation and are in no
+    metric; the typical and massive groups partition the spliced rows, their row and latent shares sum to 1."""
+    g = torch.Generator().manual_seed(0)
+    sae = SparseAutoencoder(SaeConfig(architecture="standard", d_in=4, d_sae=8))
+    sae.load_state_dict({"W_enc": torch.randn(4, 8, generator=g), "b_enc": torch.zeros(8),
+                         "W_dec": torch.randn(8, 4, generator=g), "b_dec": torch.zeros(4)})  # fmt: skip
+    act = torch.nn.functional.normalize(torch.randn(2, 6, 4, generator=g), dim=-1)  # norms 1 = the median
+    act[0, 3] *= 10  # massive (> 3 × median)
+    act[1, 4] *= 5  # massive
+    ids = torch.arange(12).view(2, 6)
+    for exclude, left in (
+        (rowtypes.Exclusion(), set()),
+        (rowtypes.Exclusion(massive_factor=3.0), {(0, 3), (1, 4)}),
+        (rowtypes.Exclusion(massive_threshold=7.0, positions=(2,), token_ids=(11,)), {(0, 3), (0, 2), (1, 2), (1, 5)}),
+    ):
+        st = _state(sae, 1, exclude)
+        out = _sae_splice(st, ids, 0)(act)
+        for b in range(2):
+            for t in range(6):
+                clean = t == 0 or (b, t) in left
+                assert torch.equal(out[b, t], act[b, t]) == clean, (exclude, b, t)
+        r = st.stats.result()
+        assert st.stats.n_excluded == len(left) and r["n_tokens"] == 10 - len(left)
+        groups = r["groups"]
+        assert groups["typical"]["n_rows"] + groups["massive"]["n_rows"] == groups["all"]["n_rows"] == r["n_tokens"]
+        assert groups["massive"]["n_rows"] == 2 - len(left & {(0, 3), (1, 4)})
+        assert groups["typical"]["share_rows"] + groups["massive"]["share_rows"] == pytest.approx(1.0)
+        budget = groups["typical"]["share_budget"] + (
+            groups["massive"]["share_budget"] if groups["massive"]["n_rows"] else 0
+        )
+        assert budget == pytest.approx(1.0)
+        assert st.stats.ctx_n.sum().item() == r["n_tokens"]
+
+
+def test_bootstrap_intervals_shrink_with_more_contexts():
+    rng = np.random.default_rng(0)
+    widths = []
+    for n in (40, 640):
+        err, sq = rng.gamma(2.0, 1.0, n), rng.gamma(20.0, 1.0, n) + 50
+        sums, counts = rng.normal(size=(n, 3)), np.full(n, 10.0)
+        w = bootstrap_weights(n, 500, seed=1)
+        assert np.array_equal(w, bootstrap_weights(n, 500, seed=1)) and (w.sum(1) == n).all()
+        lo, hi = interval(fvu_resampled(w, err, sums, sq, counts))
+        point = fvu_resampled(np.ones((1, n)), err, sums, sq, counts)[0]
+        assert lo < point < hi
+        widths.append(hi - lo)
+    assert widths[1] < widths[0] / 2  # ~1/√n: 16× the contexts, about a quarter of the width
+
+
+def test_shuffled_batch_mode_is_deterministic_for_a_seed(env, tmp_path):
+    """Batch mode selects over seeded shuffles of all eval rows in batches of the training batch size: the same
+    seed gives the same numbers, another seed other ones, and every batch keeps k per row on average."""
+    path = make_sae(tmp_path / "btk", random_weights(seed=4), env=env, training_architecture="batchtopk", k=4)
+    a = run(env, [path], tmp_path, mode="batch", batch_rows=40, bootstrap=0)["btk"]
+    b = run(env, [path], tmp_path, mode="batch", batch_rows=40, bootstrap=0)["btk"]
+    c = run(env, [path], tmp_path, mode="batch", batch_rows=40, bootstrap=0, seed=1)["btk"]
+    assert a["batch_rows"] == 40 and a["l0"] == pytest.approx(4.0)
+    assert a["l0_histogram"] == b["l0_histogram"] and a["fvu"] == b["fvu"] and a["ce_sae"] == b["ce_sae"]
+    assert a["l0_histogram"] != c["l0_histogram"] and a["fvu"] != c["fvu"]
+    assert a["ci95"] == {}
 
 
 def test_batch_mode_keeps_k_per_token_on_average(env, tmp_path):

@@ -342,5 +342,89 @@ def test_disk_layout_is_the_documented_one(tmp_path):
     assert manifest["n_rows"] == 108 and [s["index"] for s in manifest["shards"]] == [0, 1, 2, 3]
     assert [(s["start"], s["stop"]) for s in manifest["shards"]] == [(0, 32), (32, 64), (64, 96), (96, 108)]
     assert set(manifest["shards"][0]["checksums"]) == {*SITES, "tokens", "context", "position"}
-    assert set(manifest["stats"][SITES[0]]) == {"all", "no_bos"}
+    assert set(manifest["stats"][SITES[0]]) == {"all", "no_bos", "norms"}
     assert sorted(p.name for p in (path / "markers").iterdir()) == [f"shard-{s:05d}.json" for s in range(4)]
+
+
+# --------------------------------------------------------------------------------------------------
+# Norm statistics and massive rows
+
+
+def planted(path, *, shard_rows, n_contexts=40, seq_len=16, factor=5.0):
+    """A one-site store of unit-scale rows with massive rows planted at known places; returns (stored rows as
+    float64 in planned order, token ids, planted rows)."""
+    d = 8
+    meta = make_meta(
+        sites=[SITES[0]], seq_len=seq_len, chunk_rows=32, shard_rows=shard_rows, massive_factor=factor, d_model=d
+    )
+    rng = np.random.default_rng(3)
+    ids = rng.integers(10, 60, size=(n_contexts, seq_len), dtype=np.int32)
+    ids[:, 0] = 0
+    n = n_contexts * seq_len
+    x = torch.from_numpy(rng.normal(size=(n, d)) + 0.5).float()
+    x[::seq_len] *= 50  # BOS rows: huge, but never counted as massive (statistics are over non-BOS rows)
+    rows = [c * seq_len + 1 for c in range(0, n_contexts, 2)] + [c * seq_len + 7 for c in range(0, n_contexts, 8)]
+    ids.reshape(-1)[rows[:12]] = 5  # most planted rows share token 5
+    x[rows] *= 40
+    w = store.init_store(path, meta, iter(ids))
+    for s in range(w.n_shards):
+        a, b = w.shard_range(s)
+        w.write_shard(s, {SITES[0]: x[a:b]}, ids.reshape(-1)[a:b])
+    store.finalize(path)
+    return x.to(torch.bfloat16).double().numpy(), ids.reshape(-1), rows
+
+
+@pytest.mark.parametrize("shard_rows", [640, 160])
+def test_planted_massive_rows_are_counted_exactly(tmp_path, shard_rows):
+    x, tokens, rows = planted(tmp_path / "s.zarr", shard_rows=shard_rows)
+    st = store.Store.open(tmp_path / "s.zarr")
+    ns = st.norm_stats(SITES[0])
+    position = np.arange(len(x)) % 16
+    keep = position != 0
+    norms = np.linalg.norm(x[keep], axis=1)
+    # Quantiles within half a histogram bin of the exact order statistics; the maximum exact.
+    assert ns["n_rows"] == keep.sum()
+    assert ns["median"] == pytest.approx(np.quantile(norms, 0.5, method="inverted_cdf"), rel=0.006)
+    assert ns["p99"] == pytest.approx(np.quantile(norms, 0.99, method="inverted_cdf"), rel=0.006)
+    assert ns["max"] == pytest.approx(norms.max(), rel=1e-12)
+    m = ns["massive"]
+    assert m["factor"] == 5.0 and m["exact"]
+    assert m["count"] == len(rows) and m["share_rows"] == pytest.approx(len(rows) / keep.sum())
+    mean = x[keep].mean(0)
+    dev = ((x[keep] - mean) ** 2).sum(1)
+    want = ((x[rows] - mean) ** 2).sum(1).sum() / dev.sum()
+    # Exact with one shard; across shards the cross term uses each shard's own mean.
+    assert m["share_variance"] == pytest.approx(want, rel=1e-9 if shard_rows == 640 else 0.01)
+    assert m["positions"] == [[1, 20], [7, 5]]
+    top = m["tokens"][0]
+    assert top["id"] == 5 and top["count"] == 12 and top["occurrences"] == int((tokens[keep] == 5).sum())
+    assert sum(t["count"] for t in m["tokens"]) == len(rows)
+    by = {f["factor"]: f for f in ns["by_factor"]}
+    assert by[3.0]["count"] == by[5.0]["count"] == len(rows)
+
+
+def test_massive_factor_is_the_store_setting(tmp_path):
+    planted(tmp_path / "s.zarr", shard_rows=640, factor=100.0)
+    m = store.Store.open(tmp_path / "s.zarr").norm_stats(SITES[0])["massive"]
+    assert m["factor"] == 100.0 and m["count"] == 0 and m["positions"] == [] and m["tokens"] == []
+
+
+def test_stores_without_norm_statistics_still_open(tmp_path):
+    build(tmp_path / "s.zarr")
+    path = tmp_path / "s.zarr"
+    manifest = json.loads((path / "manifest.json").read_text())
+    for site in manifest["stats"]:
+        del manifest["stats"][site]["norms"]
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    st = store.Store.open(path)
+    assert st.norm_stats(SITES[0]) is None and st.stats(SITES[0]).n_rows == 108
+
+
+def test_harvest_summary_prints_the_norm_statistics(tmp_path):
+    from sae.harvest import summary
+
+    planted(tmp_path / "s.zarr", shard_rows=640)
+    text = summary(tmp_path / "s.zarr", 1.0, 0, decode=lambda ids: f"tok{ids[0]}")
+    assert f"{SITES[0]}:" in text and "row norms      over 600 non-BOS rows: median" in text
+    assert "massive rows   norm > 5 × median" in text and "25 rows (4.17 % of rows)" in text
+    assert "at positions 1 (80 %), 7 (20 %)" in text and "'tok5' (#5) ×12" in text

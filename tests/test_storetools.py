@@ -183,3 +183,47 @@ def test_progress_lines_and_summaries_in_a_batch_log(tmp_path, monkeypatch):
         assert err[-1].startswith(f"{stage}: ") and " in 0:00:" in err[-1], err
         out = r.stdout.splitlines()
         assert out[0].startswith(done) and all(line.startswith("  ") for line in out[1:]), out
+
+
+def test_stats_report_the_manifest_norm_statistics_and_recompute_them_for_old_stores(tmp_path):
+    path = tmp_path / "s.zarr"
+    seq_len, d = 7, 16
+    meta = {
+        "model": {"id": "tiny", "revision": None, "sha256": None, "dtype": "float32"},
+        "corpus": {"id": "a", "split": "train", "text_column": "text", "sha256": "a"},
+        "seq_len": seq_len, "n_contexts_max": None, "sites": [SITE], "d_model": d, "dtype": "float32",
+        "codec": "blosc-zstd", "chunk_rows": 8, "shard_rows": 16, "seed": 0,
+    }  # fmt: skip
+    rng = np.random.default_rng(1)
+    ids = rng.integers(10, 300, (12, seq_len), dtype=np.int32)
+    x = torch.from_numpy(rng.normal(size=(12 * seq_len, d))).float()
+    rows = np.arange(0, 12, 3) * seq_len + 2
+    x[rows] *= 30
+    ids.reshape(-1)[rows] = 7
+    writer = store.init_store(path, meta, iter(ids))
+    for s in range(writer.n_shards):
+        a, b = writer.shard_range(s)
+        writer.write_shard(s, {SITE: x[a:b]}, ids.reshape(-1)[a:b])
+    store.finalize(path)
+    recorded = store.Store.open(path).norm_stats(SITE)
+    s = store_stats(path)[SITE]
+    assert s.norms == recorded  # the same functions over the same shards: identical numbers
+    m = s.norms["massive"]
+    assert m["count"] == len(rows) and m["positions"] == [[2, len(rows)]]
+    assert m["tokens"][0]["id"] == 7 and m["tokens"][0]["count"] == len(rows)
+    assert m["tokens"][0]["occurrences"] == int((ids[:, 1:] == 7).sum())
+    assert store_stats(path, massive_factor=1000.0)[SITE].norms["massive"]["count"] == 0
+    # A store finalized before norm statistics existed: sae stats computes them all the same.
+    manifest = json.loads((path / "manifest.json").read_text())
+    del manifest["stats"][SITE]["norms"]
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    assert store.Store.open(path).norm_stats(SITE) is None
+    assert store_stats(path)[SITE].norms == recorded
+    r = CliRunner().invoke(main, ["stats", str(path)])
+    assert r.exit_code == 0, r.output
+    assert "massive rows   norm > 3 × median" in r.output and f"{len(rows)} rows" in r.output
+    assert "at positions 2 (100 %)" in r.output and "#7 ×4" in r.output
+    r = CliRunner().invoke(main, ["stats", str(path), "--json"])
+    assert json.loads(r.output)[SITE]["norms"]["massive"]["count"] == len(rows)
+    r = CliRunner().invoke(main, ["stats", str(path), "--massive-factor", "-1"])
+    assert r.exit_code == 2 and "--massive-factor must be positive" in r.output

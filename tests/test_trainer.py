@@ -328,7 +328,7 @@ def test_smollm2_theta_mode_l0_matches_k(smollm2_store, tmp_path):
         )  # fmt: skip
     )
     final = [r for r in _log(d) if r["split"] == "val"][-1]
-    assert final["rows"] > 8000
+    assert final["rows"] > 4000  # every second held-out row (the others calibrate θ)
     assert abs(final["l0_theta"] - k) <= 0.1 * k, final
     assert final["fvu_theta"] < 0.5 and abs(final["fvu_theta"] - final["fvu_batch"]) < 0.05, final
     sae = load_sae(d)

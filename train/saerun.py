@@ -13,9 +13,11 @@ import torch
 from sae import atomic
 from sae.config import TrainConfig
 from sae.errors import SaeError
+from sae.saedir import save_sae as write_sae_dir
 from sae.store import Store
 
 from .archs import TrainingSae, from_config
+from .calibrate import Theta, apply_theta
 from .plan import Plan, default_lr
 from .reader import ChunkReader
 from .rundir import LOG_DIR, LOG_FILE
@@ -75,9 +77,20 @@ def write_log(run: SaeRun, row: dict[str, Any]) -> None:
 
 
 def save_sae(
-    r: SaeRun, cfg: TrainConfig, plan: Plan, store: Store, site: str, step: int, reader: ChunkReader, complete: bool
+    r: SaeRun,
+    cfg: TrainConfig,
+    plan: Plan,
+    store: Store,
+    site: str,
+    step: int,
+    reader: ChunkReader,
+    complete: bool,
+    *,
+    theta: Theta | None = None,
+    exclude: dict[str, Any] | None = None,
 ) -> None:
-    """Write `r`'s SAELens directory as of `step` (`complete`: the final one), with its log so far."""
+    """Write `r`'s SAELens directory as of `step` (`complete`: the final one), with its log so far; `theta`: the
+    exported θ (sae.train.calibrate), `exclude`: the rows left out (metadata key `exclude`)."""
     a = store.attrs
     model = a.get("model") or {}
     metadata = {
@@ -102,7 +115,12 @@ def save_sae(
         "reader_lanes": reader.lanes,
     }
     # (export adds the architecture's own settings to the metadata)
-    r.sae.save(r.dir, model_name=model.get("id"), hook_name=site, complete=complete, metadata=metadata)
+    if exclude is not None:
+        metadata["exclude"] = exclude
+    inf = apply_theta(
+        r.sae.export(model_name=model.get("id"), hook_name=site, complete=complete, metadata=metadata), theta
+    )
+    write_sae_dir(inf, None, r.dir)
     if r.log is not None:
         r.log.flush()
         atomic.write_bytes(r.dir / LOG_FILE, r.log_path.read_bytes())

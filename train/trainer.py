@@ -37,6 +37,7 @@ from sae.store import Store
 
 from . import checkpoint
 from .archs import check_config
+from .calibrate import check_theta, choose_theta, split_held_out
 from .ddp import (
     SINGLE,
     Dist,
@@ -48,6 +49,7 @@ from .ddp import (
     reader_state,
     reduce_output,
 )
+from .exclude import RowFilter
 from .log import progress_figures, summary_line, train_row
 from .plan import Plan, default_lr, make_plan
 from .reader import ChunkReader, Rows, read_rows
@@ -84,6 +86,8 @@ def _train(cfg: TrainConfig, dd: Dist, device: torch.device) -> list[Path]:
     if not points:
         raise SaeError("the sweep is empty: give at least one --arch and one --k / --dict-size / --expansion")
     check_config(cfg, points, d)  # each architecture validates its settings before anything is written
+    check_theta(cfg, points)
+    rowfilter = RowFilter(cfg, store, site)  # rows left out of training (--exclude-*)
     names = [p.name for p in points]
     out = Path(cfg.out)
     identity = store_identity(store, site)
@@ -155,13 +159,16 @@ def _train(cfg: TrainConfig, dd: Dist, device: torch.device) -> list[Path]:
             start = 0
         else:
             checkpoint.restore_run(ck, runs, truncate_logs=dd.main)
+            rowfilter.restore(ck.state.get("exclude_rows"), dd.main)
             start = int(ck.state["step"])
         if dd.group is not None:
             broadcast_state([r.sae for r in runs], dd)
         for r in runs:
             if dd.main:
                 r.log = stack.enter_context(open(r.log_path, "a"))
-        val = reader.validation_rows(VAL_MAX_ROWS) if cfg.val_chunks > 0 and dd.main else None
+        held = reader.validation_rows(2 * VAL_MAX_ROWS) if cfg.val_chunks > 0 and dd.main else None
+        # alternate rows for the validation metrics and for calibrating θ (sae.train.calibrate)
+        val, cal = split_held_out(rowfilter.rows(held), VAL_MAX_ROWS, VAL_MAX_ROWS)
         meta = {"config": config, "store": identity, "plan": plan._asdict()}
         stop = stack.enter_context(_StopFlag())
         # progress lines (or a bar on a terminal) from rank 0 only
@@ -169,16 +176,18 @@ def _train(cfg: TrainConfig, dd: Dist, device: torch.device) -> list[Path]:
         prog = stack.enter_context(Progress("train", plan.tokens, "tok", initial=start * plan.batch_size, file=quiet))
         last: dict[str, dict[str, Any]] = {r.name: {} for r in runs}  # each SAE's last log rows, by split
         try:
-            _loop(cfg, plan, runs, reader, val, device, start, stop, meta, store, site, prog, last, dd)
+            _loop(cfg, plan, runs, reader, val, device, start, stop, meta, store, site, prog, last, dd, cal, rowfilter)
         except TrainingInterrupted as e:  # a preempted job's log ends with what it got done, too
             prog.close()
             if dd.main:
                 summary("train", [str(e), *(f"{n}: {progress_figures(v['train'])}" for n, v in last.items() if v)])
             raise
         prog.close()
+        counts = rowfilter.state(dd)  # (a collective under DDP)
         if dd.main:
             for r in runs:
-                save_sae(r, cfg, plan, store, site, plan.steps, reader, complete=True)
+                th, ex = choose_theta(r.sae, cfg.theta, cal, device), rowfilter.metadata(**counts)
+                save_sae(r, cfg, plan, store, site, plan.steps, reader, complete=True, theta=th, exclude=ex)
     dd.barrier()
     # The SAEs are final, with their logs: the optimizer state and the growing logs are not needed any more.
     if dd.main:
@@ -209,13 +218,16 @@ def _loop(
     prog: Progress,
     last: dict[str, dict[str, Any]],
     dd: Dist = SINGLE,
+    cal: Rows | None = None,
+    rowfilter: RowFilter | None = None,
 ) -> None:
     """Steps `start`..plan.steps; keeps each SAE's last log rows by split ("train", "val") in `last`."""
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     out = Path(cfg.out)
     t_last, step_last = time.perf_counter(), start
     for step in range(start, plan.steps):
-        x = reader.next_batch().x * plan.input_scale  # this rank's rows of the global batch
+        batch = reader.next_batch()  # this rank's rows of the global batch, less the excluded ones
+        x = (rowfilter.apply(batch) if rowfilter is not None else batch.x) * plan.input_scale
         if step == start and step == 0:
             for r in runs:
                 if r.sae.decoder == "auto":
@@ -252,13 +264,16 @@ def _loop(
         if done < plan.steps and (scheduled or stopped):
             path = out / checkpoint.DIR
             state = reader_state(reader, dd)
+            counts = rowfilter.state(dd) if rowfilter is not None else {"seen": 0, "excluded": 0}
             if dd.main:
+                thetas = {r.name: choose_theta(r.sae, cfg.theta, cal, device) for r in runs}
                 if val is not None and scheduled:  # (not on a signal: the log stays that of an uninterrupted run)
                     for r in runs:
-                        write_log(r, val_row(r.sae, val, plan, done, device))
+                        write_log(r, val_row(r.sae, val, plan, done, device, theta=thetas[r.name]))
                 for r in runs:
-                    save_sae(r, cfg, plan, store, site, done, reader, complete=False)
-                path = checkpoint.save_run(out, done, runs, state, meta)
+                    ex = rowfilter.metadata(**counts) if rowfilter is not None else None
+                    save_sae(r, cfg, plan, store, site, done, reader, complete=False, theta=thetas[r.name], exclude=ex)
+                path = checkpoint.save_run(out, done, runs, state, {**meta, "exclude_rows": counts})
             dd.barrier()  # the other ranks wait until rank 0's checkpoint is complete
             if stopped:
                 name = signal.Signals(stop.signum).name
@@ -268,7 +283,8 @@ def _loop(
                 )
     if val is not None and dd.main:
         for r in runs:
-            last[r.name]["val"] = row = val_row(r.sae, val, plan, plan.steps, device)
+            th = choose_theta(r.sae, cfg.theta, cal, device)
+            last[r.name]["val"] = row = val_row(r.sae, val, plan, plan.steps, device, theta=th)
             write_log(r, row)
 
 

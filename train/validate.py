@@ -12,6 +12,7 @@ from sae.metrics import ReconstructionAccumulator
 from sae.saedir import batch_topk_indices
 
 from .archs import TrainingSae
+from .calibrate import Theta, apply_theta
 from .plan import Plan
 from .reader import Rows
 
@@ -20,11 +21,13 @@ VAL_MAX_ROWS = 8192
 
 
 @torch.no_grad()
-def validate(sae: TrainingSae, val: Rows, batch_size: int, device: torch.device) -> dict[str, float]:
+def validate(
+    sae: TrainingSae, val: Rows, batch_size: int, device: torch.device, theta: Theta | None = None
+) -> dict[str, float]:
     """FVU, NMSE and mean L0 of the exported (raw-unit) SAE on held-out rows, in threshold mode (θ / JumpReLU,
     per-row for topk) and batch mode (batch top-k over batches of `batch_size` rows; BatchTopK only, the same
     as threshold mode for the others)."""
-    inf = sae.export().to(device)
+    inf = apply_theta(sae.export(), theta).to(device)  # θ mode at the exported θ
     acc = {m: ReconstructionAccumulator(inf.d_in, inf.d_sae, device) for m in ("theta", "batch")}
     for i in range(0, len(val.x), batch_size):
         x = val.x[i : i + batch_size].to(device).float()
@@ -47,9 +50,11 @@ def validate(sae: TrainingSae, val: Rows, batch_size: int, device: torch.device)
     return out
 
 
-def val_row(sae: TrainingSae, val: Rows, plan: Plan, step: int, device: torch.device) -> dict[str, Any]:
+def val_row(
+    sae: TrainingSae, val: Rows, plan: Plan, step: int, device: torch.device, theta: Theta | None = None
+) -> dict[str, Any]:
     """The log row `split: "val"` of `sae` after `step` steps."""
-    m: dict[str, Any] = validate(sae, val, plan.batch_size, device)
+    m: dict[str, Any] = validate(sae, val, plan.batch_size, device, theta)
     if not sae.theta_ready():  # BatchTopK's θ EMA has not started: no θ mode yet
         m.update({k: None for k in m if k.endswith("_theta")})
     return {"split": "val", "step": step, "tokens": step * plan.batch_size, "rows": len(val.x), **m}
