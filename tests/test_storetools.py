@@ -224,6 +224,6 @@ def test_stats_report_the_manifest_norm_statistics_and_recompute_them_for_old_st
     assert "massive rows   norm > 3 × median" in r.output and f"{len(rows)} rows" in r.output
     assert "at positions 2 (100 %)" in r.output and "#7 ×4" in r.output
     r = CliRunner().invoke(main, ["stats", str(path), "--json"])
-    assert json.loads(r.output)[SITE]["norms"]["massive"]["count"] == len(rows)
+    assert json.loads(r.stdout)[SITE]["norms"]["massive"]["count"] == len(rows)
     r = CliRunner().invoke(main, ["stats", str(path), "--massive-factor", "-1"])
     assert r.exit_code == 2 and "--massive-factor must be positive" in r.output
