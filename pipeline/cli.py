@@ -13,7 +13,7 @@ from typing import Any, Literal
 import click
 
 from . import __version__
-from .config import EvalConfig, HarvestConfig, TrainConfig, _strip_optional, default_of, field_docs, make
+from .config import EvalConfig, HarvestConfig, InspectConfig, TrainConfig, _strip_optional, default_of, field_docs, make
 from .errors import SaeError
 from .manifest import STAGES
 
@@ -86,6 +86,7 @@ def main() -> None:
       sae harvest --site blocks.15.hook_resid_post --max-tokens 200000 --out runs/store.zarr
       sae train runs/store.zarr --site blocks.15.hook_resid_post --k 16,32,64 --out runs/saes
       sae eval runs/saes --out runs/report
+      sae inspect runs/saes/batchtopk-k32-x8 --out runs/inspect
     """
 
 
@@ -121,6 +122,17 @@ def eval_(**kwargs: Any) -> None:
     from .evaluate import evaluate as run_eval
 
     _run(lambda: run_eval(cfg))
+
+
+@main.command()
+@config_options(InspectConfig, arguments={"sae_dir": {"type": click.Path(path_type=Path)}})
+def inspect(**kwargs: Any) -> None:
+    """Feature pages of SAE_DIR from one streaming pass over its store (no LM): density, histogram, top and
+    quantile examples in context, logit effects, similar latents. Writes a static site (index.html) to --out."""
+    cfg = _run(lambda: build(InspectConfig, kwargs))
+    from .evaluate.inspect import inspect as run_inspect
+
+    _run(lambda: run_inspect(cfg))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,0 +1,485 @@
+"""`sae inspect`: feature pages for every latent of an SAE from one streaming pass over its rows, without the LM.
+
+1. Pass over the rows in store order (or over held-out text run through the LM up to the site). Each batch
+   is encoded on the SAE's device (BatchTopK in θ mode: relu(pre)·1[pre > θ]); the nonzero activations feed
+   bounded per-latent state (`sae.evaluate.latent_state`): counts, sums, a running top-N, a histogram with
+   seeded per-bin reservoirs. Rows the SAE never trained on (BOS rows of an SAE trained without them) and rows
+   holding NaN/Inf are left out and counted.
+2. A second, small pass over the rows of the selected examples' context windows gives each latent's value at
+   every token of its windows, for the shading.
+3. From the weights alone: logit effects through the final norm's gain and the unembedding, and the latents
+   with the most similar decoder rows.
+The result is a static site (`sae.evaluate.dashboard`).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from sae.config import InspectConfig
+from sae.device import resolve_device
+from sae.errors import SaeError
+from sae.metrics import DENSE_FREQUENCY
+from sae.saedir import SparseAutoencoder, load_sae
+from sae.store import Store
+
+from .dashboard import write_site
+from .directions import logit_effects, similar_decoders
+from .latent_state import N_BINS, Entries, LatentState
+from .rows import ModelRows, StoreRows
+
+MASSIVE_FACTOR = 5.0
+"""A row is massive when its norm exceeds this many times the median row norm (of the first batch of used rows;
+rows are shuffled within shards, so it is a fair sample). Pages say which share of a latent's firing fell on
+such rows, so a latent that only fires on them is seen for what it is."""
+
+DEFAULT_TEXT_TOKENS = 65536
+"""Tokens of held-out text read with --dataset when --max-rows is not given."""
+
+
+class InspectResult(NamedTuple):
+    """What `inspect` wrote and saw."""
+
+    out: Path
+    """The site directory."""
+    latents: int
+    """Latents inspected."""
+    rows_read: int
+    """Rows the pass read."""
+    rows_used: int
+    """Rows encoded (read minus those left out)."""
+    left_out: dict[str, int]
+    """Rows left out, by reason (`bos`, `non_finite`)."""
+    dead: int
+    """Inspected latents that never fired on the used rows."""
+    dense: int
+    """Inspected latents firing on more than 10 % of the used rows."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Which latents, which rows
+
+
+def parse_latents(spec: str, d_sae: int, seed: int = 0) -> np.ndarray:
+    """Sorted latent indices from `all`, `random:N` or a comma list of indices and inclusive ranges `a-b`."""
+    spec = spec.strip()
+    if spec == "all":
+        return np.arange(d_sae)
+    if spec.startswith("random:"):
+        try:
+            n = int(spec.split(":", 1)[1])
+        except ValueError:
+            raise SaeError(f"--latents {spec!r}: random:N needs a whole number N") from None
+        if not 0 < n <= d_sae:
+            raise SaeError(f"--latents {spec!r}: N must be between 1 and the SAE's {d_sae} latents")
+        return np.sort(np.random.default_rng(seed).choice(d_sae, n, replace=False))
+    out: list[int] = []
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        try:
+            lo, _, hi = part.partition("-")
+            a, b = int(lo), int(hi) if hi else int(lo)
+        except ValueError:
+            raise SaeError(f"--latents {spec!r}: {part!r} is not an index or a range a-b") from None
+        if not 0 <= a <= b < d_sae:
+            raise SaeError(f"--latents {spec!r}: {part!r} is outside the SAE's latents 0-{d_sae - 1}")
+        out += range(a, b + 1)
+    if not out:
+        raise SaeError(f"--latents {spec!r} names no latent; use all, random:N or a list such as 0-99,512")
+    return np.unique(np.asarray(out))
+
+
+def _recorded_store(sae: SparseAutoencoder) -> Path | None:
+    store = sae.cfg.metadata.get("store")
+    return Path(store) if isinstance(store, str) and store else None
+
+
+def _model_name(cfg: InspectConfig, sae: SparseAutoencoder, store: Store | None) -> str | None:
+    if cfg.model:
+        return cfg.model
+    recorded = sae.cfg.metadata.get("model")
+    if isinstance(recorded, dict) and recorded.get("id"):
+        return str(recorded["id"])
+    if store is not None and isinstance(store.attrs.get("model"), dict) and store.attrs["model"].get("id"):
+        return str(store.attrs["model"]["id"])
+    return sae.cfg.model_name or None
+
+
+def _load_model(name: str | None, cfg: InspectConfig, device: torch.device, required: bool) -> tuple[Any, Any]:
+    """(model, tokenizer), or (None, None) with a warning when the model cannot be had and only gives text and
+    logit effects."""
+    from sae.models import load_model
+
+    if name is None:
+        if required:
+            raise SaeError("the SAE records no model; pass --model")
+        print("inspect: the SAE records no model; token ids shown, no logit effects (pass --model)", file=sys.stderr)
+        return None, None
+    try:
+        model, tokenizer, _ = load_model(
+            name, device=str(device), dtype="float32", trust_remote_code=cfg.trust_remote_code
+        )
+    except SaeError as e:
+        if required:
+            raise
+        print(f"inspect: {e}; token ids shown, no logit effects (pass --model)", file=sys.stderr)
+        return None, None
+    return model, tokenizer
+
+
+def _source(
+    cfg: InspectConfig, sae: SparseAutoencoder, site: str, device: torch.device
+) -> tuple[StoreRows | ModelRows, Any, Any]:
+    """The row source, and the model and tokenizer (None when unavailable)."""
+    if cfg.dataset is not None:
+        if cfg.store is not None:
+            raise SaeError("pass either --store or --dataset, not both")
+        from sae.corpus import iter_contexts
+        from sae.sites import parse_site
+
+        from .evaluate import _default_split
+
+        model, tokenizer = _load_model(_model_name(cfg, sae, None), cfg, device, required=True)
+        parse_site(site, model)
+        seq_len = cfg.seq_len or int(sae.cfg.metadata.get("context_size") or 128)
+        split = cfg.split or _default_split(cfg.dataset)
+        max_tokens = cfg.max_rows or DEFAULT_TEXT_TOKENS
+        contexts = list(
+            iter_contexts(
+                cfg.dataset, tokenizer, seq_len=seq_len, split=split, text_column=cfg.text_column, max_tokens=max_tokens
+            )
+        )
+        if not contexts:
+            raise SaeError(f"dataset {cfg.dataset!r} (split {split!r}) gave no context")
+        rows = ModelRows(model, site, np.stack(contexts), device, max(1, cfg.batch_size // seq_len))
+        return rows, model, tokenizer
+    path = cfg.store or _recorded_store(sae)
+    if path is None:
+        raise SaeError(f"SAE {cfg.sae_dir} records no store; pass --store (a store of its site) or --dataset")
+    if not Path(path).exists() and cfg.store is None:
+        raise SaeError(f"SAE {cfg.sae_dir} was trained on store {path}, which no longer exists; pass --store")
+    store = Store.open(path)
+    rows = StoreRows(store, site, device, cfg.max_rows)
+    if store.d_model != sae.cfg.d_in:
+        raise SaeError(f"store {path} has d_model {store.d_model}, but the SAE has d_in {sae.cfg.d_in}")
+    model, tokenizer = _load_model(_model_name(cfg, sae, store), cfg, torch.device("cpu"), required=False)
+    return rows, model, tokenizer
+
+
+# --------------------------------------------------------------------------------------------------
+# Progress (plain lines; replaced by sae.progress once it exists)
+
+
+class _Progress:
+    def __init__(self, stage: str, total: int, unit: str = "rows"):
+        self.stage, self.total, self.unit, self.done = stage, total, unit, 0
+        self._next = 0.0
+
+    def update(self, n: int) -> None:
+        self.done += n
+        if self.done >= self._next or self.done >= self.total:
+            pct = 100 * self.done / max(1, self.total)
+            print(f"{self.stage}: {self.done:,}/{self.total:,} {self.unit} ({pct:.1f}%)", file=sys.stderr, flush=True)
+            self._next = self.done + max(1, self.total // 10)
+
+
+# --------------------------------------------------------------------------------------------------
+# The passes
+
+
+def _encode(sae: SparseAutoencoder, x: Tensor, selected: Tensor | None) -> Tensor:
+    with torch.no_grad():
+        a = sae.encode(x)
+    return a if selected is None else a[:, selected]
+
+
+def first_pass(
+    source: StoreRows | ModelRows,
+    sae: SparseAutoencoder,
+    selected: np.ndarray,
+    cfg: InspectConfig,
+    skip_bos: bool,
+) -> tuple[LatentState, dict[str, int], int, float]:
+    """Stream every row once: (state, rows left out by reason, rows used, median row norm)."""
+    device = sae.W_enc.device
+    state = LatentState(len(selected), top=cfg.top, per_bin=cfg.per_quantile, seed=cfg.seed, device=device)
+    sel = None if len(selected) == sae.cfg.d_sae else torch.as_tensor(selected, device=device)
+    left_out = {"bos": 0, "non_finite": 0}
+    used, median = 0, math.nan
+    progress = _Progress("inspect", source.n_rows)
+    for batch in source.batches():
+        keep = np.ones(len(batch.row), dtype=bool)
+        if skip_bos:
+            keep &= batch.position != 0
+            left_out["bos"] += int((~keep).sum())
+        x = batch.x[torch.from_numpy(keep).to(batch.x.device)]
+        finite = torch.isfinite(x).all(1)
+        n_bad = int((~finite).sum())
+        meta = np.stack([batch.row, batch.context, batch.position], 1)[keep]
+        if n_bad:
+            left_out["non_finite"] += n_bad
+            x, meta = x[finite], meta[finite.cpu().numpy()]
+        pay_all = torch.from_numpy(meta).to(device)
+        for i in range(0, x.shape[0], cfg.batch_size):
+            xb = x[i : i + cfg.batch_size]
+            norm = xb.norm(dim=1)
+            if math.isnan(median):
+                median = float(norm.median())
+            a = _encode(sae, xb, sel)
+            r, f = a.nonzero(as_tuple=True)
+            state.update(Entries(f, a[r, f].float(), pay_all[i : i + cfg.batch_size][r], (norm > MASSIVE_FACTOR * median)[r]))
+            used += xb.shape[0]
+        progress.update(len(batch.row))
+    return state, left_out, used, median
+
+
+class Example(NamedTuple):
+    latent: int  # position in the selected latents
+    row: int
+    context: int
+    position: int
+    act: float
+
+
+def choose_examples(state: LatentState, quantiles: int) -> tuple[list[list[Example]], list[list[dict[str, Any]]]]:
+    """Per selected latent: its top examples, and its quantile intervals with their examples."""
+    top_v = state.top.value.cpu().numpy()
+    top_ok = np.isfinite(state.top.key.cpu().numpy())
+    top_p = state.top.payload.cpu().numpy()
+    res_key = state.reservoir.key.cpu().numpy().reshape(state.n, N_BINS, -1)
+    res_v = state.reservoir.value.cpu().numpy().reshape(state.n, N_BINS, -1)
+    res_p = state.reservoir.payload.cpu().numpy().reshape(state.n, N_BINS, res_key.shape[2], -1)
+    hist = state.hist.cpu().numpy()
+    width = state.bin_width().cpu().numpy()
+    m = res_key.shape[2]
+    tops, intervals = [], []
+    for j in range(state.n):
+        tops.append([Example(j, *map(int, top_p[j, s]), float(top_v[j, s])) for s in range(top_ok.shape[1]) if top_ok[j, s]])
+        ivs: list[dict[str, Any]] = []
+        if top_ok[j, 0] and width[j] > 0:
+            vmax = float(top_v[j, 0])
+            centre = (np.arange(N_BINS) + 0.5) * width[j]
+            q = np.minimum((centre / (vmax / quantiles)).astype(int), quantiles - 1)
+            for k in range(quantiles):
+                bins = np.nonzero((q == k) & (hist[j] > 0))[0]
+                if len(bins) == 0:
+                    continue
+                keys = res_key[j, bins].reshape(-1)
+                order = np.argsort(keys, kind="stable")[:m]
+                order = order[np.isfinite(keys[order])]
+                vals, pays = res_v[j, bins].reshape(-1)[order], res_p[j, bins].reshape(-1, res_p.shape[3])[order]
+                exs = sorted(
+                    (Example(j, *map(int, p), float(v)) for v, p in zip(vals, pays, strict=True)), key=lambda e: -e.act
+                )
+                ivs.append(
+                    {
+                        "lo": float(k * vmax / quantiles),
+                        "hi": float((k + 1) * vmax / quantiles),
+                        "count": int(hist[j, bins].sum()),
+                        "examples": exs,
+                    }
+                )
+        intervals.append(ivs[::-1])  # highest interval first, as the page lists them
+    return tops, intervals
+
+
+def _window(e: Example, window: int, seq_len: int) -> tuple[int, int]:
+    """First and last position of the window around example `e`."""
+    return max(0, e.position - window), min(seq_len - 1, e.position + window)
+
+
+def window_values(
+    source: StoreRows | ModelRows,
+    sae: SparseAutoencoder,
+    selected: np.ndarray,
+    examples: list[Example],
+    window: int,
+    skip_bos: bool,
+    batch_size: int,
+) -> tuple[list[np.ndarray], dict[int, float]]:
+    """The second pass: each example's latent at every token of its window (NaN where the row is left out),
+    and the norm of every example's own row, by planned row."""
+    t, n_sel = source.seq_len, len(selected)
+    spans = [_window(e, window, t) for e in examples]
+    keys = [
+        (e.context * t + np.arange(lo, hi + 1)) * n_sel + e.latent for e, (lo, hi) in zip(examples, spans, strict=True)
+    ]
+    if not keys:
+        return [], {}
+    pairs = np.unique(np.concatenate(keys))  # (planned row, latent) pairs, row-major
+    prow, plat = pairs // n_sel, pairs % n_sel
+    values = np.full(len(pairs), np.nan, dtype=np.float32)
+    planned = np.unique(prow)
+    if skip_bos:
+        planned = planned[planned % t != 0]
+    own = {e.context * t + e.position for e in examples}
+    norms: dict[int, float] = {}
+    device = sae.W_enc.device
+    latent_ids = torch.as_tensor(selected, device=device)
+    for here, x in source.rows(planned):
+        for i in range(0, len(here), batch_size):
+            xs, hs = x[i : i + batch_size], here[i : i + batch_size]
+            finite = torch.isfinite(xs).all(1)
+            a = _encode(sae, torch.where(finite[:, None], xs, 0.0), None)
+            norm = xs.norm(dim=1).cpu().numpy()
+            norms.update((r, float(v)) for r, v in zip(hs.tolist(), norm.tolist(), strict=True) if r in own)
+            lo, hi = np.searchsorted(prow, hs, "left"), np.searchsorted(prow, hs, "right")
+            which = np.repeat(np.arange(len(hs)), hi - lo)
+            idx = np.arange(len(which)) - np.repeat(np.cumsum(hi - lo) - (hi - lo), hi - lo) + np.repeat(lo, hi - lo)
+            w = torch.from_numpy(which).to(device)
+            got = a[w, latent_ids[torch.from_numpy(plat[idx]).to(device)]]
+            values[idx] = torch.where(finite[w], got, float("nan")).float().cpu().numpy()
+    return [values[np.searchsorted(pairs, k)] for k in keys], norms
+
+
+# --------------------------------------------------------------------------------------------------
+# The whole command
+
+
+def _sig(v: float, digits: int = 6) -> float | None:
+    """A float rounded to `digits` significant digits for the JSON (None for NaN)."""
+    if v is None or not math.isfinite(v):
+        return None
+    return float(f"{v:.{digits}g}")
+
+
+def _token_text(tokenizer: Any) -> Any:
+    cache: dict[int, str] = {}
+
+    def text(i: int) -> str:
+        if i not in cache:
+            cache[i] = tokenizer.decode([i]) if tokenizer is not None else f"⟨{i}⟩"
+        return cache[i]
+
+    return text
+
+
+def inspect(cfg: InspectConfig) -> InspectResult:
+    """Write the feature pages of the SAE in `cfg.sae_dir` into `cfg.out` (see the module docstring)."""
+    for name in ("top", "quantiles", "per_quantile", "batch_size"):
+        if getattr(cfg, name) < 1:
+            raise SaeError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
+    if cfg.window < 0:
+        raise SaeError(f"--window must be 0 or more, got {cfg.window}")
+    if cfg.max_rows is not None and cfg.max_rows < 1:
+        raise SaeError(f"--max-rows must be at least 1, got {cfg.max_rows}")
+    device = resolve_device(cfg.device)
+    sae = load_sae(cfg.sae_dir, device=device)
+    if not sae.cfg.hook_name:
+        raise SaeError(f"SAE {cfg.sae_dir}: cfg.json records no hook_name (the site the SAE reads)")
+    site = str(sae.cfg.hook_name)
+    skip_bos = sae.cfg.metadata.get("keep_bos") is False
+    selected = parse_latents(cfg.latents, sae.cfg.d_sae, cfg.seed)
+    source, model, tokenizer = _source(cfg, sae, site, device)
+    out = Path(cfg.out) if cfg.out is not None else Path("runs/inspect") / Path(cfg.sae_dir).resolve().name
+
+    state, left_out, used, median = first_pass(source, sae, selected, cfg, skip_bos)
+    if used == 0:
+        raise SaeError(f"no row to inspect: all {sum(left_out.values())} rows read were left out ({left_out})")
+    tops, intervals = choose_examples(state, cfg.quantiles)
+    examples = [e for t in tops for e in t] + [e for ivs in intervals for iv in ivs for e in iv["examples"]]
+    windows, norms = window_values(source, sae, selected, examples, cfg.window, skip_bos, cfg.batch_size)
+    window_of = {id(e): w for e, w in zip(examples, windows, strict=True)}
+    ctx_ids = np.unique(np.asarray([e.context for e in examples], dtype=np.int64))
+    tokens = source.contexts(ctx_ids)
+    w_dec = sae.W_dec.detach()
+    effects = logit_effects(w_dec[torch.as_tensor(selected, device=w_dec.device)], model) if model is not None else None
+    neighbours = similar_decoders(w_dec, torch.as_tensor(selected))
+    text = _token_text(tokenizer)
+    ctx_row = {int(c): k for k, c in enumerate(ctx_ids.tolist())}
+    t = source.seq_len
+
+    def example(e: Example) -> dict[str, Any]:
+        lo, hi = _window(e, cfg.window, t)
+        ids = tokens[ctx_row[e.context], lo : hi + 1].tolist()
+        acts = [_sig(float(v), 4) for v in window_of[id(e)]]
+        acts[e.position - lo] = _sig(e.act)
+        return {
+            "row": e.row,
+            "context": e.context,
+            "position": e.position,
+            "act": _sig(e.act),
+            "norm": _sig(norms.get(e.context * t + e.position, math.nan) / median, 3),
+            "start": lo,
+            "tokens": ids,
+            "acts": acts,
+        }
+
+    count = state.count.cpu().numpy()
+    massive = state.massive_count.cpu().numpy()
+    total = state.total.cpu().numpy()
+    hist = state.hist.cpu().numpy()
+    width = state.bin_width().cpu().numpy()
+    latents = []
+    for j, idx in enumerate(selected.tolist()):
+        n = int(count[j])
+        last = int(np.nonzero(hist[j])[0].max()) + 1 if n else 0
+        entry: dict[str, Any] = {
+            "i": idx,
+            "count": n,
+            "density": _sig(n / used),
+            "mean": _sig(total[j] / n) if n else None,
+            "max": _sig(tops[j][0].act) if tops[j] else None,
+            "massive_share": _sig(massive[j] / n, 4) if n else None,
+            "hist": {"width": _sig(float(width[j]), 8), "counts": hist[j, :last].tolist()},
+            "top": [example(e) for e in tops[j]],
+            "quantiles": [
+                {**{k: _sig(v) if k in ("lo", "hi") else v for k, v in iv.items() if k != "examples"},
+                 "examples": [example(e) for e in iv["examples"]]}
+                for iv in intervals[j]
+            ],
+            "similar": [
+                [int(a), _sig(float(b), 4)] for a, b in zip(neighbours.ids[j].tolist(), neighbours.cosine[j].tolist(), strict=True)
+            ],
+            "logits": None,
+        }
+        if effects is not None:
+            entry["logits"] = {
+                "top": [[int(a), _sig(float(b), 4)] for a, b in zip(effects.top_ids[j].tolist(), effects.top_values[j].tolist(), strict=True)],
+                "bottom": [[int(a), _sig(float(b), 4)] for a, b in zip(effects.bottom_ids[j].tolist(), effects.bottom_values[j].tolist(), strict=True)],
+            }
+        latents.append(entry)
+
+    dead = int((count == 0).sum())
+    dense = int((count > DENSE_FREQUENCY * used).sum())
+    info = {
+        "sae": {
+            "path": str(Path(cfg.sae_dir).resolve()),
+            "name": Path(cfg.sae_dir).resolve().name,
+            "architecture": sae.cfg.architecture,
+            "trained_as": sae.cfg.training_architecture,
+            "k": sae.cfg.k,
+            "d_in": sae.cfg.d_in,
+            "d_sae": sae.cfg.d_sae,
+            "site": site,
+            "encoder": "θ mode (relu(pre)·1[pre > θ])" if sae.batch_topk else sae.cfg.architecture,
+        },
+        "source": {**source.describe(), **({"dataset": cfg.dataset} if cfg.dataset else {})},
+        "seq_len": t,
+        "rows_read": source.n_rows,
+        "rows_used": used,
+        "left_out": left_out,
+        "median_norm": _sig(median),
+        "massive_factor": MASSIVE_FACTOR,
+        "dense_frequency": DENSE_FREQUENCY,
+        "dead": dead,
+        "dense": dense,
+        "top": cfg.top,
+        "quantiles": cfg.quantiles,
+        "window": cfg.window,
+        "logit_effects": effects is not None,
+    }
+    write_site(out, info, latents, text)
+    print(
+        f"inspect: {len(selected)} latents of {info['sae']['name']} from {used:,} rows "
+        f"({', '.join(f'{v:,} {k}' for k, v in left_out.items() if v) or 'none'} left out); "
+        f"{dead} dead, {dense} dense; pages in {out}/index.html",
+        file=sys.stderr,
+    )
+    return InspectResult(out, len(selected), source.n_rows, used, left_out, dead, dense)
