@@ -181,7 +181,9 @@ function renderIndex() {
   app().querySelectorAll("button[data-sort]").forEach(b => b.addEventListener("click", () => {
     const k = b.dataset.sort;
     S.sort = { key: k, dir: S.sort.key === k ? -S.sort.dir : (k === "i" ? 1 : -1) };
-    S.page = 0; renderIndex();
+    S.page = 0;
+    history.replaceState(null, "", "#/?sort=" + (S.sort.dir < 0 ? "-" : "") + k);
+    renderIndex();
     app().querySelector('button[data-sort="' + k + '"]').focus();
   }));
   document.getElementById("prev").onclick = () => { S.page--; renderIndex(); document.getElementById("prev").focus(); };
@@ -266,7 +268,14 @@ function render() {
   if (!S.index) { app().innerHTML = '<p class="error">data/index.js is missing: this page needs the data folder beside it.</p>'; return; }
   const m = location.hash.match(/^#\/latent\/(\d+)$/);
   S.route = m ? "latent/" + m[1] : "index";
-  if (m) renderLatent(Number(m[1])); else renderIndex();
+  if (m) { renderLatent(Number(m[1])); } else {
+    // #/?sort=-max&page=2: a sorted view can be linked to (and is what the sort buttons leave in the address).
+    const q = new URLSearchParams(location.hash.replace(/^#\/?\??/, ""));
+    const key = (q.get("sort") || "").replace(/^-/, "");
+    if (COLS.some(([k, , sortable]) => sortable && k === key)) S.sort = { key, dir: q.get("sort").startsWith("-") ? -1 : 1 };
+    if (q.get("page")) S.page = Math.max(0, parseInt(q.get("page"), 10) - 1 || 0);
+    renderIndex();
+  }
   window.scrollTo(0, 0);
 }
 document.addEventListener("keydown", e => {

@@ -145,7 +145,7 @@ class LatentState:
         m = r.key.shape[1]
         cells = (idx[:, None] * N_BINS + torch.arange(N_BINS, device=idx.device)).reshape(-1)
         key = r.key[cells].view(g, keep, per * m)
-        order = key.argsort(-1, stable=True)[..., :m]
+        order = key.argsort(dim=-1, stable=True)[..., :m]
         new_key = key.gather(-1, order)
         new_value = r.value[cells].view(g, keep, per * m).gather(-1, order)
         pay = r.payload[cells].view(g, keep, per * m, len(PAYLOAD))

@@ -22,6 +22,7 @@ from sae.store import Store
 
 D, F, SEQ = 64, 96, 16
 SITE = "blocks.1.hook_resid_post"
+STORE_OF: list[Path] = []  # the module's store, for SAEs made without one recorded
 
 
 def _text(seed: int, n_words: int = 3000) -> str:
@@ -46,12 +47,19 @@ def env(tmp_path_factory):
             max_tokens=SEQ * 48, chunk_rows=64, shard_chunks=3, batch_size=8, device="cpu",
         )
     )  # fmt: skip
+    STORE_OF[:] = [store]
     sae_dir = make_sae(root / "sae", store=store, model=model_dir)
     return {"root": root, "model": model_dir, "store": store, "sae": sae_dir, "heldout": root / "heldout.txt"}
 
 
-def make_sae(path: Path, *, store: Path | None, model: Path | None, keep_bos: bool = False, seed: int = 0) -> Path:
-    """A BatchTopK-exported SAE (jumprelu with one θ) whose latents fire on a few percent of the rows."""
+def make_sae(
+    path: Path, *, store: Path | None, model: Path | None, keep_bos: bool = False, seed: int = 0, theta: float = 0.0
+) -> Path:
+    """A BatchTopK-exported SAE (jumprelu with one θ) of random unit directions; θ defaults to 1.5 standard
+    deviations of a random projection of the store's rows, so latents fire on a few percent of them."""
+    if not theta:
+        stats = Store.open(store if store is not None else STORE_OF[0]).stats(SITE, skip_bos=True)
+        theta = 1.5 * stats.mean_norm / D**0.5
     g = torch.Generator().manual_seed(seed)
     w_dec = torch.nn.functional.normalize(torch.randn(F, D, generator=g), dim=1)
     weights = {
@@ -59,7 +67,7 @@ def make_sae(path: Path, *, store: Path | None, model: Path | None, keep_bos: bo
         "b_enc": torch.zeros(F),
         "W_dec": w_dec,
         "b_dec": torch.zeros(D),
-        "threshold": torch.full((F,), 0.6),
+        "threshold": torch.full((F,), theta),
     }
     meta: dict = {"keep_bos": keep_bos}
     if store is not None:
@@ -68,7 +76,7 @@ def make_sae(path: Path, *, store: Path | None, model: Path | None, keep_bos: bo
         meta["model"] = {"id": str(model), "revision": None, "sha256": None}
     cfg = SaeConfig(
         architecture="jumprelu", d_in=D, d_sae=F, k=4, hook_name=SITE, training_architecture="batchtopk",
-        theta=0.6, complete=True, metadata=meta,
+        theta=theta, complete=True, metadata=meta,
     )  # fmt: skip
     return save_sae(weights, cfg, path)
 
