@@ -2,7 +2,9 @@
 
 ```
 out/
-  index.html                   the app: #/ is the index table, #/latent/N a latent's page (client-side routing)
+  index.html                   the app (inspect_app.html beside this module, with inline CSS and JavaScript):
+                               #/ is the index table, #/latent/N a latent's page (client-side routing);
+                               ← and → step through latents
   density_histogram.png        firing density over the inspected latents, for reports
   data/index.json              run facts and one column per field over all latents (index, density, max, ...)
   data/latents-NNNNN.json      CHUNK latents each: stats, histogram, examples with windows, logit effects
@@ -18,6 +20,7 @@ import json
 import os
 import shutil
 from collections.abc import Callable
+from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +32,8 @@ import numpy as np  # noqa: E402
 
 from sae import atomic  # noqa: E402
 
-from .dashboard_app import APP_HTML  # noqa: E402
+APP = "inspect_app.html"
+"""The page itself, shipped beside this module."""
 
 CHUNK = 128
 """Latents per data file: a page loads only the file of the latent it shows."""
@@ -124,8 +128,13 @@ def write_site(out: Path, info: dict[str, Any], latents: list[dict[str, Any]], t
             if part and part[0]["logits"] is not None:
                 ids |= {t for lat in part for side in ("top", "bottom") for t, _ in lat["logits"][side]}
             vocab = {str(t): text(t) for t in sorted(ids)}
-            _write_data(data, f"latents-{c // CHUNK:05d}", {"chunk": c // CHUNK, "latents": part, "vocab": vocab}, "SAE_INSPECT.chunk")
-        atomic.write_bytes(tmp / "index.html", APP_HTML.encode())
+            _write_data(
+                data,
+                f"latents-{c // CHUNK:05d}",
+                {"chunk": c // CHUNK, "latents": part, "vocab": vocab},
+                "SAE_INSPECT.chunk",
+            )
+        atomic.write_bytes(tmp / "index.html", files(__package__).joinpath(APP).read_bytes())
         plot_density(hist, info, tmp / "density_histogram.png")
         old = None
         if out.exists():

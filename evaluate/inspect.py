@@ -32,7 +32,8 @@ from sae.store import Store
 
 from .dashboard import write_site
 from .directions import logit_effects, similar_decoders
-from .latent_state import N_BINS, Entries, LatentState
+from .examples import TOP, choose, window_values, windows
+from .latent_state import Entries, LatentState
 from .rows import ModelRows, StoreRows
 
 MASSIVE_FACTOR = 5.0
@@ -116,7 +117,9 @@ def _load_model(name: str | None, cfg: InspectConfig, device: torch.device, requ
     logit effects."""
     from sae.models import load_model
 
-    if name is None:
+    if name == "none" and not required:
+        return None, None
+    if name is None or name == "none":
         if required:
             raise SaeError("the SAE records no model; pass --model")
         print("inspect: the SAE records no model; token ids shown, no logit effects (pass --model)", file=sys.stderr)
@@ -233,109 +236,12 @@ def first_pass(
                 median = float(norm.median())
             a = _encode(sae, xb, sel)
             r, f = a.nonzero(as_tuple=True)
-            state.update(Entries(f, a[r, f].float(), pay_all[i : i + cfg.batch_size][r], (norm > MASSIVE_FACTOR * median)[r]))
+            state.update(
+                Entries(f, a[r, f].float(), pay_all[i : i + cfg.batch_size][r], (norm > MASSIVE_FACTOR * median)[r])
+            )
             used += xb.shape[0]
         progress.update(len(batch.row))
     return state, left_out, used, median
-
-
-class Example(NamedTuple):
-    latent: int  # position in the selected latents
-    row: int
-    context: int
-    position: int
-    act: float
-
-
-def choose_examples(state: LatentState, quantiles: int) -> tuple[list[list[Example]], list[list[dict[str, Any]]]]:
-    """Per selected latent: its top examples, and its quantile intervals with their examples."""
-    top_v = state.top.value.cpu().numpy()
-    top_ok = np.isfinite(state.top.key.cpu().numpy())
-    top_p = state.top.payload.cpu().numpy()
-    res_key = state.reservoir.key.cpu().numpy().reshape(state.n, N_BINS, -1)
-    res_v = state.reservoir.value.cpu().numpy().reshape(state.n, N_BINS, -1)
-    res_p = state.reservoir.payload.cpu().numpy().reshape(state.n, N_BINS, res_key.shape[2], -1)
-    hist = state.hist.cpu().numpy()
-    width = state.bin_width().cpu().numpy()
-    m = res_key.shape[2]
-    tops, intervals = [], []
-    for j in range(state.n):
-        tops.append([Example(j, *map(int, top_p[j, s]), float(top_v[j, s])) for s in range(top_ok.shape[1]) if top_ok[j, s]])
-        ivs: list[dict[str, Any]] = []
-        if top_ok[j, 0] and width[j] > 0:
-            vmax = float(top_v[j, 0])
-            centre = (np.arange(N_BINS) + 0.5) * width[j]
-            q = np.minimum((centre / (vmax / quantiles)).astype(int), quantiles - 1)
-            for k in range(quantiles):
-                bins = np.nonzero((q == k) & (hist[j] > 0))[0]
-                if len(bins) == 0:
-                    continue
-                keys = res_key[j, bins].reshape(-1)
-                order = np.argsort(keys, kind="stable")[:m]
-                order = order[np.isfinite(keys[order])]
-                vals, pays = res_v[j, bins].reshape(-1)[order], res_p[j, bins].reshape(-1, res_p.shape[3])[order]
-                exs = sorted(
-                    (Example(j, *map(int, p), float(v)) for v, p in zip(vals, pays, strict=True)), key=lambda e: -e.act
-                )
-                ivs.append(
-                    {
-                        "lo": float(k * vmax / quantiles),
-                        "hi": float((k + 1) * vmax / quantiles),
-                        "count": int(hist[j, bins].sum()),
-                        "examples": exs,
-                    }
-                )
-        intervals.append(ivs[::-1])  # highest interval first, as the page lists them
-    return tops, intervals
-
-
-def _window(e: Example, window: int, seq_len: int) -> tuple[int, int]:
-    """First and last position of the window around example `e`."""
-    return max(0, e.position - window), min(seq_len - 1, e.position + window)
-
-
-def window_values(
-    source: StoreRows | ModelRows,
-    sae: SparseAutoencoder,
-    selected: np.ndarray,
-    examples: list[Example],
-    window: int,
-    skip_bos: bool,
-    batch_size: int,
-) -> tuple[list[np.ndarray], dict[int, float]]:
-    """The second pass: each example's latent at every token of its window (NaN where the row is left out),
-    and the norm of every example's own row, by planned row."""
-    t, n_sel = source.seq_len, len(selected)
-    spans = [_window(e, window, t) for e in examples]
-    keys = [
-        (e.context * t + np.arange(lo, hi + 1)) * n_sel + e.latent for e, (lo, hi) in zip(examples, spans, strict=True)
-    ]
-    if not keys:
-        return [], {}
-    pairs = np.unique(np.concatenate(keys))  # (planned row, latent) pairs, row-major
-    prow, plat = pairs // n_sel, pairs % n_sel
-    values = np.full(len(pairs), np.nan, dtype=np.float32)
-    planned = np.unique(prow)
-    if skip_bos:
-        planned = planned[planned % t != 0]
-    own = {e.context * t + e.position for e in examples}
-    norms: dict[int, float] = {}
-    device = sae.W_enc.device
-    latent_ids = torch.as_tensor(selected, device=device)
-    for here, x in source.rows(planned):
-        for i in range(0, len(here), batch_size):
-            xs, hs = x[i : i + batch_size], here[i : i + batch_size]
-            finite = torch.isfinite(xs).all(1)
-            a = _encode(sae, torch.where(finite[:, None], xs, 0.0), None)
-            norm = xs.norm(dim=1).cpu().numpy()
-            norms.update((r, float(v)) for r, v in zip(hs.tolist(), norm.tolist(), strict=True) if r in own)
-            lo, hi = np.searchsorted(prow, hs, "left"), np.searchsorted(prow, hs, "right")
-            which = np.repeat(np.arange(len(hs)), hi - lo)
-            idx = np.arange(len(which)) - np.repeat(np.cumsum(hi - lo) - (hi - lo), hi - lo) + np.repeat(lo, hi - lo)
-            w = torch.from_numpy(which).to(device)
-            got = a[w, latent_ids[torch.from_numpy(plat[idx]).to(device)]]
-            values[idx] = torch.where(finite[w], got, float("nan")).float().cpu().numpy()
-    return [values[np.searchsorted(pairs, k)] for k in keys], norms
 
 
 # --------------------------------------------------------------------------------------------------
@@ -349,6 +255,10 @@ def _sig(v: float, digits: int = 6) -> float | None:
     return float(f"{v:.{digits}g}")
 
 
+def _pairs(ids: Tensor, values: Tensor) -> list[list[Any]]:
+    return [[int(i), _sig(float(v), 4)] for i, v in zip(ids.tolist(), values.tolist(), strict=True)]
+
+
 def _token_text(tokenizer: Any) -> Any:
     cache: dict[int, str] = {}
 
@@ -358,6 +268,24 @@ def _token_text(tokenizer: Any) -> Any:
         return cache[i]
 
     return text
+
+
+def round_sig(a: np.ndarray, digits: int) -> list[float | None]:
+    """`a` rounded to `digits` significant digits, as a list for the JSON (None for NaN). The rounded values
+    are the doubles nearest to short decimals, so the JSON stays short."""
+    a = np.asarray(a, dtype=np.float64)
+    out = a.copy()
+    ok = np.isfinite(a) & (a != 0)
+    p = digits - 1 - np.floor(np.log10(np.abs(a[ok])))
+    up = p >= 0
+    v = a[ok]
+    v[up] = np.round(v[up] * 10.0 ** p[up]) / 10.0 ** p[up]
+    v[~up] = np.round(v[~up] / 10.0 ** -p[~up]) * 10.0 ** -p[~up]
+    out[ok] = v
+    lst = out.tolist()
+    for i in np.flatnonzero(~np.isfinite(a)).tolist():
+        lst[i] = None
+    return lst
 
 
 def inspect(cfg: InspectConfig) -> InspectResult:
@@ -378,37 +306,41 @@ def inspect(cfg: InspectConfig) -> InspectResult:
     selected = parse_latents(cfg.latents, sae.cfg.d_sae, cfg.seed)
     source, model, tokenizer = _source(cfg, sae, site, device)
     out = Path(cfg.out) if cfg.out is not None else Path("runs/inspect") / Path(cfg.sae_dir).resolve().name
+    t = source.seq_len
 
     state, left_out, used, median = first_pass(source, sae, selected, cfg, skip_bos)
     if used == 0:
         raise SaeError(f"no row to inspect: all {sum(left_out.values())} rows read were left out ({left_out})")
-    tops, intervals = choose_examples(state, cfg.quantiles)
-    examples = [e for t in tops for e in t] + [e for ivs in intervals for iv in ivs for e in iv["examples"]]
-    windows, norms = window_values(source, sae, selected, examples, cfg.window, skip_bos, cfg.batch_size)
-    window_of = {id(e): w for e, w in zip(examples, windows, strict=True)}
-    ctx_ids = np.unique(np.asarray([e.context for e in examples], dtype=np.int64))
-    tokens = source.contexts(ctx_ids)
+    ex, intervals = choose(state, cfg.quantiles)
+    win = windows(ex, cfg.window, t)
+    values, own_norm = window_values(source, sae, selected, ex, win, skip_bos, cfg.batch_size, t)
+    ctx_ids = np.unique(ex.context)
+    tokens = source.contexts(ctx_ids)[
+        np.searchsorted(ctx_ids, np.repeat(ex.context, np.diff(win.offset))), win.position
+    ]
+    focus = win.offset[:-1] + ex.position - win.start
+    values[focus] = ex.act  # the first pass's value (a re-encode in another batch shape may differ in the last bit)
+
     w_dec = sae.W_dec.detach()
     effects = logit_effects(w_dec[torch.as_tensor(selected, device=w_dec.device)], model) if model is not None else None
     neighbours = similar_decoders(w_dec, torch.as_tensor(selected))
-    text = _token_text(tokenizer)
-    ctx_row = {int(c): k for k, c in enumerate(ctx_ids.tolist())}
-    t = source.seq_len
 
-    def example(e: Example) -> dict[str, Any]:
-        lo, hi = _window(e, cfg.window, t)
-        ids = tokens[ctx_row[e.context], lo : hi + 1].tolist()
-        acts = [_sig(float(v), 4) for v in window_of[id(e)]]
-        acts[e.position - lo] = _sig(e.act)
+    acts_l, tokens_l = round_sig(values, 4), tokens.tolist()
+    act_l, norm_l = round_sig(ex.act, 6), round_sig(own_norm / median, 3)
+    row_l, ctx_l, pos_l, start_l = ex.row.tolist(), ex.context.tolist(), ex.position.tolist(), win.start.tolist()
+    off = win.offset.tolist()
+
+    def example(e: int) -> dict[str, Any]:
+        a, b = off[e], off[e + 1]
         return {
-            "row": e.row,
-            "context": e.context,
-            "position": e.position,
-            "act": _sig(e.act),
-            "norm": _sig(norms.get(e.context * t + e.position, math.nan) / median, 3),
-            "start": lo,
-            "tokens": ids,
-            "acts": acts,
+            "row": row_l[e],
+            "context": ctx_l[e],
+            "position": pos_l[e],
+            "act": act_l[e],
+            "norm": norm_l[e],
+            "start": start_l[e],
+            "tokens": tokens_l[a:b],
+            "acts": acts_l[a:b],
         }
 
     count = state.count.cpu().numpy()
@@ -416,36 +348,50 @@ def inspect(cfg: InspectConfig) -> InspectResult:
     total = state.total.cpu().numpy()
     hist = state.hist.cpu().numpy()
     width = state.bin_width().cpu().numpy()
+    with np.errstate(divide="ignore", invalid="ignore"):
+        density_l = round_sig(count / used, 6)
+        mean_l = round_sig(np.where(count > 0, total / count, np.nan), 6)
+        share_l = round_sig(np.where(count > 0, massive / count, np.nan), 4)
+    vmax = np.where(count > 0, state.top.value[:, 0].cpu().numpy(), np.nan)
+    max_l, width_l = round_sig(vmax, 6), round_sig(width, 8)
+    ex_start = np.searchsorted(ex.latent, np.arange(len(selected) + 1))
+    iv_start = np.searchsorted(intervals.latent, np.arange(len(selected) + 1))
+    iv_lo, iv_hi = round_sig(intervals.lo, 6), round_sig(intervals.hi, 6)
     latents = []
     for j, idx in enumerate(selected.tolist()):
         n = int(count[j])
-        last = int(np.nonzero(hist[j])[0].max()) + 1 if n else 0
+        last = int(np.flatnonzero(hist[j]).max()) + 1 if n else 0
+        mine = range(ex_start[j], ex_start[j + 1])
+        groups: dict[int, list[dict[str, Any]]] = {}
+        for e in mine:
+            groups.setdefault(int(ex.group[e]), []).append(example(e))
         entry: dict[str, Any] = {
             "i": idx,
             "count": n,
-            "density": _sig(n / used),
-            "mean": _sig(total[j] / n) if n else None,
-            "max": _sig(tops[j][0].act) if tops[j] else None,
-            "massive_share": _sig(massive[j] / n, 4) if n else None,
-            "hist": {"width": _sig(float(width[j]), 8), "counts": hist[j, :last].tolist()},
-            "top": [example(e) for e in tops[j]],
+            "density": density_l[j],
+            "mean": mean_l[j],
+            "max": max_l[j],
+            "massive_share": share_l[j],
+            "hist": {"width": width_l[j], "counts": hist[j, :last].tolist()},
+            "top": groups.get(TOP, []),
             "quantiles": [
-                {**{k: _sig(v) if k in ("lo", "hi") else v for k, v in iv.items() if k != "examples"},
-                 "examples": [example(e) for e in iv["examples"]]}
-                for iv in intervals[j]
-            ],
-            "similar": [
-                [int(a), _sig(float(b), 4)] for a, b in zip(neighbours.ids[j].tolist(), neighbours.cosine[j].tolist(), strict=True)
-            ],
+                {
+                    "lo": iv_lo[k],
+                    "hi": iv_hi[k],
+                    "count": int(intervals.count[k]),
+                    "examples": groups.get(int(intervals.group[k]), []),
+                }
+                for k in range(iv_start[j], iv_start[j + 1])
+            ],  # fmt: skip
+            "similar": _pairs(neighbours.ids[j], neighbours.cosine[j]),
             "logits": None,
         }
         if effects is not None:
             entry["logits"] = {
-                "top": [[int(a), _sig(float(b), 4)] for a, b in zip(effects.top_ids[j].tolist(), effects.top_values[j].tolist(), strict=True)],
-                "bottom": [[int(a), _sig(float(b), 4)] for a, b in zip(effects.bottom_ids[j].tolist(), effects.bottom_values[j].tolist(), strict=True)],
+                "top": _pairs(effects.top_ids[j], effects.top_values[j]),
+                "bottom": _pairs(effects.bottom_ids[j], effects.bottom_values[j]),
             }
         latents.append(entry)
-
     dead = int((count == 0).sum())
     dense = int((count > DENSE_FREQUENCY * used).sum())
     info = {
@@ -475,7 +421,7 @@ def inspect(cfg: InspectConfig) -> InspectResult:
         "window": cfg.window,
         "logit_effects": effects is not None,
     }
-    write_site(out, info, latents, text)
+    write_site(out, info, latents, _token_text(tokenizer))
     print(
         f"inspect: {len(selected)} latents of {info['sae']['name']} from {used:,} rows "
         f"({', '.join(f'{v:,} {k}' for k, v in left_out.items() if v) or 'none'} left out); "

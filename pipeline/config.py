@@ -310,7 +310,8 @@ class InspectConfig:
     """Rows per encode, or contexts × seq_len per LM forward with `dataset`."""
 
     model: str | None = None
-    """Model giving the token text and the unembedding for logit effects; default: the one the SAE records."""
+    """Model giving the token text and the unembedding for logit effects; default: the one the SAE records;
+    `none`: token ids only, no logit effects."""
 
     device: str = "auto"
     """`auto` (CUDA when available), `cpu`, `cuda` or `cuda:N`."""

@@ -291,7 +291,9 @@ def test_cli_bad_input_is_one_line_and_exit_2(env, tmp_path):
     from sae.cli import main
 
     out = tmp_path / "site"
-    res = CliRunner().invoke(main, ["inspect", str(env["sae"]), "--out", str(out), "--latents", "0-2", "--device", "cpu"])
+    res = CliRunner().invoke(
+        main, ["inspect", str(env["sae"]), "--out", str(out), "--latents", "0-2", "--device", "cpu"]
+    )
     assert res.exit_code == 0, res.output
     assert (out / "index.html").is_file() and (out / "density_histogram.png").is_file()
     before = (out / "data" / "index.json").read_bytes()

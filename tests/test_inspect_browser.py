@@ -30,7 +30,7 @@ def chromium(url: str, *args: str) -> subprocess.CompletedProcess:
     cmd = [
         CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--no-first-run",
         "--disable-extensions", "--disable-background-networking", "--allow-file-access-from-files=false",
-        "--virtual-time-budget=4000", "--window-size=1280,1800", *args, url,
+        "--virtual-time-budget=2000", "--window-size=1280,1800", *args, url,
     ]  # fmt: skip
     return subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=True)
 
@@ -113,8 +113,6 @@ def test_index_lists_the_latents(site, tmp_path):
     page = Elements(dom((out / "index.html").as_uri()))
     rows = page.find("tr", data_latent=True)
     assert [int(r[1]["data-latent"]) for r in rows] == [lat["i"] for lat in latents][:100]
-    cells = {int(r[1]["data-latent"]): r for r in rows}
-    del cells
     assert page.find("span", id="n-dead")[0][2] == str(index["dead"])
     assert page.find("span", id="n-latents")[0][2] == str(len(latents))
     density = [el for el in page.find("td", class_="num") if el[1].get("data-value") not in (None, "null")]
@@ -146,14 +144,12 @@ def test_latent_page_shows_examples_and_the_json_numbers(site, tmp_path):
     assert len(focus) == len(lat["top"]) + sum(len(q["examples"]) for q in lat["quantiles"])
     for el, ex in zip(focus, lat["top"], strict=False):
         assert float(el[1]["data-act"]) == ex["act"]
-        assert el[1]["title"] == f"activation {el[1]['title'].split()[-1]}" and shown_equals(el[1]["title"].split()[-1], ex["act"])
+        assert el[1]["title"].startswith("activation ") and shown_equals(el[1]["title"].split()[-1], ex["act"])
     # The shading covers the whole window: every token of the first example carries its activation.
     first = lat["top"][0]
     toks = page.find("span", class_="tok")[: len(first["tokens"])]
-    want = ["" if a is None else a for a in first["acts"]]
-    assert [el[1]["data-act"] for el in toks] == [str(a) if a != "" else "" for a in want] or [
-        (float(el[1]["data-act"]) if el[1]["data-act"] else "") for el in toks
-    ] == want
+    assert [float(el[1]["data-act"]) if el[1]["data-act"] else None for el in toks] == first["acts"]
+    assert "focus" in toks[first["position"] - first["start"]][1]["class"]
     promoted = page.find("table", class_="pos")
     assert promoted and promoted[0][2].strip()
     similar = [el for el in page.find("a") if el[1].get("href", "").startswith("#/latent/")]
