@@ -78,7 +78,14 @@ def _run(fn: Callable[[], Any]) -> Any:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120})
 @click.version_option(__version__, prog_name="sae")
-def main() -> None:
+@click.option(
+    "--progress-interval",
+    type=click.FloatRange(min=0, min_open=True),
+    metavar="S",
+    help="Seconds between progress lines when stderr is not a terminal (batch logs). "
+    "[default: $SAE_PROGRESS_INTERVAL or 30]",
+)
+def main(progress_interval: float | None) -> None:
     """Harvest LM activations into Zarr stores, train BatchTopK sparse autoencoders, evaluate them.
 
     \b
@@ -88,6 +95,11 @@ def main() -> None:
       sae eval runs/saes --out runs/report
       sae inspect runs/saes/batchtopk-k32-x8 --out runs/inspect
     """
+    from .progress import interval, set_interval
+
+    if progress_interval is not None:
+        set_interval(progress_interval)
+    _run(interval)  # a malformed $SAE_PROGRESS_INTERVAL fails now, not after the model has loaded
 
 
 @main.command()
