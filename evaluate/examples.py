@@ -15,6 +15,8 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
+from sae.progress import Progress
+
 from .latent_state import N_BINS, LatentState
 
 TOP = -1
@@ -161,7 +163,9 @@ def window_values(
         planned = planned[planned % seq_len != 0]
     device = sae.W_enc.device
     latent_ids = torch.as_tensor(selected, device=device)
+    progress = Progress("inspect windows", len(planned), unit="rows")
     for here, x in source.rows(planned):
+        progress.update(len(here))
         for i in range(0, len(here), batch_size):
             xs, hs = x[i : i + batch_size], here[i : i + batch_size]
             finite = torch.isfinite(xs).all(1)
@@ -177,4 +181,5 @@ def window_values(
             w = torch.from_numpy(which).to(device)
             got = a[w, latent_ids[torch.from_numpy(plat[idx]).to(device)]]
             values[idx] = torch.where(finite[w], got, float("nan")).float().cpu().numpy()
+    progress.close()
     return values[np.searchsorted(pairs, keys)], own_norm[np.searchsorted(own_u, own)]

@@ -27,6 +27,7 @@ from sae.config import InspectConfig
 from sae.device import resolve_device
 from sae.errors import SaeError
 from sae.metrics import DENSE_FREQUENCY
+from sae.progress import Progress, summary
 from sae.saedir import SparseAutoencoder, load_sae
 from sae.store import Store
 
@@ -176,23 +177,6 @@ def _source(
 
 
 # --------------------------------------------------------------------------------------------------
-# Progress (plain lines; replaced by sae.progress once it exists)
-
-
-class _Progress:
-    def __init__(self, stage: str, total: int, unit: str = "rows"):
-        self.stage, self.total, self.unit, self.done = stage, total, unit, 0
-        self._next = 0.0
-
-    def update(self, n: int) -> None:
-        self.done += n
-        if self.done >= self._next or self.done >= self.total:
-            pct = 100 * self.done / max(1, self.total)
-            print(f"{self.stage}: {self.done:,}/{self.total:,} {self.unit} ({pct:.1f}%)", file=sys.stderr, flush=True)
-            self._next = self.done + max(1, self.total // 10)
-
-
-# --------------------------------------------------------------------------------------------------
 # The passes
 
 
@@ -215,7 +199,7 @@ def first_pass(
     sel = None if len(selected) == sae.cfg.d_sae else torch.as_tensor(selected, device=device)
     left_out = {"bos": 0, "non_finite": 0}
     used, median = 0, math.nan
-    progress = _Progress("inspect", source.n_rows)
+    progress = Progress("inspect", source.n_rows, unit="rows")
     for batch in source.batches():
         keep = np.ones(len(batch.row), dtype=bool)
         if skip_bos:
@@ -241,6 +225,8 @@ def first_pass(
             )
             used += xb.shape[0]
         progress.update(len(batch.row))
+        progress.figures(rows=f"{used:,} used", latents=f"{int((state.count > 0).sum()):,} fired")
+    progress.close()
     return state, left_out, used, median
 
 
@@ -422,10 +408,13 @@ def inspect(cfg: InspectConfig) -> InspectResult:
         "logit_effects": effects is not None,
     }
     write_site(out, info, latents, _token_text(tokenizer))
-    print(
-        f"inspect: {len(selected)} latents of {info['sae']['name']} from {used:,} rows "
-        f"({', '.join(f'{v:,} {k}' for k, v in left_out.items() if v) or 'none'} left out); "
-        f"{dead} dead, {dense} dense; pages in {out}/index.html",
-        file=sys.stderr,
+    summary(
+        "inspect",
+        [
+            f"{len(selected):,} latents of {info['sae']['name']} ({site}) from {used:,} rows; left out: "
+            + (", ".join(f"{v:,} {k.replace('_', '-')}" for k, v in left_out.items() if v) or "none"),
+            f"{dead:,} dead, {dense:,} dense (density > {DENSE_FREQUENCY:.0%}); {len(ex.row):,} examples shown",
+            f"pages: {out / 'index.html'}",
+        ],
     )
     return InspectResult(out, len(selected), source.n_rows, used, left_out, dead, dense)
