@@ -16,6 +16,7 @@ No server, no network, no CDN, no web fonts: everything the page needs is in `ou
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -31,6 +32,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from sae import atomic  # noqa: E402
+from sae.errors import SaeError  # noqa: E402
 
 APP = "inspect_app.html"
 """The page itself, shipped beside this module."""
@@ -90,22 +92,28 @@ def plot_density(hist: dict[str, Any], info: dict[str, Any], path: Path) -> None
     )
     ax.legend(fontsize=8, frameon=False)
     fig.tight_layout()
-    import io
-
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     plt.close(fig)
     atomic.write_bytes(path, buf.getvalue())
 
 
+def check_out(out: Path) -> None:
+    """SaeError unless `out` is free, an empty folder, or a site this module wrote (which is replaced whole)."""
+    out = Path(out)
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise SaeError(f"--out {out} is a file; pass a folder for the site")
+    if any(out.iterdir()) and not ((out / "index.html").is_file() and (out / "data" / "index.json").is_file()):
+        raise SaeError(f"--out {out} is a folder that holds something other than an inspect site; choose another")
+
+
 def write_site(out: Path, info: dict[str, Any], latents: list[dict[str, Any]], text: Callable[[int], str]) -> Path:
     """Write the site for `latents` (as `sae.evaluate.inspect` builds them) into `out`, replacing what was there
     only once the new site is complete."""
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        from sae.errors import SaeError
-
-        raise SaeError(f"--out {out} is a file; pass a directory for the site")
+    check_out(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = atomic.mkdtemp(out.parent, f".{out.name}.tmp-")
     try:

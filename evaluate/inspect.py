@@ -31,7 +31,7 @@ from sae.progress import Progress, summary
 from sae.saedir import SparseAutoencoder, load_sae
 from sae.store import Store
 
-from .dashboard import write_site
+from .dashboard import check_out, write_site
 from .directions import logit_effects, similar_decoders
 from .examples import TOP, choose, window_values, windows
 from .latent_state import Entries, LatentState
@@ -292,6 +292,7 @@ def inspect(cfg: InspectConfig) -> InspectResult:
     selected = parse_latents(cfg.latents, sae.cfg.d_sae, cfg.seed)
     source, model, tokenizer = _source(cfg, sae, site, device)
     out = Path(cfg.out) if cfg.out is not None else Path("runs/inspect") / Path(cfg.sae_dir).resolve().name
+    check_out(out)
     t = source.seq_len
 
     state, left_out, used, median = first_pass(source, sae, selected, cfg, skip_bos)
@@ -313,6 +314,8 @@ def inspect(cfg: InspectConfig) -> InspectResult:
 
     acts_l, tokens_l = round_sig(values, 4), tokens.tolist()
     act_l, norm_l = round_sig(ex.act, 6), round_sig(own_norm / median, 3)
+    for f, a in zip(focus.tolist(), act_l, strict=True):
+        acts_l[f] = a  # the example's own token: the same number as its "act"
     row_l, ctx_l, pos_l, start_l = ex.row.tolist(), ex.context.tolist(), ex.position.tolist(), win.start.tolist()
     off = win.offset.tolist()
 

@@ -35,6 +35,8 @@ class RowBatch(NamedTuple):
     """Position of each row in its context (0 is BOS), int64 [n]."""
     row: np.ndarray
     """The store row index (storage order) of each row; for text, the planned index. int64 [n]."""
+    token: np.ndarray
+    """Token id at each row, int64 [n]."""
 
 
 class StoreRows:
@@ -54,12 +56,12 @@ class StoreRows:
     def describe(self) -> dict[str, Any]:
         return {"store": str(self.store.path), "site": self.site, "store_rows": self.store.n_rows}
 
-    def _read(self, i: int) -> tuple[Tensor, np.ndarray, np.ndarray]:
+    def _read(self, i: int) -> tuple[Tensor, np.ndarray, np.ndarray, np.ndarray]:
         x = self.store.chunk(self.site, i)
-        meta = self.store.chunk_meta(i)
-        return x, np.asarray(meta.context, dtype=np.int64), np.asarray(meta.position, dtype=np.int64)
+        m = self.store.chunk_meta(i)
+        return x, *(np.asarray(a, dtype=np.int64) for a in (m.context, m.position, m.tokens))
 
-    def _chunks(self, chunks: list[int]) -> Iterator[tuple[int, tuple[Tensor, np.ndarray, np.ndarray]]]:
+    def _chunks(self, chunks: list[int]) -> Iterator[tuple[int, tuple[Tensor, np.ndarray, np.ndarray, np.ndarray]]]:
         with ThreadPoolExecutor(2, thread_name_prefix="sae-inspect-read") as pool:
             futures = [pool.submit(self._read, i) for i in chunks[:_PREFETCH]]
             for j, i in enumerate(chunks):
@@ -72,7 +74,7 @@ class StoreRows:
     def batches(self) -> Iterator[RowBatch]:
         """The rows in storage order, one chunk per batch, up to `n_rows`."""
         left = self.n_rows
-        for i, (x, context, position) in self._chunks(self.chunks):
+        for i, (x, context, position, token) in self._chunks(self.chunks):
             n = min(left, x.shape[0])
             start = self.store.chunk_range(i)[0]
             yield RowBatch(
@@ -80,6 +82,7 @@ class StoreRows:
                 context[:n],
                 position[:n],
                 np.arange(start, start + n, dtype=np.int64),
+                token[:n],
             )
             left -= n
             if left <= 0:
@@ -140,7 +143,7 @@ class ModelRows:
             ids = np.arange(c0, min(c0 + self.batch_contexts, len(self._contexts)))
             x = self._forward(ids)
             rows = np.arange(ids[0] * t, (ids[-1] + 1) * t, dtype=np.int64)
-            yield RowBatch(x.reshape(len(rows), -1), rows // t, rows % t, rows)
+            yield RowBatch(x.reshape(len(rows), -1), rows // t, rows % t, rows, self._contexts[ids].reshape(-1))
 
     def rows(self, planned: np.ndarray) -> Iterator[tuple[np.ndarray, Tensor]]:
         t = self.seq_len

@@ -304,6 +304,11 @@ def test_cli_bad_input_is_one_line_and_exit_2(env, tmp_path):
     ]:
         res = CliRunner().invoke(main, ["inspect", str(env["sae"]), "--out", str(out), "--device", "cpu", *args])
         assert res.exit_code == 2 and msg in res.output and len(res.output.strip().splitlines()) == 1, res.output
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    res = CliRunner().invoke(main, ["inspect", str(env["sae"]), "--out", str(tmp_path / "mine"), "--device", "cpu"])
+    assert res.exit_code == 2 and "something other than an inspect site" in res.output
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
     res = CliRunner().invoke(main, ["inspect", str(tmp_path / "missing"), "--out", str(out)])
     assert res.exit_code == 2 and "does not exist" in res.output
     assert (out / "data" / "index.json").read_bytes() == before  # nothing already written was touched
