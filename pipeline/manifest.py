@@ -6,7 +6,7 @@ description: free text            # optional
 harvest: {sites: blocks.15.hook_resid_post, max_tokens: 200000}    # HarvestConfig fields
 train: {arch: [batchtopk, topk], k: 32}                              # TrainConfig fields
 eval: {max_tokens: 16384}                                            # EvalConfig fields
-slurm: {partition: gpu, harvest_tasks: 8, gpus: 4}                   # SlurmConfig fields (sae.slurm)
+slurm: {partition: gpu, harvest_tasks: 8, gpus: 4}                   # SlurmConfig fields (below)
 ```
 The sections are the very dataclasses behind the CLI flags, built with `sae.config.make`, so a manifest key, its
 flag, its default and its help text cannot drift apart. Derived when not given: `harvest.out` =
@@ -22,7 +22,9 @@ continues where the run stopped (harvest skips finished shards and training resu
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -30,7 +32,112 @@ import yaml
 
 from .config import ConfigError, EvalConfig, HarvestConfig, TrainConfig, make
 from .errors import SaeError
-from .slurm import SlurmConfig, slurm_config
+
+STAGES = ("init", "harvest", "finalize", "train", "eval")
+"""The stages of a run, in dependency order: what `sae run --stage` accepts (besides `all`) and the jobs that
+`sae submit` chains. init/harvest/finalize are the parts of the harvest that array jobs run separately; `harvest`
+without `--shard` is the whole harvest."""
+
+HARVEST_STAGES = STAGES[:3]
+"""The stages that `sae harvest` runs (`--init`, `--shard`, `--finalize`)."""
+
+
+@dataclass
+class SlurmConfig:
+    """The `slurm:` section of a manifest: resources of the jobs `sae submit --scheduler slurm` writes."""
+
+    partition: str | None = None
+    """Partition (`--partition`); default: the cluster's default partition."""
+
+    account: str | None = None
+    """Account charged for the jobs (`--account`)."""
+
+    gpus: int = 1
+    """GPUs of the training job (torchrun runs one process per GPU); harvest tasks and eval use one each, none if 0."""
+
+    gpu_type: str | None = None
+    """GPU type in the request, `--gres=gpu:TYPE:N` (e.g. `a100`); default: any."""
+
+    nproc: int | None = None
+    """Training processes per node (torchrun --nproc_per_node); default: `gpus`. With 1, plain `sae train` runs."""
+
+    cpus: int = 8
+    """CPU cores of each job (`--cpus-per-task`)."""
+
+    mem: str | None = None
+    """Memory of each job (`--mem`, e.g. `64G`); default: the partition's."""
+
+    harvest_tasks: int = 1
+    """Harvest array size N: task i of N writes a fixed, shard-aligned slice of the store."""
+
+    harvest_max_running: int | None = None
+    """At most this many harvest tasks at once (`--array=0-(N-1)%M`); default: no limit."""
+
+    init_time: str = "02:00:00"
+    """Time limit of the init job (tokenizes the corpus and writes the plan). Quote it in YAML: '02:00:00'."""
+
+    harvest_time: str = "12:00:00"
+    """Time limit of each harvest array task."""
+
+    finalize_time: str = "00:30:00"
+    """Time limit of the finalize job."""
+
+    train_time: str = "24:00:00"
+    """Time limit of the training job (it checkpoints on SIGTERM; resubmit to continue)."""
+
+    eval_time: str = "02:00:00"
+    """Time limit of the eval job."""
+
+    extra: tuple[str, ...] = ()
+    """Extra `#SBATCH` lines for every job, e.g. `--qos=high` or `--constraint=a100` (a YAML list)."""
+
+    setup: tuple[str, ...] = ()
+    """Shell lines every job runs first, e.g. `module load cuda` or `source ~/venvs/sae/bin/activate` (a YAML list)."""
+
+    job_name: str = "sae"
+    """Prefix of the job names (`<prefix>-init`, `<prefix>-harvest`, ...)."""
+
+
+# SLURM's time formats: minutes, minutes:seconds, hours:minutes:seconds, days-hours, days-hours:minutes,
+# days-hours:minutes:seconds.
+_TIME = re.compile(r"^(\d+-\d{1,2}(:\d{1,2}){0,2}|\d+(:\d{1,2}){0,2})$")
+TIME_FIELDS = ("init_time", "harvest_time", "finalize_time", "train_time", "eval_time")
+
+
+def slurm_config(values: dict[str, Any]) -> SlurmConfig:
+    """SlurmConfig from a manifest's `slurm:` mapping; ConfigError naming the key."""
+    for name in TIME_FIELDS:
+        value = values.get(name)
+        if isinstance(value, int) and not isinstance(value, bool):
+            # YAML 1.1 reads an unquoted 4:00:00 as the base-60 integer 14400, which SLURM would take as minutes.
+            raise ConfigError(
+                f"{name}: {value!r} is a number, not a SLURM time; quote it in YAML: '04:00:00' (an unquoted "
+                "H:MM:SS is read as seconds)"
+            )
+    cfg = make(SlurmConfig, values)
+    check_slurm(cfg)
+    return cfg
+
+
+def check_slurm(cfg: SlurmConfig) -> None:
+    """Values `make` cannot check by type alone; ConfigError naming the key."""
+    for name in TIME_FIELDS:
+        value = getattr(cfg, name)
+        if not _TIME.match(value):
+            raise ConfigError(f"{name}: {value!r} is not a SLURM time; use 'HH:MM:SS', 'MM', 'D-HH' or 'D-HH:MM:SS'")
+    for name, low in (("gpus", 0), ("cpus", 1), ("harvest_tasks", 1), ("nproc", 1), ("harvest_max_running", 1)):
+        value = getattr(cfg, name)
+        if value is not None and value < low:
+            raise ConfigError(f"{name}: {value} is below {low}")
+    if cfg.gpus and cfg.nproc is not None and cfg.nproc > cfg.gpus:
+        raise ConfigError(
+            f"nproc: {cfg.nproc} training processes for gpus: {cfg.gpus}; each process needs a GPU of its own "
+            "(or set gpus: 0 to train on CPUs)"
+        )
+    for line in cfg.extra:
+        if not line.removeprefix("#SBATCH").strip().startswith("-"):
+            raise ConfigError(f"extra: {line!r} is not an sbatch option (such as --qos=high)")
+
 
 SECTIONS: dict[str, type] = {"harvest": HarvestConfig, "train": TrainConfig, "eval": EvalConfig, "slurm": SlurmConfig}
 """Manifest section → the config dataclass its keys are the fields of."""
@@ -43,10 +150,6 @@ RUNNER_KEYS = {
     "train": ("resume",),
 }
 """Fields that `sae run` / `sae submit` set per invocation; a manifest may not fix them."""
-
-STAGES = ("init", "harvest", "finalize", "train", "eval")
-"""What `sae run --stage` accepts (besides `all`): init/harvest/finalize are the parts of the harvest that array
-jobs run separately; `harvest` without `--shard` is the whole harvest."""
 
 
 class Manifest(NamedTuple):
@@ -229,7 +332,7 @@ def run(
     if shard is not None and stage != "harvest":
         raise SaeError("--shard applies to --stage harvest only")
 
-    if stage in ("all", "init", "harvest", "finalize"):
+    if stage in ("all", *HARVEST_STAGES):
         if harvest_done(m.harvest):
             echo(f"harvest: {m.harvest.out} is complete; skipping")
         elif stage == "init":
@@ -256,5 +359,11 @@ def run(
 
 
 def status(m: Manifest) -> dict[str, bool]:
-    """Which stages of `m` are complete."""
+    """Which commands of `m` (harvest, train, eval) are complete."""
     return {"harvest": harvest_done(m.harvest), "train": train_done(m.train), "eval": eval_done(m.eval)}
+
+
+def done_stages(m: Manifest) -> set[str]:
+    """The STAGES of `m` whose outputs are complete (the harvest's three when the store is finalized)."""
+    done = status(m)
+    return {s for s in STAGES if done["harvest" if s in HARVEST_STAGES else s]}

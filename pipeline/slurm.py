@@ -13,128 +13,27 @@ work, so resubmitting a partly finished run (or one array task, `sbatch --array=
 
 from __future__ import annotations
 
-import re
 import shlex
 import shutil
 import subprocess
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
 
 from . import atomic
-from .config import ConfigError, make
 from .errors import SaeError
-
-if TYPE_CHECKING:
-    from .manifest import Manifest
-
-
-@dataclass
-class SlurmConfig:
-    """The `slurm:` section of a manifest: resources of the jobs `sae submit --scheduler slurm` writes."""
-
-    partition: str | None = None
-    """Partition (`--partition`); default: the cluster's default partition."""
-
-    account: str | None = None
-    """Account charged for the jobs (`--account`)."""
-
-    gpus: int = 1
-    """GPUs of the training job (torchrun runs one process per GPU); harvest tasks and eval use one each, none if 0."""
-
-    gpu_type: str | None = None
-    """GPU type in the request, `--gres=gpu:TYPE:N` (e.g. `a100`); default: any."""
-
-    nproc: int | None = None
-    """Training processes per node (torchrun --nproc_per_node); default: `gpus`. With 1, plain `sae train` runs."""
-
-    cpus: int = 8
-    """CPU cores of each job (`--cpus-per-task`)."""
-
-    mem: str | None = None
-    """Memory of each job (`--mem`, e.g. `64G`); default: the partition's."""
-
-    harvest_tasks: int = 1
-    """Harvest array size N: task i of N writes a fixed, shard-aligned slice of the store."""
-
-    harvest_max_running: int | None = None
-    """At most this many harvest tasks at once (`--array=0-(N-1)%M`); default: no limit."""
-
-    init_time: str = "02:00:00"
-    """Time limit of the init job (tokenizes the corpus and writes the plan). Quote it in YAML: '02:00:00'."""
-
-    harvest_time: str = "12:00:00"
-    """Time limit of each harvest array task."""
-
-    finalize_time: str = "00:30:00"
-    """Time limit of the finalize job."""
-
-    train_time: str = "24:00:00"
-    """Time limit of the training job (it checkpoints on SIGTERM; resubmit to continue)."""
-
-    eval_time: str = "02:00:00"
-    """Time limit of the eval job."""
-
-    extra: tuple[str, ...] = ()
-    """Extra `#SBATCH` lines for every job, e.g. `--qos=high` or `--constraint=a100` (a YAML list)."""
-
-    setup: tuple[str, ...] = ()
-    """Shell lines every job runs first, e.g. `module load cuda` or `source ~/venvs/sae/bin/activate` (a YAML list)."""
-
-    job_name: str = "sae"
-    """Prefix of the job names (`<prefix>-init`, `<prefix>-harvest`, ...)."""
-
-
-# SLURM's time formats: minutes, minutes:seconds, hours:minutes:seconds, days-hours, days-hours:minutes,
-# days-hours:minutes:seconds.
-_TIME = re.compile(r"^(\d+-\d{1,2}(:\d{1,2}){0,2}|\d+(:\d{1,2}){0,2})$")
-TIME_FIELDS = ("init_time", "harvest_time", "finalize_time", "train_time", "eval_time")
-
-
-def slurm_config(values: dict[str, Any]) -> SlurmConfig:
-    """SlurmConfig from a manifest's `slurm:` mapping; ConfigError naming the key."""
-    for name in TIME_FIELDS:
-        value = values.get(name)
-        if isinstance(value, int) and not isinstance(value, bool):
-            # YAML 1.1 reads an unquoted 4:00:00 as the base-60 integer 14400, which SLURM would take as minutes.
-            raise ConfigError(
-                f"{name}: {value!r} is a number, not a SLURM time; quote it in YAML: '04:00:00' (an unquoted "
-                "H:MM:SS is read as seconds)"
-            )
-    cfg = make(SlurmConfig, values)
-    check_slurm(cfg)
-    return cfg
-
-
-def check_slurm(cfg: SlurmConfig) -> None:
-    """Values `make` cannot check by type alone; ConfigError naming the key."""
-    for name in TIME_FIELDS:
-        value = getattr(cfg, name)
-        if not _TIME.match(value):
-            raise ConfigError(f"{name}: {value!r} is not a SLURM time; use 'HH:MM:SS', 'MM', 'D-HH' or 'D-HH:MM:SS'")
-    for name, low in (("gpus", 0), ("cpus", 1), ("harvest_tasks", 1), ("nproc", 1), ("harvest_max_running", 1)):
-        value = getattr(cfg, name)
-        if value is not None and value < low:
-            raise ConfigError(f"{name}: {value} is below {low}")
-    for line in cfg.extra:
-        if not line.removeprefix("#SBATCH").strip().startswith("-"):
-            raise ConfigError(f"extra: {line!r} is not an sbatch option (such as --qos=high)")
+from .manifest import STAGES, Manifest, SlurmConfig, check_slurm, done_stages, slurm_config
 
 
 class Job(NamedTuple):
     """One sbatch script of a run."""
 
     name: str
-    """Stage: init, harvest, finalize, train or eval."""
+    """Its stage, one of sae.manifest.STAGES."""
     script: Path
     """The script written into run_dir/slurm/."""
     array: str | None
     """The `--array` range of an array job."""
-
-
-JOBS = ("init", "harvest", "finalize", "train", "eval")
-"""The jobs of a run, in dependency order (each waits for the previous with afterok)."""
 
 
 def slurm_dir(m: Manifest) -> Path:
@@ -194,7 +93,8 @@ def scripts(m: Manifest) -> dict[str, tuple[str, str | None]]:
                  f"sae run {manifest} --stage eval"),
     }  # fmt: skip
     out = {}
-    for job, (what, time, gpus, arr, cmd) in plan.items():
+    for job in STAGES:  # in dependency order: `submit` chains them so
+        what, time, gpus, arr, cmd = plan[job]
         text = "\n".join(
             [
                 "#!/bin/bash",
@@ -242,12 +142,8 @@ def submit(
 
     Returns job name → job id (`dry-run` when only written). Stages whose outputs are complete are left out.
     """
-    from .manifest import status
-
     jobs = write_scripts(m)
-    done = status(m)
-    skip = {"init", "harvest", "finalize"} if done["harvest"] else set()
-    skip |= {j for j in ("train", "eval") if done[j]}
+    skip = done_stages(m)
     if not dry_run and not shutil.which(sbatch):
         raise SaeError(f"`{sbatch}` not found: run `sae submit` on a SLURM login node, or pass --dry-run")
     ids: dict[str, str] = {}
@@ -281,7 +177,6 @@ def submit(
 
 
 __all__ = [
-    "JOBS",
     "Job",
     "SlurmConfig",
     "check_slurm",

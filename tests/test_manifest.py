@@ -80,6 +80,9 @@ def test_bad_values_are_refused_with_the_allowed_values():
         mf.parse_manifest({"run_dir": "r", "harvest": {"sites": [SITE, "blocks.1.hook_mlp_out"]}})
     with pytest.raises(ConfigError, match=r"slurm\.cpus: 0 is below 1"):
         mf.parse_manifest(base(slurm={"cpus": 0}))
+    with pytest.raises(ConfigError, match=r"slurm\.nproc: 4 training processes for gpus: 2; each process needs a GPU"):
+        mf.parse_manifest(base(slurm={"gpus": 2, "nproc": 4}))
+    assert mf.parse_manifest(base(slurm={"gpus": 0, "nproc": 4})).slurm.nproc == 4  # CPU ranks (gloo)
 
 
 def test_unquoted_slurm_time_is_refused_with_a_hint(tmp_path):
@@ -203,3 +206,23 @@ def test_a_finished_store_with_other_settings_is_not_reused(tmp_path):
     make_store(m.harvest.out, seq_len=16, n_contexts=8, chunk_rows=32, shard_chunks=2)
     with pytest.raises(SaeError, match="made with other settings .*seq_len: store has 16, manifest 32"):
         mf.run(m, Recorder().stages())
+
+
+def test_one_list_of_stages():
+    """`sae run --stage`, the local runner and the SLURM chain share sae.manifest.STAGES."""
+    from sae import slurm
+
+    assert mf.STAGES == ("init", "harvest", "finalize", "train", "eval")
+    assert not hasattr(slurm, "JOBS") and slurm.STAGES is mf.STAGES
+    m = mf.parse_manifest(base())
+    assert list(slurm.scripts(m)) == list(mf.STAGES)
+    assert mf.done_stages(m) == set()
+
+
+def test_manifest_does_not_import_slurm():
+    """The dependency runs one way, sae.slurm → sae.manifest (no import cycle)."""
+    import subprocess
+    import sys
+
+    code = "import sys, sae.manifest; assert 'sae.slurm' not in sys.modules"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0

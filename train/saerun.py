@@ -1,0 +1,114 @@
+"""One SAE of a sweep as the loop trains it: the module, its Adam, its output directory and its log; and the
+writing of its SAELens-format directory (weights, cfg.json with the training metadata, the log so far)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sae import atomic
+from sae.config import TrainConfig
+from sae.errors import SaeError
+from sae.store import Store
+
+from .plan import Plan, default_lr
+from .reader import ChunkReader
+from .rundir import LOG_DIR, LOG_FILE
+from .sae import TrainingSae
+
+
+@dataclass
+class SaeRun:
+    """One SAE of the sweep with its optimizer and output directory."""
+
+    name: str
+    """Sweep point name, also the directory name."""
+    sae: TrainingSae
+    """The module being trained."""
+    opt: torch.optim.Adam
+    """Its Adam."""
+    lr: float
+    """Base learning rate."""
+    dir: Path
+    """Its SAELens-format output directory."""
+    log: Any = None
+    """Its open log file, out/logs/<name>.jsonl (append)."""
+    grad_sync: Any = None
+    """Under DDP, its sae.train.ddp.GradSync (made by the first `train_step`)."""
+
+    @property
+    def log_path(self) -> Path:
+        return self.dir.parent / LOG_DIR / f"{self.name}.jsonl"
+
+
+def _make_optimizer(sae: TrainingSae, lr: float) -> torch.optim.Adam:
+    # one group per lr multiple (jumprelu's θ has its own); `train_step` sets lr = base·lr_scale per group
+    try:
+        return torch.optim.Adam(sae.param_groups(lr), lr=lr, betas=(0.9, 0.999), fused=True)
+    except (RuntimeError, TypeError):  # no fused kernel for this device/dtype
+        return torch.optim.Adam(sae.param_groups(lr), lr=lr, betas=(0.9, 0.999))
+
+
+def make_run(cfg: TrainConfig, point: Any, d_in: int, device: torch.device, input_scale: float) -> SaeRun:
+    """The SAE of sweep point `point` (sae.saedir.SweepPoint), freshly initialised, with its Adam."""
+    sae = TrainingSae.from_config(cfg, point, d_in, device=device)
+    if sae.k is not None and sae.k > sae.d_sae:
+        raise SaeError(f"{point.name}: k={sae.k} exceeds the dictionary size {sae.d_sae}")
+    sae.set_input_scale(input_scale)
+    lr = cfg.lr if cfg.lr is not None else default_lr(sae.d_sae)
+    return SaeRun(point.name, sae, _make_optimizer(sae, lr), lr, Path(cfg.out) / point.name)
+
+
+def write_log(run: SaeRun, row: dict[str, Any]) -> None:
+    """Append one row to the SAE's growing log (rank 0 only: the other ranks hold no log)."""
+    if run.log is None:
+        return
+    run.log.write(json.dumps(row) + "\n")
+    run.log.flush()
+
+
+def save_sae(
+    r: SaeRun, cfg: TrainConfig, plan: Plan, store: Store, site: str, step: int, reader: ChunkReader, complete: bool
+) -> None:
+    """Write `r`'s SAELens directory as of `step` (`complete`: the final one), with its log so far."""
+    a = store.attrs
+    model = a.get("model") or {}
+    metadata = {
+        "model": model,
+        "corpus": a.get("corpus"),
+        "store": str(Path(store.path).resolve()),
+        "site": site,
+        "context_size": store.seq_len,
+        "keep_bos": cfg.keep_bos,
+        "tokens_seen": step * plan.batch_size,
+        "steps": step,
+        "batch_size": plan.batch_size,
+        "lr": r.lr,
+        "seed": cfg.seed,
+        "k_aux": r.sae.k_aux,
+        "aux_alpha": cfg.aux_alpha,
+        "dead_tokens": plan.dead_tokens,
+        "dead_fraction": float(r.sae.dead_mask(plan.dead_tokens).float().mean()),
+        "decoder": r.sae.decoder,
+        "sparse_max_density": r.sae.sparse_max_density,
+        "val_chunks": reader.val_chunks,
+        "reader_lanes": reader.lanes,
+    }
+    if r.sae.arch == "relu":
+        metadata["l1_coeff"] = r.sae.l1_coeff
+    if r.sae.arch == "jumprelu":
+        metadata["l0_coeff"] = r.sae.l0_coeff
+        metadata["jumprelu_bandwidth"] = r.sae.bandwidth
+        metadata["jumprelu_lr_scale"] = r.sae.threshold_lr_scale
+        metadata["jumprelu_init_threshold"] = cfg.jumprelu_init_threshold
+    r.sae.save(r.dir, model_name=model.get("id"), hook_name=site, complete=complete, metadata=metadata)
+    if r.log is not None:
+        r.log.flush()
+        atomic.write_bytes(r.dir / LOG_FILE, r.log_path.read_bytes())
+
+
+__all__ = ["SaeRun", "make_run", "save_sae", "write_log"]

@@ -1,0 +1,39 @@
+"""SIGTERM/SIGINT (a cluster's preemption, Ctrl-C): finish the step, checkpoint, exit non-zero."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from typing import Any
+
+from sae.errors import SaeError
+
+
+class TrainingInterrupted(SaeError):
+    """SIGTERM/SIGINT stopped the run after a checkpoint; rerun with --resume."""
+
+
+class StopFlag:
+    """SIGTERM/SIGINT set a flag the loop checks after each step; a second SIGINT stops at once."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> StopFlag:
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGTERM, signal.SIGINT):
+                self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc: object) -> None:
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+__all__ = ["StopFlag", "TrainingInterrupted"]

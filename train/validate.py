@@ -1,0 +1,68 @@
+"""Validation on held-out rows: the exported (raw-unit) SAE's FVU, NMSE and L0, with the accumulators `sae eval`
+uses (sae.metrics), so training and eval report one definition of each."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+
+from sae.metrics import ReconstructionAccumulator
+from sae.saedir import batch_topk_indices
+
+from .plan import Plan
+from .reader import Rows
+from .sae import TrainingSae
+
+VAL_MAX_ROWS = 8192
+"""At most this many held-out rows are validated on."""
+
+
+@torch.no_grad()
+def validate(sae: TrainingSae, val: Rows, batch_size: int, device: torch.device) -> dict[str, float]:
+    """FVU, NMSE and mean L0 of the exported (raw-unit) SAE on held-out rows, in threshold mode (θ / JumpReLU,
+    per-row for topk) and batch mode (batch top-k over batches of `batch_size` rows; BatchTopK only, the same
+    as threshold mode for the others)."""
+    inf = sae.export().to(device)
+    acc = {m: ReconstructionAccumulator(inf.d_in, inf.d_sae, device) for m in ("theta", "batch")}
+    for i in range(0, len(val.x), batch_size):
+        x = val.x[i : i + batch_size].to(device).float()
+        if inf.batch_topk:  # one encoder pass for both modes
+            pre = inf.pre_acts(x)
+            by_mode = {"theta": pre.relu() * (pre > inf.threshold)}
+            idx = batch_topk_indices(pre, round(float(inf.cfg.k) * len(x)))
+            a = torch.zeros_like(pre)
+            a.view(-1)[idx] = pre.reshape(-1)[idx]
+            by_mode["batch"] = a
+        else:
+            a = inf.encode(x)
+            by_mode = {"theta": a, "batch": a}
+        for m, a in by_mode.items():
+            acc[m].add(x, _decode(inf, a), a)
+    out = {}
+    for m, a in acc.items():
+        res = a.result()
+        out[f"fvu_{m}"], out[f"nmse_{m}"], out[f"l0_{m}"] = res["fvu"], res["nmse"], res["l0"]
+    return out
+
+
+def val_row(sae: TrainingSae, val: Rows, plan: Plan, step: int, device: torch.device) -> dict[str, Any]:
+    """The log row `split: "val"` of `sae` after `step` steps."""
+    m: dict[str, Any] = validate(sae, val, plan.batch_size, device)
+    if sae.arch == "batchtopk" and int(sae.theta_updates) == 0:  # θ's EMA has not started: no θ mode yet
+        m.update({k: None for k in m if k.endswith("_theta")})
+    return {"split": "val", "step": step, "tokens": step * plan.batch_size, "rows": len(val.x), **m}
+
+
+def _decode(inf: Any, a: torch.Tensor) -> torch.Tensor:
+    """inf.decode(a); with few non-zeros (k per row) a sparse product instead of a dense [B, F]·[F, d] GEMM."""
+    if float((a != 0).float().mean()) > 0.05 or a.device.type != "cpu":
+        return inf.decode(a)
+    with warnings.catch_warnings():  # torch's one-time "sparse CSR support is in beta" notice
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+        csr = a.to_sparse_csr()
+    return torch.sparse.mm(csr, inf.W_dec) + inf.b_dec
+
+
+__all__ = ["VAL_MAX_ROWS", "val_row", "validate"]
