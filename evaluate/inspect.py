@@ -283,6 +283,8 @@ def inspect(cfg: InspectConfig) -> InspectResult:
         raise SaeError(f"--window must be 0 or more, got {cfg.window}")
     if cfg.max_rows is not None and cfg.max_rows < 1:
         raise SaeError(f"--max-rows must be at least 1, got {cfg.max_rows}")
+    if cfg.sae_dir is None:
+        raise SaeError("no SAE directory given")
     device = resolve_device(cfg.device)
     sae = load_sae(cfg.sae_dir, device=device)
     if not sae.cfg.hook_name:

@@ -171,7 +171,12 @@ def _stages() -> Any:
 
         return evaluate(cfg)
 
-    return Stages(harvest, train, evaluate)
+    def inspect(cfg: InspectConfig) -> Any:
+        from .evaluate.inspect import inspect
+
+        return inspect(cfg)
+
+    return Stages(harvest, train, evaluate, inspect)
 
 
 @main.command(name="run")
@@ -185,7 +190,7 @@ def _stages() -> Any:
 )
 @click.option("--shard", metavar="I/N", help="With --stage harvest: do only array task I of N.")
 def run_manifest(manifest: Path, stage: str, shard: str | None) -> None:
-    """Run the run MANIFEST describes (harvest → train → eval) on this machine.
+    """Run the run MANIFEST describes (harvest → train → eval, then inspect when it has that section) here.
 
     Stages whose outputs are complete are skipped, so rerunning after a crash continues the run.
     """

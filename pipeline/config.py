@@ -267,8 +267,9 @@ class EvalConfig:
 class InspectConfig:
     """What `sae inspect` reads and writes: feature pages of one SAE from one streaming pass over its rows."""
 
-    sae_dir: Path = Path("runs/saes/batchtopk-k32-x8")
-    """The SAE directory (ours, a transcoder, or one SAELens wrote)."""
+    sae_dir: Path | None = None
+    """The SAE directory (ours, a transcoder, or one SAELens wrote); in a manifest, default: every SAE of the
+    sweep."""
 
     store: Path | None = None
     """Store to read the rows from; default: the store the SAE was trained on."""

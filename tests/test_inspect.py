@@ -312,3 +312,45 @@ def test_cli_bad_input_is_one_line_and_exit_2(env, tmp_path):
     res = CliRunner().invoke(main, ["inspect", str(tmp_path / "missing"), "--out", str(out)])
     assert res.exit_code == 2 and "does not exist" in res.output
     assert (out / "data" / "index.json").read_bytes() == before  # nothing already written was touched
+
+
+def test_manifest_inspect_stage_is_optional_and_pages_every_sae(tmp_path):
+    import yaml
+
+    from sae import manifest as mf
+
+    calls = []
+
+    def harvest(cfg):
+        calls.append("harvest")
+
+    def train(cfg):
+        calls.append("train")
+
+    def evaluate(cfg):
+        calls.append("eval")
+
+    def inspect_stage(cfg):
+        calls.append(("inspect", cfg.sae_dir, cfg.out))
+        (Path(cfg.out) / "data").mkdir(parents=True)
+        (Path(cfg.out) / "data" / "index.json").write_text("{}")
+
+    stages = mf.Stages(harvest, train, evaluate, inspect_stage)
+    base = {"run_dir": str(tmp_path / "run"), "harvest": {"sites": [SITE]}, "train": {"arch": "batchtopk,topk"}}
+    path = tmp_path / "m.yaml"
+    path.write_text(yaml.safe_dump(base))
+    m = mf.load_manifest(path)
+    assert m.inspect is None and mf.inspect_configs(m) == [] and mf.status(m)["inspect"]
+    mf.run(m, stages, stage="eval")
+    with pytest.raises(SaeError, match="no inspect section"):
+        mf.run(m, stages, stage="inspect")
+    path.write_text(yaml.safe_dump({**base, "inspect": {"top": 7}}))
+    m = mf.load_manifest(path)
+    assert not mf.status(m)["inspect"]
+    mf.run(m, stages, stage="inspect")
+    run = tmp_path / "run"
+    want = [("inspect", run / "saes" / n, run / "inspect" / n) for n in ("batchtopk-k32-x8", "topk-k32-x8")]
+    assert [c for c in calls if c[0] == "inspect"] == want
+    assert all(c.top == 7 for c in mf.inspect_configs(m)) and mf.status(m)["inspect"]
+    mf.run(m, stages, stage="inspect")  # complete: skipped
+    assert len([c for c in calls if c[0] == "inspect"]) == 2
