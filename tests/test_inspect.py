@@ -354,3 +354,13 @@ def test_manifest_inspect_stage_is_optional_and_pages_every_sae(tmp_path):
     assert all(c.top == 7 for c in mf.inspect_configs(m)) and mf.status(m)["inspect"]
     mf.run(m, stages, stage="inspect")  # complete: skipped
     assert len([c for c in calls if c[0] == "inspect"]) == 2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_pass_equals_cpu(env, tmp_path):
+    _, cpu = run(env, tmp_path / "cpu", latents="0-31")
+    _, gpu = run(env, tmp_path / "gpu", latents="0-31", device="cuda")
+    for a, b in zip(cpu, gpu, strict=True):
+        assert a["count"] == b["count"]
+        assert [e["row"] for e in a["top"]] == [e["row"] for e in b["top"]]
+        assert [e["act"] for e in a["top"]] == pytest.approx([e["act"] for e in b["top"]], rel=1e-3)
