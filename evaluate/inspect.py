@@ -33,6 +33,7 @@ from sae.store import Store
 
 from .dashboard import check_out, write_site
 from .directions import logit_effects, similar_decoders
+from .evaluate import same_model
 from .examples import TOP, choose, window_values, windows
 from .latent_state import Entries, LatentState
 from .rows import ModelRows, StoreRows
@@ -113,9 +114,11 @@ def _model_name(cfg: InspectConfig, sae: SparseAutoencoder, store: Store | None)
     return sae.cfg.model_name or None
 
 
-def _load_model(name: str | None, cfg: InspectConfig, device: torch.device, required: bool) -> tuple[Any, Any]:
+def _load_model(
+    name: str | None, cfg: InspectConfig, device: torch.device, required: bool, store: Store | None = None
+) -> tuple[Any, Any]:
     """(model, tokenizer), or (None, None) with a warning when the model cannot be had and only gives text and
-    logit effects."""
+    logit effects. SaeError when `store` holds another model's activations (its token ids would be misread)."""
     from sae.models import load_model
 
     if name == "none" and not required:
@@ -126,7 +129,7 @@ def _load_model(name: str | None, cfg: InspectConfig, device: torch.device, requ
         print("inspect: the SAE records no model; token ids shown, no logit effects (pass --model)", file=sys.stderr)
         return None, None
     try:
-        model, tokenizer, _ = load_model(
+        model, tokenizer, info = load_model(
             name, device=str(device), dtype="float32", trust_remote_code=cfg.trust_remote_code
         )
     except SaeError as e:
@@ -134,6 +137,12 @@ def _load_model(name: str | None, cfg: InspectConfig, device: torch.device, requ
             raise
         print(f"inspect: {e}; token ids shown, no logit effects (pass --model)", file=sys.stderr)
         return None, None
+    recorded = store.attrs.get("model") if store is not None else None
+    if isinstance(recorded, dict) and recorded.get("id") and not same_model(recorded, info):
+        raise SaeError(
+            f"store {store.path} holds activations of model {recorded['id']!r}, not of {info.id!r}; pass its model "
+            "as --model (or --model none for token ids only)"
+        )
     return model, tokenizer
 
 
@@ -147,7 +156,7 @@ def _source(
         from sae.corpus import iter_contexts
         from sae.sites import parse_site
 
-        from .evaluate import _default_split
+        from .evaluate import _default_split  # the held-out split eval would choose
 
         model, tokenizer = _load_model(_model_name(cfg, sae, None), cfg, device, required=True)
         parse_site(site, model)
@@ -172,7 +181,7 @@ def _source(
     rows = StoreRows(store, site, device, cfg.max_rows)
     if store.d_model != sae.cfg.d_in:
         raise SaeError(f"store {path} has d_model {store.d_model}, but the SAE has d_in {sae.cfg.d_in}")
-    model, tokenizer = _load_model(_model_name(cfg, sae, store), cfg, torch.device("cpu"), required=False)
+    model, tokenizer = _load_model(_model_name(cfg, sae, store), cfg, torch.device("cpu"), False, store)
     return rows, model, tokenizer
 
 

@@ -364,3 +364,12 @@ def test_cuda_pass_equals_cpu(env, tmp_path):
         assert a["count"] == b["count"]
         assert [e["row"] for e in a["top"]] == [e["row"] for e in b["top"]]
         assert [e["act"] for e in a["top"]] == pytest.approx([e["act"] for e in b["top"]], rel=1e-3)
+
+
+def test_another_model_than_the_stores_is_refused(env, tmp_path):
+    other = tmp_path / "other"
+    make_model("llama", n_layers=2, d_model=D, seed=1).save_pretrained(other)
+    make_tokenizer().save_pretrained(other)
+    with pytest.raises(SaeError, match="holds activations of model"):
+        inspect(InspectConfig(sae_dir=env["sae"], out=tmp_path / "x", device="cpu", model=str(other)))
+    assert not (tmp_path / "x").exists()
