@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 from dataclasses import replace
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -18,8 +19,9 @@ from _synthetic import SITE, make_store
 from safetensors.torch import load_file
 
 from sae.config import TrainConfig
+from sae.errors import SaeError
 from sae.saedir import is_complete, load_sae
-from sae.train import checkpoint, trainer
+from sae.train import checkpoint, ddp, trainer
 from sae.train import train as run_train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -160,3 +162,107 @@ def test_one_process_checkpoint_resumes_on_two_ranks(store, tmp_path, monkeypatc
         d = cfg.out / r.name
         assert is_complete(d) and json.loads((d / "cfg.json").read_text())["metadata"]["reader_lanes"] == 1
         _assert_close(d, r)
+
+
+# Units of sae.train.ddp, in this process.
+
+
+def test_local_rank_beyond_the_gpus_is_one_clear_line(monkeypatch):
+    """torchrun with more processes than GPUs: a SaeError naming both counts, before any CUDA call."""
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+
+    def no_cuda(*a, **k):
+        raise AssertionError("a CUDA call before the check")
+
+    monkeypatch.setattr(torch.cuda, "set_device", no_cuda)
+    with pytest.raises(SaeError, match=r"LOCAL_RANK=2 .* this node has 2 GPU\(s\): start one process per GPU"):
+        ddp.init_distributed(TrainConfig(device="cuda", batch_size=64))
+
+
+def test_process_group_timeout_is_generous_and_configurable(monkeypatch):
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def init(backend, **kw):
+        seen.update(backend=backend, **kw)
+        raise Stop
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(ddp.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(ddp.dist, "init_process_group", init)
+    with pytest.raises(Stop):
+        ddp.init_distributed(TrainConfig(device="cpu", batch_size=64))
+    assert seen == {"backend": "gloo", "timeout": timedelta(hours=2)}
+    monkeypatch.setenv("SAE_DIST_TIMEOUT", "90")
+    with pytest.raises(Stop):
+        ddp.init_distributed(TrainConfig(device="cpu", batch_size=64))
+    assert seen["timeout"] == timedelta(seconds=90)
+    monkeypatch.setenv("SAE_DIST_TIMEOUT", "soon")
+    with pytest.raises(SaeError, match="SAE_DIST_TIMEOUT must be a positive number of seconds, got 'soon'"):
+        ddp.init_distributed(TrainConfig(device="cpu", batch_size=64))
+
+
+@pytest.fixture
+def world_of_one():
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield ddp.Dist(0, 1, dist.group.WORLD, dist.group.WORLD)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_gradient_all_reduce_starts_during_backward(world_of_one, monkeypatch):
+    """The decoder's all-reduce is launched while the encoder's backward has not run yet (so the two overlap);
+    after `wait()` every gradient is the reduced one; a backward outside arm()/wait() launches nothing."""
+    model = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.ReLU(), torch.nn.Linear(64, 16))
+    enc = model[0].weight
+    launched = {}
+    real = ddp.dist.all_reduce
+
+    def record(t, *a, **k):
+        name = next(n for n, p in model.named_parameters() if p.grad is t)
+        launched[name] = enc.grad is None  # whether the encoder's backward was still to come
+        return real(t, *a, **k)
+
+    monkeypatch.setattr(ddp.dist, "all_reduce", record)
+    sync = ddp.GradSync(model, world_of_one)
+    x = torch.randn(32, 16)
+    model(x).square().sum().backward()  # not armed: nothing reduced
+    assert launched == {}
+    want = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    sync.arm()
+    model(x).square().sum().backward()
+    sync.wait()
+    assert set(launched) == {"0.weight", "0.bias", "2.weight", "2.bias"}
+    assert launched["2.weight"] and launched["2.bias"] and not launched["0.weight"]
+    assert all(torch.equal(p.grad, want[n]) for n, p in model.named_parameters())  # one rank: the sum is itself
+    sync.remove()
+
+
+def test_stop_flag_and_rank_0_values_travel_on_the_host(world_of_one):
+    assert ddp.any_rank(True, world_of_one) is True and ddp.any_rank(False, world_of_one) is False
+    assert ddp.broadcast_float(0.25, world_of_one) == 0.25 and ddp.broadcast_float(None, world_of_one) is None
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_nccl_world_with_a_gloo_group_trains(store, tmp_path, monkeypatch):
+    """The GPU code path of DDP on one GPU: an NCCL world of one rank (already initialised, as a caller's would
+    be), the gloo group beside it for barriers and the stop flag, the overlapped gradient all-reduce."""
+    import torch.distributed as dist
+
+    dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1)
+    monkeypatch.setenv("WORLD_SIZE", "2")  # (the world stays the one of 1 rank: only the DDP path is taken)
+    try:
+        dirs = run_train(_cfg(store, tmp_path / "out", device="cuda"))
+    finally:
+        dist.destroy_process_group()
+    assert all(is_complete(d) for d in dirs) and not (tmp_path / "out" / checkpoint.DIR).exists()

@@ -3,8 +3,10 @@ is refused without damage. Synthetic stores (d=16) except the one slow test on r
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -22,7 +24,7 @@ from safetensors.torch import load_file
 from sae import cli
 from sae.config import TrainConfig
 from sae.errors import SaeError
-from sae.saedir import is_complete, load_sae
+from sae.saedir import is_complete, load_sae, sweep
 from sae.train import checkpoint, trainer
 from sae.train import train as run_train
 
@@ -331,3 +333,71 @@ def test_smollm2_theta_mode_l0_matches_k(smollm2_store, tmp_path):
     assert final["fvu_theta"] < 0.5 and abs(final["fvu_theta"] - final["fvu_batch"]) < 0.05, final
     sae = load_sae(d)
     assert sae.cfg.model_name == "smollm2-135m" and sae.cfg.hook_name == "blocks.15.hook_resid_post"
+
+
+def test_progress_lines_and_summary_when_not_a_tty(store, tmp_path, monkeypatch, capsys):
+    """A batch log (stderr not a terminal) gets plain progress lines with done/total, tok/s, ETA and each SAE's
+    figures by name, then a summary paragraph per SAE with the final validation numbers."""
+    monkeypatch.setenv("SAE_PROGRESS_INTERVAL", "1e-9")  # a line on every step
+    cfg = _cfg(store, tmp_path / "out", arch=("batchtopk", "topk"), tokens=64 * 20, log_every=1)
+    with monkeypatch.context() as m:  # a preempted run's log ends with a summary too
+        m.setattr(trainer, "_StopFlag", _StopAtOnce)
+        with pytest.raises(trainer.TrainingInterrupted):
+            run_train(replace(cfg, out=tmp_path / "stopped"))
+    err = capsys.readouterr().err.splitlines()
+    head = err.index(next(s for s in err if s.startswith("train: done in ")))
+    assert err[head + 1].startswith("  stopped by SIGTERM after step 1 of 20")
+    assert err[head + 2].startswith("  batchtopk-k4-F64: loss ") and " L0 " in err[head + 2]
+    dirs = run_train(replace(cfg, log_every=5))
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == "train: started, 1,280 tok"
+    lines = [s for s in err if s.startswith("train: ") and " tok (" in s]
+    assert len(lines) >= 20 and all(" tok/s " in s for s in lines)
+    assert lines[5].startswith("train: 384/1,280 tok (30.0%) ") and " ETA 0:" in lines[5]
+    assert "| batchtopk-k4-F64: loss " in lines[5] and " | topk-k4-F64: loss " in lines[5]
+    assert lines[-1].startswith("train: 1,280/1,280 tok (100.0%) ") and " in 0:" in lines[-1]
+    assert " L0 4.0 dead " in lines[-1] and "%" in lines[-1]
+    head = err.index(next(s for s in err if s.startswith("train: done in ")))
+    assert re.match(r"train: done in \d+:\d\d:\d\d \(1,280 tok, [\d.]+k? tok/s\)", err[head])
+    for d, line in zip(dirs, err[head + 1 : head + 3], strict=True):
+        val = [r for r in _log(d) if r["split"] == "val"][-1]
+        assert line.startswith(f"  {d.name}: L0 {val['l0_theta']:.1f}, FVU {val['fvu_theta']:.3f} on ")
+        assert f"on {val['rows']:,} validation rows" in line and re.search(r"dead \d+\.\d%$", line)
+    assert "batch mode L0 " in err[head + 1]  # BatchTopK: exported threshold and batch mode both
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_bar_on_a_tty_labels_figures_by_sae(store, tmp_path, monkeypatch):
+    term = _Terminal()
+    monkeypatch.setattr(sys, "stderr", term)
+    run_train(_cfg(store, tmp_path / "out", arch=("batchtopk", "topk"), tokens=64 * 20, log_every=5))
+    text = term.getvalue()
+    assert "train: started" not in text and "\r" in text  # a tqdm bar, not plain lines
+    assert re.search(r"tok/s, batchtopk-k4-F64: loss \S+ L0 \S+ dead \S+% \| topk-k4-F64: loss \S+ L0", text)
+    assert "loss=" not in text  # not the old unlabelled a/b pairs
+    assert "train: done in " in text
+
+
+def test_checkpoint_holds_no_cuda_rng(store, tmp_path, monkeypatch):
+    """Only the RNGs a run draws from are saved: none of the 11 GPUs' CUDA RNGs (their keys would sort as
+    strings, cuda/10 before cuda/2) and a resume does not touch them."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 11)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [torch.zeros(8, dtype=torch.uint8)] * 11)
+
+    def refuse(*a):
+        raise AssertionError("set_rng_state_all called")
+
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", refuse)
+    monkeypatch.setattr(trainer, "_StopFlag", _StopAtOnce)
+    with pytest.raises(trainer.TrainingInterrupted):
+        run_train(_cfg(store, tmp_path / "out"))
+    loaded = checkpoint.load(tmp_path / "out")
+    assert [k for k in loaded.tensors if k.startswith("rng/")] == ["rng/torch"]
+    cfg = _cfg(store, tmp_path / "out")
+    runs = [trainer.make_run(cfg, p, 16, torch.device("cpu"), 1.0) for p in sweep(cfg)]
+    checkpoint.restore_run(loaded, runs, truncate_logs=False)

@@ -162,7 +162,14 @@ def _train(cfg: TrainConfig, dd: Dist, device: torch.device) -> list[Path]:
         # progress lines (or a bar on a terminal) from rank 0 only
         quiet = None if dd.main else stack.enter_context(open(os.devnull, "w"))
         prog = stack.enter_context(Progress("train", plan.tokens, "tok", initial=start * plan.batch_size, file=quiet))
-        last = _loop(cfg, plan, runs, reader, val, device, start, stop, meta, store, site, prog, dd)
+        last: dict[str, dict[str, Any]] = {r.name: {} for r in runs}  # each SAE's last log rows, by split
+        try:
+            _loop(cfg, plan, runs, reader, val, device, start, stop, meta, store, site, prog, last, dd)
+        except TrainingInterrupted as e:  # a preempted job's log ends with what it got done, too
+            prog.close()
+            if dd.main:
+                summary("train", [str(e), *(f"{n}: {progress_figures(v['train'])}" for n, v in last.items() if v)])
+            raise
         prog.close()
         if dd.main:
             for r in runs:
@@ -195,12 +202,12 @@ def _loop(
     store: Store,
     site: str,
     prog: Progress,
+    last: dict[str, dict[str, Any]],
     dd: Dist = SINGLE,
-) -> dict[str, dict[str, Any]]:
-    """Steps `start`..plan.steps; returns each SAE's last rows by split ("train", "val")."""
+) -> None:
+    """Steps `start`..plan.steps; keeps each SAE's last log rows by split ("train", "val") in `last`."""
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     out = Path(cfg.out)
-    last: dict[str, dict[str, Any]] = {r.name: {} for r in runs}
     t_last, step_last = time.perf_counter(), start
     for step in range(start, plan.steps):
         x = reader.next_batch().x * plan.input_scale  # this rank's rows of the global batch
@@ -258,7 +265,6 @@ def _loop(
         for r in runs:
             last[r.name]["val"] = row = val_row(r.sae, val, plan, plan.steps, device)
             write_log(r, row)
-    return last
 
 
 def train_step(
