@@ -233,8 +233,8 @@ def first_pass(
                 Entries(f, a[r, f].float(), pay_all[i : i + cfg.batch_size][r], (norm > MASSIVE_FACTOR * median)[r])
             )
             used += xb.shape[0]
-        progress.update(len(batch.row))
         progress.figures(rows=f"{used:,} used", latents=f"{int((state.count > 0).sum()):,} fired")
+        progress.update(len(batch.row))
     progress.close()
     return state, left_out, used, median
 
