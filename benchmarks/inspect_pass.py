@@ -29,7 +29,6 @@ from pathlib import Path
 
 import torch
 from common import machine, write_section
-from train import gaussian_store
 
 from sae.config import InspectConfig
 from sae.device import resolve_device
@@ -38,6 +37,7 @@ from sae.evaluate.rows import StoreRows
 from sae.saedir import SaeConfig, load_sae, save_sae
 from sae.store import Store
 from sae.train.reader import ChunkReader
+from train import gaussian_store
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "benchmarks.md"
@@ -45,11 +45,13 @@ SECTION = "## Inspect"
 
 
 def make_sae(path: Path, store: Store, site: str, expansion: int, k: int, seed: int = 0) -> Path:
-    """A BatchTopK-exported SAE of random unit directions, θ set so that θ-mode L0 ≈ k on the first chunk."""
+    """A BatchTopK-exported SAE of random unit directions, θ set so that θ-mode L0 ≈ k on the first chunk's
+    non-BOS rows."""
     d, f = store.d_model, expansion * store.d_model
     g = torch.Generator().manual_seed(seed)
     w_dec = torch.nn.functional.normalize(torch.randn(f, d, generator=g), dim=1)
-    x = store.chunk(site, store.complete_chunks()[0]).float()
+    first = store.complete_chunks()[0]
+    x = store.chunk(site, first).float()[torch.from_numpy(store.chunk_meta(first).position != 0)]  # no BOS
     b_dec = x.mean(0)
     pre = (x - b_dec) @ w_dec.T
     theta = float(pre.flatten().topk(k * x.shape[0]).values.min())
@@ -92,8 +94,8 @@ def time_inspect(sae, store: Store, site: str, cfg: InspectConfig, device: torch
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     dt = time.perf_counter() - t0
-    size = sum(t.numel() * t.element_size() for t in (*state.top, *state.reservoir, state.hist, state.count,
-                                                          state.massive_count, state.total, state.exponent))  # fmt: skip
+    tensors = (*state.top, *state.reservoir, state.hist, state.count, state.massive_count, state.total, state.exponent)
+    size = sum(t.numel() * t.element_size() for t in tensors)
     return source.n_rows / dt, size
 
 
@@ -158,7 +160,8 @@ def main() -> None:
         "| what | rows/s | vs reader |",
         "|---|---:|---:|",
         f"| trainer's reader (`ChunkReader`, read + decode only) | {med['reader']:,.0f} | 1.00× |",
-        f"| encode GEMM alone (x·W_enc, resident batch) | {med['encode']:,.0f} | {med['encode'] / med['reader']:.2f}× |",
+        f"| encode GEMM alone (x·W_enc, resident batch) | {med['encode']:,.0f} "
+        f"| {med['encode'] / med['reader']:.2f}× |",
         f"| `sae inspect` streaming pass (read, encode, per-latent state) | {med['inspect']:,.0f} | **{ratio:.2f}×** |",
         "",
         f"Whole command (both passes and the pages, no model loaded): {wall:.1f} s; peak resident memory "
