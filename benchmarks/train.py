@@ -11,6 +11,12 @@ Measures, at SmolLM2-135M shapes (d=576, F=4608, k=32, B=4096) by default:
 
 Without --store it writes a small store of Gaussian rows with SmolLM2-like norms into a temporary folder.
 `--write` replaces the "Train" section of docs/benchmarks.md with the table.
+
+    python benchmarks/train.py --reader --write
+
+measures the reader alone instead ("Reader" section): the same Gaussian rows stored with Blosc and with
+`--codec none`, the reader at 1, 2, 4 (and up to the core count) threads beside the raw limits, Blosc decode of
+the mapped chunks on as many threads and memcpy, interleaved in the same rounds.
 """
 
 from __future__ import annotations
@@ -23,12 +29,15 @@ import shlex
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from common import machine
+from common import write_section as write_doc_section
 
 from sae.config import TrainConfig
 from sae.saedir import sweep
@@ -41,13 +50,13 @@ DOC = ROOT / "docs" / "benchmarks.md"
 SECTION = "## Train"
 
 
-def gaussian_store(path: Path, d: int, n_rows: int, seed: int = 0) -> Path:
+def gaussian_store(path: Path, d: int, n_rows: int, seed: int = 0, codec: str = "blosc-zstd") -> Path:
     """Rows ~ N(μ, σ²) with ‖x‖ ≈ 60 like SmolLM2's mid-layer residual stream, BOS rows 30× larger."""
     seq_len, chunk_rows = 128, 8192
     meta = {
         "model": {"id": "gaussian"}, "corpus": {"id": "gaussian"}, "seq_len": seq_len,
         "n_contexts_max": n_rows // seq_len, "sites": ["blocks.0.hook_resid_post"], "d_model": d,
-        "dtype": "bfloat16", "codec": "blosc-zstd", "chunk_rows": chunk_rows, "shard_rows": chunk_rows * 4,
+        "dtype": "bfloat16", "codec": codec, "chunk_rows": chunk_rows, "shard_rows": chunk_rows * 4,
         "seed": seed,
     }  # fmt: skip
     w = init_store(path, meta, (np.zeros(seq_len, np.int32) for _ in range(n_rows // seq_len)))
@@ -128,7 +137,11 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--no-sae-lens", action="store_true")
     ap.add_argument("--write", action="store_true", help="replace the Train section of docs/benchmarks.md")
+    ap.add_argument("--reader", action="store_true", help="measure the reader alone (the Reader section)")
+    ap.add_argument("--reader-threads", default=None, help="thread counts for --reader (default 1,2,4,cores)")
     args = ap.parse_args()
+    if args.reader:
+        return reader_main(args)
     device = resolve_device(args.device)
     b, k = args.batch_size, args.k
 
@@ -279,6 +292,129 @@ def main() -> None:
     print(text)
     if args.write:
         write_section(text)
+
+
+def reader_main(args: argparse.Namespace) -> None:
+    """The Reader section: the shuffled reader over a Blosc store and a `--codec none` store of the same rows,
+    against raw Blosc decode on as many threads and memcpy, side by side in interleaved rounds."""
+    from sae.train.reader import ChunkReader
+
+    class Bf16Reader(ChunkReader):
+        _host_float32 = False  # the batches a GPU gets (there: pinned), without the host float32 conversion
+
+    cores = os.cpu_count() or 1
+    threads = [int(t) for t in args.reader_threads.split(",")] if args.reader_threads else sorted({1, 2, 4, cores})
+    d, b, n_rows = args.d, args.batch_size, 32 * 8192
+    variants = [("blosc-zstd", ChunkReader), ("blosc-zstd", Bf16Reader), ("none", ChunkReader), ("none", Bf16Reader)]
+    with tempfile.TemporaryDirectory() as tmp:
+        print("writing two Gaussian stores ...", file=sys.stderr)
+        paths = {c: gaussian_store(Path(tmp) / f"{c}.zarr", d, n_rows, codec=c) for c in ("blosc-zstd", "none")}
+        stores = {c: Store.open(p) for c, p in paths.items()}
+        site = stores["none"].sites[0]
+        chunks = stores["none"].complete_chunks()
+        chunk_rows = stores["none"].chunk_rows
+        mapped = {c: st.mapped(site) for c, st in stores.items()}
+        wall: dict[str, list[float]] = {}  # seconds per row
+        cpu: dict[str, list[float]] = {}  # CPU seconds (all threads) per row
+
+        def timed(key: str, rows: int, fn: Any) -> None:
+            w0, c0 = time.perf_counter(), time.process_time()
+            fn()
+            wall.setdefault(key, []).append((time.perf_counter() - w0) / rows)
+            cpu.setdefault(key, []).append((time.process_time() - c0) / rows)
+
+        def t_decode(n: int) -> None:
+            # n threads at once, each decoding whole chunks from the mapped shard bytes into its own buffer
+            per = 4
+            bufs = [np.empty((chunk_rows, d), np.uint16) for _ in range(n)]
+
+            def work(k: int) -> None:
+                for j in range(per):
+                    mapped["blosc-zstd"].chunk(chunks[(k * per + j) % len(chunks)], bufs[k])
+
+            def run() -> None:
+                ths = [threading.Thread(target=work, args=(k,)) for k in range(n)]
+                for t in ths:
+                    t.start()
+                for t in ths:
+                    t.join()
+
+            timed(f"decode/{n}", n * per * chunk_rows, run)
+
+        def t_memcpy() -> None:
+            buf = np.empty((chunk_rows, d), np.uint16)
+            timed("memcpy", 8 * chunk_rows, lambda: [np.copyto(buf, mapped["none"].chunk(c)) for c in chunks[:8]])
+
+        def t_reader(codec: str, cls: type, n: int) -> None:
+            key = f"{codec}/{cls.__name__}/{n}"
+            seed = len(wall.get(key, []))
+            # A fresh Store each time: its shard maps are new and the reader scans every chunk for NaN/Inf, as in
+            # the first epoch of a run.
+            with cls(Store.open(paths[codec]), site, batch_size=b, seed=seed, threads=n, buffer_mb=0) as r:
+                r.next_batch()  # the start: the first group is read before the first batch
+                timed(key, args.reader_batches * b, lambda: [r.next_batch() for _ in range(args.reader_batches)])
+
+        tasks = [t_memcpy] + [lambda n=n: t_decode(n) for n in threads]
+        tasks += [lambda c=c, k=k, n=n: t_reader(c, k, n) for c, k in variants for n in threads]
+        for t in tasks:  # warm-up (page cache, allocator, thread pools), not counted
+            t()
+        wall.clear()
+        cpu.clear()
+        for rnd in range(args.rounds):
+            print(f"round {rnd + 1}/{args.rounds}", file=sys.stderr)
+            for t in tasks if rnd % 2 == 0 else tasks[::-1]:
+                t()
+        per_token = {c: st.disk_bytes(site) / st.n_rows for c, st in stores.items()}
+        n_chunks = stores["none"].n_chunks
+    rate = {k: 1 / statistics.median(v) for k, v in wall.items()}
+    crate = {k: 1 / statistics.median(v) for k, v in cpu.items()}
+    dec1, mem = rate["decode/1"], rate["memcpy"]
+    rows = [("memcpy of raw chunks (mapped, page cache warm)", 1, "memcpy", "reference")]
+    rows += [
+        (f"raw Blosc decode of mapped chunks, {n} thread(s) at once", n, f"decode/{n}",
+         f"{rate[f'decode/{n}'] / dec1:.2f}× one thread") for n in threads
+    ]  # fmt: skip
+    for codec, cls in variants:
+        out = "float32 batches" if cls is ChunkReader else "bf16 batches (as for a GPU)"
+        for n in threads:
+            key = f"{codec}/{cls.__name__}/{n}"
+            if codec == "none":
+                what = f"reader, `--codec none` store, memory-mapped ({per_token['none']:.0f} bytes/token), {out}"
+                ratio = f"{rate[key] / mem:.2f}× memcpy (goal ≥ 0.3)"
+            else:
+                what = f"reader, Blosc zstd-1 store ({per_token['blosc-zstd']:.0f} bytes/token), {out}"
+                ratio = (
+                    f"{rate[key] / (dec1 * n):.2f}× (decode on 1 thread × {n}) (goal ≥ 0.7); "
+                    f"{rate[key] / rate[f'decode/{n}']:.2f}× decode on {n} thread(s) at once; "
+                    f"per CPU second {crate[key] / crate['decode/1']:.2f}× decode's"
+                )
+            rows.append((what, n, key, ratio))
+    cmd = "python " + " ".join(shlex.quote(a) for a in [str(Path(sys.argv[0]))] + sys.argv[1:])
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    text = "\n".join(
+        [
+            "## Reader",
+            "",
+            f"Command: `{cmd}` (benchmarks/train.py). Gaussian rows (‖x‖≈60, BOS rows 30× larger), d={d}, "
+            f"bfloat16, {n_chunks} chunks of {chunk_rows} rows, written twice: Blosc zstd-1 with byte shuffle (the "
+            f"default) and `--codec none`. The reader draws batches of {b} rows on the CPU, {args.reader_batches} "
+            "batches timed after the first (which waits for the first group's chunks: a one-off start), "
+            "32-chunk buffer, from a freshly opened store each time (new shard maps, every chunk scanned for "
+            "NaN/Inf as in a run's first epoch). Float32 batches are what the CPU trainer gets (the bf16→fp32 "
+            "conversion happens in the reader's workers); bf16 batches are what goes to a GPU (pinned there), "
+            "converted on the device. The raw limits run in the same rounds: Blosc decoding whole chunks from the "
+            "mapped shard bytes into preallocated buffers on n threads at once, and a memcpy of the raw store's "
+            f"chunks. Medians of {args.rounds} interleaved rounds. Machine: {machine()}; 1-min load average at the "
+            f"end {load:.1f}.",
+            "",
+            "| what | threads | rows/s | rows per CPU s | ratio |",
+            "|---|---:|---:|---:|---|",
+            *[f"| {a} | {n} | {rate[k]:,.0f} | {crate[k]:,.0f} | {q} |" for a, n, k, q in rows],
+        ]
+    )
+    print(text)
+    if args.write:
+        write_doc_section(DOC, "Reader", text)
 
 
 def write_section(body: str) -> None:

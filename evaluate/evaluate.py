@@ -26,13 +26,13 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
+from sae import progress
 from sae.config import EvalConfig
-from sae.corpus import available_splits, corpus_info, iter_contexts
+from sae.corpus import available_splits, check_corpus, corpus_info, iter_contexts
 from sae.errors import SaeError
 from sae.metrics import MeanAccumulator, ReconstructionAccumulator
-from sae.models import ModelInfo, load_model
+from sae.models import ModelInfo, check_model_name, load_model
 from sae.saedir import SparseAutoencoder, load_sae
 from sae.sites import SITE_TABLE, Site, capture, parse_site, site_width, splice
 from sae.store import Store
@@ -486,8 +486,9 @@ def run_pass(
                     stack.enter_context(prefix.replay(site))
             return model(input_ids=ids, use_cache=False).logits
 
-    n_batches = -(-len(contexts) // cfg.batch_size)
-    for i in tqdm(range(0, len(contexts), cfg.batch_size), total=n_batches, desc="eval", unit="batch"):
+    bar = progress.Progress("eval", contexts.size, "tok")
+    bar.figures(forwards=f"{1 + 2 * len(groups) + len(states)} per batch ({len(states)} spliced)")
+    for i in range(0, len(contexts), cfg.batch_size):
         ids = torch.from_numpy(contexts[i : i + cfg.batch_size]).to(device, torch.long)
         targets = ids[:, 1:]  # the prediction made at position t is of token t + 1
         with torch.inference_mode():
@@ -504,6 +505,8 @@ def run_pass(
                 st.ce.add(out.nll[:, st.t0 :], out.kl[:, st.t0 :])
                 del logits
             del ref
+        bar.update(ids.numel())
+    bar.close()
     return states, clean, ablated
 
 
@@ -513,6 +516,7 @@ def run_pass(
 
 def evaluate(cfg: EvalConfig) -> Path:
     """Evaluate every SAE named in `cfg.sae_dirs` on one set of eval tokens; write the report; return its dir."""
+    progress.begin("eval")
     if cfg.batch_size < 1 or cfg.seq_len < 2:
         raise SaeError("batch_size must be ≥ 1 and seq_len ≥ 2")
     if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
@@ -530,6 +534,12 @@ def evaluate(cfg: EvalConfig) -> Path:
         if not recorded:
             raise SaeError(f"SAE {specs[0].name} records no model; pass --model")
         model_name, revision = recorded[0]["id"], recorded[0].get("revision")
+    # The model's path and the eval data are checked before the model loads (a download, or a minute on a CPU).
+    check_model_name(model_name, revision=revision)
+    dataset, split = resolve_dataset(cfg, specs)
+    check_not_training_data(specs, dataset, split, cfg)
+    check_corpus(dataset, split=split, text_column=cfg.text_column)
+
     model, tokenizer, info = load_model(
         model_name, revision=revision, device=cfg.device, trust_remote_code=cfg.trust_remote_code
     )
@@ -537,9 +547,6 @@ def evaluate(cfg: EvalConfig) -> Path:
     sites = check_sites(specs, model)
     device = next(model.parameters()).device
     specs = [s._replace(sae=s.sae.to(device)) for s in specs]
-
-    dataset, split = resolve_dataset(cfg, specs)
-    check_not_training_data(specs, dataset, split, cfg)
     contexts = load_contexts(dataset, tokenizer, split, cfg)
 
     keys = list(dict.fromkeys((s.hook_name, int(s.skip_bos)) for s in specs))
@@ -558,8 +565,7 @@ def evaluate(cfg: EvalConfig) -> Path:
         "batch size": cfg.batch_size,
     }
     write_report(Path(cfg.out), results, setup)
-    print(summary_table(results))
-    print(f"report: {cfg.out}")
+    progress.summary("eval", [*summary_table(results).splitlines(), f"report: {cfg.out}"])
     return Path(cfg.out)
 
 

@@ -10,23 +10,21 @@ writes exactly the bytes a single uninterrupted run would.
 from __future__ import annotations
 
 import os
-import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
-from sae import store
+from sae import progress, store
 from sae.config import HarvestConfig
-from sae.corpus import corpus_info, iter_contexts
+from sae.corpus import check_corpus, corpus_info, iter_contexts
 from sae.errors import SaeError
-from sae.models import load_model
-from sae.sites import KINDS, Site, available_sites, capture, parse_site, site_width
+from sae.models import check_model_name, load_model
+from sae.sites import Site, capture, describe_sites, parse_site, site_width
 
 _TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -34,6 +32,7 @@ _TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32"
 def harvest(cfg: HarvestConfig) -> Path:
     """Run `sae harvest`: write (or finish) the store at `cfg.out` and return its path."""
     t0 = time.perf_counter()
+    progress.begin("harvest")
     out = Path(cfg.out)
     task = shard_task(cfg.shard, os.environ)
     if cfg.finalize:
@@ -42,7 +41,7 @@ def harvest(cfg: HarvestConfig) -> Path:
                 "--finalize only checks the shard markers and writes the manifest; drop --shard/--overwrite/--init"
             )
         st = store.finalize(out)
-        _echo(summary(st.path, time.perf_counter() - t0, 0))
+        progress.summary("harvest", summary(st.path, time.perf_counter() - t0, 0))
         return out
     if cfg.overwrite and task is not None:
         raise SaeError(
@@ -52,6 +51,10 @@ def harvest(cfg: HarvestConfig) -> Path:
     if cfg.init and (task is not None or cfg.overwrite):
         raise SaeError("--init only creates the store and its plan; drop --shard/--overwrite")
     _check_sizes(cfg)
+    # What can be checked without the model is checked before loading it (a download, or a minute on a CPU).
+    check_model_name(cfg.model, revision=cfg.revision)
+    if not store.check_target(out, overwrite=cfg.overwrite):  # a resumed store takes its contexts from its plan
+        check_corpus(cfg.dataset, split=cfg.split, text_column=cfg.text_column)
 
     model, tokenizer, info = load_model(
         cfg.model,
@@ -85,6 +88,7 @@ def harvest(cfg: HarvestConfig) -> Path:
         text_column=cfg.text_column,
         max_tokens=cfg.max_tokens,
     )
+    contexts = _tokenizing(contexts, meta["n_contexts_max"], cfg.seq_len)
     writer = store.init_store(out, meta, contexts, overwrite=cfg.overwrite)
     if cfg.init:
         _echo(f"{out}: initialised with {writer.n_shards} shards; run the array tasks (--shard i/N), then --finalize")
@@ -95,8 +99,20 @@ def harvest(cfg: HarvestConfig) -> Path:
     n_tokens = harvest_shards(model, sites, writer, todo, batch_size=cfg.batch_size)
     if task is None:
         store.finalize(out)
-    _echo(summary(out, time.perf_counter() - t0, n_tokens, task=task))
+    progress.summary("harvest", summary(out, time.perf_counter() - t0, n_tokens, task=task))
     return out
+
+
+def _tokenizing(contexts: Iterator[np.ndarray], n_contexts: int | None, seq_len: int) -> Iterator[np.ndarray]:
+    """`contexts`, with progress lines while the new store's plan is made (reading and tokenizing the corpus,
+    the init step of an array job). A generator: a resumed store never starts it, so it reports nothing."""
+    total = None if n_contexts is None else n_contexts * seq_len
+    with progress.Progress("tokenize", total, "tok") as bar:
+        for ctx in contexts:
+            bar.update(len(ctx))
+            if bar.n == total:  # the plan stops asking at the total, so this generator would end only when freed
+                bar.close()
+            yield ctx
 
 
 def shard_task(shard: str | None, env: Mapping[str, str]) -> tuple[int, int] | None:
@@ -121,11 +137,7 @@ def shard_task(shard: str | None, env: Mapping[str, str]) -> tuple[int, int] | N
 def resolve_sites(names: Sequence[str], model: Any) -> list[Site]:
     """The validated sites, duplicates dropped, in the order given (the store lists them in that order)."""
     if not names:
-        sites = available_sites(model)
-        raise SaeError(
-            f"no --site given; sites are blocks.<L>.hook_<kind>, kind one of {', '.join(KINDS)}, L in "
-            f"0..{len(sites) // len(KINDS) - 1}: {sites[0]} ... {sites[-1]}"
-        )
+        raise SaeError(f"no --site given; {describe_sites(model)}")
     return list(dict.fromkeys(parse_site(n, model) for n in names))
 
 
@@ -135,12 +147,12 @@ def harvest_shards(
     """Compute and write `shards` of the store; returns the tokens written. Shard s is written by a background
     thread while the forward of shard s+1 runs; at most two shards are in memory."""
     total = sum(b - a for a, b in map(writer.shard_range, shards))
-    tty = sys.stderr.isatty()
-    bar = tqdm(total=total, unit="tok", unit_scale=True, desc="harvest", mininterval=0.5 if tty else 30)
+    bar = progress.Progress("harvest", total, "tok")
     pending: Future | None = None
     # On an error (or Ctrl-C) leaving the `with` still waits for the shard being written, so it gets its marker.
     with ThreadPoolExecutor(1, thread_name_prefix="sae-shard-writer") as pool, bar:
-        for s in shards:
+        for i, s in enumerate(shards):
+            bar.figures(shard=f"{i + 1} of {len(shards)} (#{s})")
             acts, tokens = compute_shard(model, sites, writer, s, batch_size=batch_size, bar=bar)
             if pending is not None:
                 pending.result()  # surface a failed write now, and hold at most two shards in memory
@@ -159,7 +171,7 @@ def compute_shard(
     s: int,
     *,
     batch_size: int,
-    bar: tqdm | None = None,
+    bar: progress.Progress | None = None,
 ) -> tuple[dict[str, torch.Tensor], np.ndarray]:
     """Activations [rows, d] per site (in the storage dtype) and token ids of shard s, in planned row order."""
     start, stop = writer.shard_range(s)
@@ -169,7 +181,10 @@ def compute_shard(
     dtype = _TORCH_DTYPES[writer.meta["dtype"]]
     d = writer.meta["d_model"]
     device = next(model.parameters()).device
-    bufs = {site.name: torch.empty(n, d, dtype=dtype) for site in sites}
+    # On a GPU the rows go to pinned host memory by non-blocking copies on a side stream: batch b's copy overlaps
+    # batch b+1's forward, and the host waits once per shard, not once per batch.
+    copier = torch.cuda.Stream(device) if device.type == "cuda" else None
+    bufs = {site.name: torch.empty(n, d, dtype=dtype, pin_memory=copier is not None) for site in sites}
     for b in range(0, len(ids), batch_size):
         batch = torch.from_numpy(ids[b : b + batch_size]).to(device=device, dtype=torch.long)
         acts = capture(model, sites, batch)
@@ -178,15 +193,24 @@ def compute_shard(
         a, z = max(lo, 0), min(lo + batch.numel(), n)
         for name, x in acts.items():
             rows = x.reshape(-1, d)[a - lo : z - lo]
-            bufs[name][a:z].copy_(rows.to(dtype) if rows.device.type != "cpu" else rows)
+            if copier is None:
+                bufs[name][a:z].copy_(rows)
+            else:
+                copier.wait_stream(torch.cuda.current_stream(device))  # the forward that made `rows` is done
+                with torch.cuda.stream(copier):
+                    bufs[name][a:z].copy_(rows.to(dtype), non_blocking=True)
+                rows.record_stream(copier)  # its memory is not reused by the next forward before the copy ends
         if bar is not None:
             bar.update(z - a)
+    if copier is not None:
+        copier.synchronize()
     tokens = ids.reshape(-1)[offset : offset + n]
     return bufs, tokens
 
 
-def summary(path: Path, seconds: float, n_tokens: int, *, task: tuple[int, int] | None = None) -> str:
-    """One paragraph on the store at `path` and this run: tokens, sites, bytes, compression, wall time."""
+def summary(path: Path, seconds: float, n_tokens: int, *, task: tuple[int, int] | None = None) -> list[str]:
+    """The lines of the closing paragraph on the store at `path` and this run: tokens, sites and state; bytes and
+    compression; this run's tokens and wall time."""
     st = store.Store.open(path, finalized=False)
     writer = store.StoreWriter(path)
     done = writer.done()
@@ -207,12 +231,13 @@ def summary(path: Path, seconds: float, n_tokens: int, *, task: tuple[int, int] 
     run = f"this run harvested {n_tokens:,} tokens in {seconds:.1f} s wall" + (
         f" ({n_tokens / seconds:,.0f} tokens/s)" if n_tokens and seconds > 0 else ""
     )
-    return (
+    return [
         f"{path}: {rows:,} of {st.n_rows:,} tokens × {n_sites} site{'s' * (n_sites > 1)} "
-        f"({', '.join(st.sites)}; d_model {st.d_model}, {st.dtype}, codec {st.attrs['codec']}), {state}. "
+        f"({', '.join(st.sites)}; d_model {st.d_model}, {st.dtype}, codec {st.attrs['codec']}), {state}.",
         f"{disk / 1e6:,.1f} MB on disk, {disk / max(rows, 1):,.0f} bytes/token; activations compressed "
-        f"{raw / max(act_disk, 1):.2f}× vs raw {st.dtype} and {f32 / max(act_disk, 1):.2f}× vs float32. {run}."
-    )
+        f"{raw / max(act_disk, 1):.2f}× vs raw {st.dtype} and {f32 / max(act_disk, 1):.2f}× vs float32.",
+        f"{run}.",
+    ]
 
 
 def _check_sizes(cfg: HarvestConfig) -> None:
@@ -220,6 +245,8 @@ def _check_sizes(cfg: HarvestConfig) -> None:
         value = getattr(cfg, name)
         if value is not None and value < 1:
             raise SaeError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+    if cfg.max_tokens is not None and cfg.max_tokens < cfg.seq_len:
+        raise SaeError(f"--max-tokens {cfg.max_tokens} is less than --seq-len {cfg.seq_len}: not one whole context")
 
 
 def _echo(text: str) -> None:

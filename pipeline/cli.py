@@ -4,6 +4,7 @@ share one schema; this is the only module that imports the stages (lazily, to ke
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 import typing
 from collections.abc import Callable
@@ -13,9 +14,25 @@ from typing import Any, Literal
 import click
 
 from . import __version__
-from .config import EvalConfig, HarvestConfig, InspectConfig, TrainConfig, _strip_optional, default_of, field_docs, make
+from .config import (
+    ConfigError,
+    EvalConfig,
+    HarvestConfig,
+    InspectConfig,
+    TrainConfig,
+    _strip_optional,
+    coerce,
+    default_of,
+    field_docs,
+    make,
+)
 from .errors import SaeError
 from .manifest import STAGES
+
+# OpenMP threads that spin while waiting for each other steal the very cores they wait for when other jobs share
+# the machine (a login node, a busy workstation): there, two spinning torch threads ran slower than one, while
+# passive waiting kept both useful. Set before torch loads; a value the user exported wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 # Fields that are positional arguments or that read better under another flag name.
 _FLAG_NAMES = {"sites": "--site"}
@@ -63,8 +80,15 @@ def config_options(cls: type, *, arguments: dict[str, dict[str, Any]] | None = N
 
 
 def build(cls: type, values: dict[str, Any]) -> Any:
-    """Config from CLI values: only what the user gave overrides the dataclass defaults."""
+    """Config from CLI values: only what the user gave overrides the dataclass defaults. A bad value is named
+    by its flag (`--max-tokens: 'many' is not an integer`)."""
     given = {k: v for k, v in values.items() if v is not None and v != ()}
+    for name, value in given.items():
+        try:
+            coerce(cls, name, value)
+        except ConfigError as e:
+            flag = _FLAG_NAMES.get(name, "--" + name.replace("_", "-"))
+            raise ConfigError(flag + str(e).removeprefix(name)) from None
     return make(cls, given)
 
 
@@ -76,7 +100,36 @@ def _run(fn: Callable[[], Any]) -> Any:
         sys.exit(2)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120})
+class _OneLineError(click.ClickException):
+    """A click usage error shown as one line, like every other error of `sae` (batch logs stay grep-able)."""
+
+    exit_code = 2
+
+    def __init__(self, err: click.UsageError) -> None:
+        where = err.ctx.command_path if err.ctx is not None else "sae"
+        super().__init__(f"{' '.join(err.format_message().split())} (see `{where} --help`)")
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"error: {self.format_message()}", err=True)
+
+
+class _Cli(click.Group):
+    """The `sae` group: usage errors of the group and of every command print one line and exit 2."""
+
+    def make_context(self, *args: Any, **kwargs: Any) -> click.Context:
+        try:
+            return super().make_context(*args, **kwargs)
+        except click.UsageError as e:
+            raise _OneLineError(e) from None
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except click.UsageError as e:
+            raise _OneLineError(e) from None
+
+
+@click.group(cls=_Cli, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120})
 @click.version_option(__version__, prog_name="sae")
 @click.option(
     "--progress-interval",
@@ -89,11 +142,14 @@ def main(progress_interval: float | None) -> None:
     """Harvest LM activations into Zarr stores, train BatchTopK sparse autoencoders, evaluate them.
 
     \b
-    Typical run (embedded SmolLM2-135M and the embedded Shakespeare corpus, no hub needed):
-      sae harvest --site blocks.15.hook_resid_post --max-tokens 200000 --out runs/store.zarr
-      sae train runs/store.zarr --site blocks.15.hook_resid_post --k 16,32,64 --out runs/saes
-      sae eval runs/saes --out runs/report
-      sae inspect runs/saes/batchtopk-k32-x8 --out runs/inspect
+    The README's demo (embedded SmolLM2-135M and Shakespeare corpus, no hub needed), in one command:
+      sae run manifests/smollm2-demo.yaml
+    \b
+    The same run, stage by stage:
+      sae harvest --site blocks.6.hook_resid_post --max-tokens 98304 --shard-chunks 4 --out runs/demo/store.zarr
+      sae train runs/demo/store.zarr --site blocks.6.hook_resid_post --arch batchtopk,topk --k 32 --expansion 4 \\
+        --batch-size 1024 --out runs/demo/saes
+      sae eval runs/demo/saes --max-tokens 4096 --out runs/demo/report
     """
     from .progress import interval, set_interval
 
@@ -153,22 +209,39 @@ def inspect(**kwargs: Any) -> None:
 _SCHEDULER_HELP = "dask scheduler address (host:port); default: a local cluster of 2 threads."
 
 
+def _header(stage: str, text: str) -> None:
+    """The line `sae run` prints before each stage it runs, so a batch log reads as a list of stages."""
+    click.echo(f"== {stage}: {text}")
+
+
 def _stages() -> Any:
     from .manifest import Stages
 
     def harvest(cfg: HarvestConfig) -> Any:
         from .harvest import harvest
 
+        step = "init" if cfg.init else "finalize" if cfg.finalize else f"task {cfg.shard}" if cfg.shard else ""
+        tokens = f"{cfg.max_tokens:,} tokens" if cfg.max_tokens else "the whole corpus"
+        _header(
+            f"harvest ({step})" if step else "harvest",
+            f"{', '.join(cfg.sites)} of {cfg.model} on {tokens} of {cfg.dataset} ({cfg.split}) → {cfg.out}",
+        )
         return harvest(cfg)
 
     def train(cfg: TrainConfig) -> Any:
+        from .saedir import sweep_names
         from .train import train
 
+        names = sweep_names(cfg)
+        saes = f"{len(names)} SAE{'s' * (len(names) > 1)} ({', '.join(names)})"
+        _header("train", f"{saes} on {cfg.site} of {cfg.store} → {cfg.out}" + (" (resuming)" if cfg.resume else ""))
         return train(cfg)
 
     def evaluate(cfg: EvalConfig) -> Any:
         from .evaluate import evaluate
 
+        n = len(cfg.sae_dirs)
+        _header("eval", f"{n} SAE{'s' * (n > 1)} on {cfg.max_tokens:,} eval tokens → {cfg.out}")
         return evaluate(cfg)
 
     def inspect(cfg: InspectConfig) -> Any:
@@ -222,10 +295,14 @@ def stats(store: Path, sites: tuple[str, ...], skip_bos: bool, as_json: bool, sc
     NaN/Inf count."""
     import json
 
+    from .progress import summary
     from .storetools import format_stats, stats_json, store_stats
 
     result = _run(lambda: store_stats(store, sites=sites, skip_bos=skip_bos, scheduler=scheduler))
-    click.echo(json.dumps(stats_json(result)) if as_json else format_stats(store, result, skip_bos=skip_bos))
+    if as_json:
+        click.echo(json.dumps(stats_json(result)))
+    else:
+        summary("stats", format_stats(store, result, skip_bos=skip_bos).splitlines())
 
 
 @main.command()
@@ -236,6 +313,7 @@ def validate(store: Path, scheduler: str | None) -> None:
 
     Exits 1 and lists the problems when something is wrong.
     """
+    from .progress import summary
     from .storetools import validate_store
 
     problems = _run(lambda: validate_store(store, scheduler=scheduler))
@@ -244,7 +322,7 @@ def validate(store: Path, scheduler: str | None) -> None:
         for p in problems:
             click.echo(f"  {p}", err=True)
         sys.exit(1)
-    click.echo(f"{store}: valid (every shard's marker, row range and checksum agree with the manifest)")
+    summary("validate", [f"{store}: valid (every shard's marker, row range and checksum agree with the manifest)"])
 
 
 @main.command()
@@ -266,6 +344,8 @@ def concat(
 
     With one input and new --chunk-rows/--shard-chunks this reshards a store.
     """
+    from .progress import summary
+    from .store import Store
     from .storetools import concat_stores
 
     _run(
@@ -273,7 +353,14 @@ def concat(
             stores, out, chunk_rows=chunk_rows, shard_chunks=shard_chunks, overwrite=overwrite, scheduler=scheduler
         )
     )
-    click.echo(f"{out}: written and finalized")
+    st = _run(lambda: Store.open(out))
+    parts = f"{len(stores)} store{'s' * (len(stores) > 1)}"
+    summary("concat", [f"{out}: {st.n_rows:,} rows of {', '.join(st.sites)} from {parts}; written and finalized"])
+
+
+# `sae --help` lists each command with its whole first paragraph, not a summary cut at ~45 characters.
+for _command in main.commands.values():
+    _command.short_help = " ".join((_command.help or "").split("\n\n")[0].split())
 
 
 if __name__ == "__main__":

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import difflib
 import inspect
 import textwrap
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -28,6 +30,17 @@ DEFAULT_DATASET = "shakespeare"
 
 class ConfigError(SaeError, ValueError):
     """A configuration value (from the CLI or a manifest) is not allowed; the message names the key."""
+
+
+class UnknownKeyError(ConfigError):
+    """A key that is no setting: `unknown key 'max_token' (did you mean 'max_tokens'?)`."""
+
+
+def unknown_key(key: str, allowed: Sequence[str]) -> UnknownKeyError:
+    """The error for `key`, which is none of `allowed`: the closest allowed key, else all of them."""
+    close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
+    hint = f" (did you mean {close[0]!r}?)" if close else f"; valid keys: {', '.join(allowed)}"
+    return UnknownKeyError(f"unknown key {key!r}{hint}")
 
 
 @dataclass
@@ -110,7 +123,14 @@ class TrainConfig:
     """The store written by `sae harvest`."""
 
     site: str = ""
-    """Which of the store's sites to train on."""
+    """Which of the store's sites to train on (a transcoder's input)."""
+
+    target_site: str = ""
+    """Train transcoders: the store's site they predict from `site`, row by row (e.g. blocks.L.hook_mlp_out from
+    blocks.L.ln2.hook_normalized); empty trains SAEs."""
+
+    skip: bool = False
+    """Transcoders: add an affine skip connection W_skip (d_out × d_in), initialised at zero."""
 
     out: Path = Path("runs/saes")
     """Output directory: one SAELens-format subdirectory per SAE, plus the shared checkpoint."""
@@ -376,6 +396,9 @@ def coerce(cls: type, name: str, value: Any) -> Any:
     return _coerce_scalar(name, tp, value)
 
 
+_TYPE_WORDS = {int: "an integer", float: "a number", bool: "true or false"}
+
+
 def _coerce_scalar(name: str, tp: Any, value: Any) -> Any:
     if typing.get_origin(tp) is Literal:
         allowed = typing.get_args(tp)
@@ -402,16 +425,19 @@ def _coerce_scalar(name: str, tp: Any, value: Any) -> Any:
         if tp is str:
             return str(value)
     except (TypeError, ValueError):
-        raise ConfigError(f"{name}: {value!r} is not a valid {tp.__name__}") from None
+        raise ConfigError(f"{name}: {value!r} is not {_TYPE_WORDS.get(tp, 'a valid ' + tp.__name__)}") from None
     raise TypeError(f"unsupported config type {tp!r} for {name}")
 
 
-def make(cls: type, values: dict[str, Any]) -> Any:
-    """Build config `cls` from a mapping; an unknown key or a bad value raises ConfigError naming the key."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - names)
+def make(cls: type, values: dict[str, Any], *, unlisted: Sequence[str] = ()) -> Any:
+    """Build config `cls` from a mapping; an unknown key or a bad value raises ConfigError naming the key.
+
+    `unlisted`: fields a caller refuses elsewhere (a manifest's runner keys), never suggested for a typo.
+    """
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [str(k) for k in values if k not in names]
     if unknown:
-        raise ConfigError(f"unknown key {unknown[0]!r} for {cls.__name__}; allowed keys: {', '.join(sorted(names))}")
+        raise unknown_key(unknown[0], sorted(n for n in names if n not in unlisted))
     return cls(**{k: coerce(cls, k, v) for k, v in values.items()})
 
 
@@ -445,6 +471,7 @@ __all__ = [
     "HarvestConfig",
     "InspectConfig",
     "TrainConfig",
+    "UnknownKeyError",
     "coerce",
     "default_of",
     "field",
@@ -452,4 +479,5 @@ __all__ = [
     "field_types",
     "make",
     "to_dict",
+    "unknown_key",
 ]

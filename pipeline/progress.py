@@ -5,7 +5,8 @@ On a TTY a tqdm bar; otherwise (SLURM logs, `| tee`, CI) one plain, flushed line
 
     train: 123,456/1,000,000 tok (12.3%) 18.2k tok/s ETA 0:48:10 | bt-k32: loss 0.12 L0 31.8 dead 0.3%
 
-Each stage ends with `summary()`: a header line with the stage's wall time, then one indented line per item.
+Each stage ends with `summary()` (on stdout): a header line with the stage's wall time, then one indented line
+per item.
 """
 
 from __future__ import annotations
@@ -23,6 +24,13 @@ ENV_INTERVAL = "SAE_PROGRESS_INTERVAL"
 # Per stage, set by its first Progress: when it started and what its bars counted (for summary()'s header).
 _stage_start: dict[str, float] = {}
 _stage_done: dict[str, tuple[int, str, float]] = {}
+
+
+def begin(stage: str) -> None:
+    """Mark the start of `stage` (its summary's time runs from here, model loading included); optional: without
+    it the time runs from the stage's first Progress."""
+    _stage_start[stage] = time.monotonic()
+    _stage_done.pop(stage, None)
 
 
 def interval() -> float:
@@ -179,9 +187,10 @@ _module_interval = interval  # the constructor's `interval` argument shadows the
 
 
 def summary(stage: str, lines: list[str], file: TextIO | None = None) -> None:
-    """The end-of-stage paragraph: "train: done in 0:12:03 (1,000,000 tok, 18.2k tok/s)", then one indented
-    line per item (per SAE, per site...). The time runs from the stage's first Progress in this process."""
-    file = file if file is not None else sys.stderr
+    """The end-of-stage paragraph, on stdout by default (it is the stage's result, beside its progress on
+    stderr): "train: done in 0:12:03 (1,000,000 tok, 18.2k tok/s)", then one indented line per item (per SAE,
+    per site...). The time runs from `begin(stage)`, else from the stage's first Progress in this process."""
+    file = file if file is not None else sys.stdout
     start = _stage_start.pop(stage, None)
     done = _stage_done.pop(stage, None)
     head = f"{stage}: done"

@@ -27,12 +27,16 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import mmap
 import os
 import shutil
+import threading
+from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import numcodecs.blosc
 import numpy as np
 import torch
 import zarr
@@ -167,6 +171,8 @@ class Store:
         self.n_rows: int = int((manifest or plan).get("n_rows", 0))
         self.n_contexts: int = int((manifest or plan).get("n_contexts", 0))
         self._arrays: dict[str, zarr.Array] = {}
+        self._mapped: dict[str, MappedArray | None] = {}
+        self._lock = threading.Lock()
 
     @classmethod
     def open(cls, path: str | os.PathLike, *, finalized: bool = True) -> Store:
@@ -219,6 +225,31 @@ class Store:
         """Chunk i of `site` as a CPU tensor in the logical dtype ([rows, d_model])."""
         return from_storage(self.chunk_numpy(site, i), self.dtype)
 
+    def mapped(self, name: str) -> MappedArray | None:
+        """Array `name` read straight from its memory-mapped shard files, or None when its layout is not one this
+        module writes (then read it through zarr)."""
+        with self._lock:
+            if name not in self._mapped:
+                arr = self.array(name)
+                self._mapped[name] = MappedArray.open(
+                    self.path / (_site_key(name) if name in self.sites else name), arr
+                )
+            return self._mapped[name]
+
+    def read_chunk(self, name: str, i: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Chunk i of array `name` as stored, from the memory-mapped shard file: a read-only view of the page cache
+        when the array is stored raw (`--codec none`), otherwise decoded into `out` (shape [chunk_rows, ...] of the
+        stored dtype) or a new array. Thread-safe; Blosc releases the GIL while it decodes."""
+        m = self.mapped(name)
+        if m is not None:
+            return m.chunk(i, out)
+        start, stop = self.chunk_range(i)
+        a = np.asarray(self.array(name)[start:stop])
+        if out is None:
+            return a
+        out[: len(a)] = a
+        return out[: len(a)]
+
     def chunk_meta(self, i: int) -> ChunkMeta:
         """Token id, context and position of every row of chunk i."""
         start, stop = self.chunk_range(i)
@@ -249,6 +280,111 @@ class Store:
         """Bytes the store takes on disk; with `names` (sites or other arrays), only those arrays'."""
         roots = [self.path / (_site_key(n) if n in self.sites else n) for n in names] or [self.path]
         return sum(f.stat().st_size for root in roots for f in root.rglob("*") if f.is_file())
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading chunks straight from the shard files (zarr v3 `sharding_indexed`), memory-mapped.
+
+_EMPTY = 2**64 - 1  # offset and length of a chunk the shard does not hold (all fill value)
+_MAX_MAPS = 256  # open shard maps per array; each holds a file descriptor
+
+
+class MappedArray:
+    """One sharded array of a store read straight from its shard files, mapped into memory.
+
+    Each shard file ends with the zarr v3 shard index: (offset, nbytes) as little-endian uint64 per chunk, in C
+    order of the chunks inside the shard, then a crc32c of those bytes. Raw chunks (`--codec none`) are served as
+    zero-copy views of the mapped file; Blosc chunks are decoded from the mapped bytes into the caller's buffer.
+    The mapping is private and never written, so every process on a node reads the same page-cache pages.
+    """
+
+    def __init__(self, root: Path, arr: zarr.Array, blosc: bool, checksum: bool):
+        self.root, self.blosc, self.checksum = root, blosc, checksum
+        self.shape: tuple[int, ...] = tuple(arr.shape)
+        self.chunk_shape: tuple[int, ...] = tuple(arr.chunks)
+        self.dtype = np.dtype(arr.dtype).newbyteorder("<")
+        self.per_shard = arr.shards[0] // arr.chunks[0]  # type: ignore[index]
+        self.fill = arr.fill_value
+        self._key = arr.metadata.encode_chunk_key  # type: ignore[union-attr]
+        self._ndim = arr.ndim
+        self._maps: OrderedDict[int, tuple[mmap.mmap, np.ndarray]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @classmethod
+    def open(cls, root: Path, arr: zarr.Array) -> MappedArray | None:
+        """A MappedArray for `arr` at `root`, or None when its codecs are not the ones this module writes."""
+        meta = arr.metadata.to_dict()
+        codecs = meta.get("codecs") or []
+        if meta.get("zarr_format") != 3 or len(codecs) != 1 or codecs[0].get("name") != "sharding_indexed":
+            return None
+        cfg = codecs[0]["configuration"]
+        inner = [c["name"] for c in cfg["codecs"]]
+        index = [c["name"] for c in cfg["index_codecs"]]
+        little = all((c.get("configuration") or {}).get("endian", "little") == "little" for c in cfg["codecs"])
+        if (
+            inner not in (["bytes"], ["bytes", "blosc"])
+            or index not in (["bytes"], ["bytes", "crc32c"])
+            or cfg.get("index_location", "end") != "end"
+            or not little
+            or any(s % c for s, c in zip(arr.shards, arr.chunks, strict=True))  # type: ignore[arg-type]
+            or any(c != s for c, s in zip(arr.chunks[1:], arr.shape[1:], strict=True))
+        ):
+            return None
+        return cls(root, arr, blosc=inner == ["bytes", "blosc"], checksum=index[-1] == "crc32c")
+
+    @property
+    def raw(self) -> bool:
+        """Whether chunks are stored uncompressed (served as views)."""
+        return not self.blosc
+
+    def chunk(self, i: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Chunk i, trimmed to the array's rows: a read-only view of the mapped file (raw), or decoded into `out`
+        (Blosc; `out` holds a whole chunk) or a new array."""
+        rows = min(self.chunk_shape[0], self.shape[0] - i * self.chunk_shape[0])
+        if rows <= 0:
+            raise IndexError(f"chunk {i} out of range")
+        m, index = self._map(i // self.per_shard)
+        offset, nbytes = (int(v) for v in index[i % self.per_shard])
+        full = self.chunk_shape
+        if offset == _EMPTY:  # never written: all fill value, as zarr reads it
+            a = np.empty(full, self.dtype) if out is None else out
+            a[...] = self.fill
+            return a[:rows]
+        if not self.blosc:
+            if nbytes != int(np.prod(full)) * self.dtype.itemsize:
+                raise SaeError(f"{self.root}: chunk {i} holds {nbytes} bytes, not one raw chunk")
+            view = np.frombuffer(m, self.dtype, count=int(np.prod(full)), offset=offset).reshape(full)
+            return view[:rows]
+        a = np.empty(full, self.dtype) if out is None else out
+        numcodecs.blosc.decompress(memoryview(m)[offset : offset + nbytes], a)
+        return a[:rows]
+
+    def _map(self, shard: int) -> tuple[mmap.mmap, np.ndarray]:
+        with self._lock:
+            hit = self._maps.get(shard)
+            if hit is not None:
+                self._maps.move_to_end(shard)
+                return hit
+        key = self._key((shard,) + (0,) * (self._ndim - 1))
+        path = self.root / key
+        with open(path, "rb") as f:
+            # ACCESS_COPY: a private mapping, writable for numpy/torch (no read-only warnings) but never written.
+            m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        size = 16 * self.per_shard + 4 * self.checksum
+        if len(m) < size:
+            raise SaeError(f"{path}: shard file of {len(m)} bytes is too short for its index")
+        raw_index = m[len(m) - size : len(m) - 4 * self.checksum]
+        if self.checksum:
+            import google_crc32c  # zarr's own dependency for this codec
+
+            if np.uint32(google_crc32c.value(raw_index)).tobytes() != m[len(m) - 4 :]:
+                raise SaeError(f"{path}: the shard index fails its checksum; the file is damaged")
+        index = np.frombuffer(raw_index, "<u8").reshape(self.per_shard, 2)
+        with self._lock:
+            self._maps[shard] = (m, index)
+            while len(self._maps) > _MAX_MAPS:  # closed when the last view of it goes
+                self._maps.popitem(last=False)
+        return m, index
 
 
 # --------------------------------------------------------------------------------------------------
@@ -416,6 +552,24 @@ class StoreWriter:
         atomic.write_json(marker_path(self.path, s), marker)
 
 
+def check_target(path: str | os.PathLike, *, overwrite: bool = False) -> bool:
+    """Check, writing nothing, that `init_store(path, overwrite=overwrite)` may go ahead (so a caller can fail
+    before loading a model); True when a planned store lies there to be resumed. SaeError for a file, or for a
+    folder that is not a store of ours."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise SaeError(f"{path} exists and is not a folder; choose another --out")
+    if overwrite:
+        if not _is_removable(path):
+            raise SaeError(f"{path} is not an activation store; refusing to delete it even with --overwrite")
+        return False
+    if (path / "plan.json").exists():
+        return True
+    if not _is_removable(path):
+        raise SaeError(f"{path} exists and is not an activation store; choose another --out")
+    return False
+
+
 def init_store(
     path: str | os.PathLike, meta: dict[str, Any], contexts: Iterable[np.ndarray], *, overwrite: bool = False
 ) -> StoreWriter:
@@ -428,17 +582,12 @@ def init_store(
     """
     path = Path(path)
     meta = {"format_version": FORMAT_VERSION, **meta, "tool_version": __version__}
-    if path.exists() and not path.is_dir():
-        raise SaeError(f"{path} exists and is not a folder; choose another --out")
+    resume = check_target(path, overwrite=overwrite)
     if overwrite:
-        if not _is_removable(path):
-            raise SaeError(f"{path} is not an activation store; refusing to delete it even with --overwrite")
         shutil.rmtree(path, ignore_errors=True)
-    if (path / "plan.json").exists():
+    if resume:
         _check_fingerprint(path, meta)
         return StoreWriter(path)
-    if not _is_removable(path):
-        raise SaeError(f"{path} exists and is not an activation store; choose another --out")
     created = not path.exists()
     with _init_lock(path):
         if (path / "plan.json").exists():  # another task finished init while we waited

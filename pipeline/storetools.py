@@ -20,7 +20,7 @@ import dask.array as da
 import numpy as np
 import torch
 
-from . import store
+from . import progress, store
 from .errors import SaeError
 
 _BLOCK = 65536
@@ -43,6 +43,18 @@ def dask_client(scheduler: str | None = None) -> Iterator[Any]:
         Client(cluster) as client,
     ):
         yield client
+
+
+def compute(client: Any, tasks: Sequence[Any], stage: str, unit: str) -> list[Any]:
+    """Futures of `tasks` on `client`, once every one has finished (or failed), with progress counting finished
+    tasks in `unit` (each task reads one shard file, or writes one shard)."""
+    from distributed import as_completed
+
+    futures = client.compute(list(tasks))
+    with progress.Progress(stage, len(futures), unit) as bar:
+        for _ in as_completed(futures):
+            bar.update(1)
+    return futures
 
 
 def shard_array(st: store.Store, name: str) -> da.Array:
@@ -108,19 +120,21 @@ def store_stats(
     path: str | Path, *, sites: Sequence[str] = (), skip_bos: bool = False, scheduler: str | None = None
 ) -> dict[str, SiteSummary]:
     """Recompute the statistics of `sites` (default: all) of the finalized store at `path` with dask."""
+    progress.begin("stats")
     st = store.Store.open(path)
     for s in sites:
         if s not in st.sites:
             raise SaeError(f"store {st.path} has no site {s!r}; its sites: {', '.join(st.sites)}")
     position = shard_array(st, "position").to_delayed().ravel()
-    tasks = {}
-    for site in sites or st.sites:
+    names = list(sites or st.sites)
+    tasks = []
+    for site in names:
         blocks = shard_array(st, site).to_delayed().ravel()
-        parts = [dask.delayed(_shard_sums)(b, p, st.dtype, skip_bos) for b, p in zip(blocks, position, strict=True)]
-        tasks[site] = dask.delayed(_combine)(parts)
+        tasks += [dask.delayed(_shard_sums)(b, p, st.dtype, skip_bos) for b, p in zip(blocks, position, strict=True)]
     with dask_client(scheduler) as client:
-        results = client.compute(list(tasks.values()), sync=True)
-    return dict(zip(tasks, results, strict=True))
+        parts = client.gather(compute(client, tasks, "stats", "shard files"))
+    n = len(position)
+    return {site: _combine(parts[i * n : (i + 1) * n]) for i, site in enumerate(names)}
 
 
 def format_stats(path: str | Path, stats: dict[str, SiteSummary], *, skip_bos: bool = False) -> str:
@@ -168,6 +182,7 @@ def validate_store(path: str | Path, *, scheduler: str | None = None) -> list[st
     """Check the store at `path` against its plan and manifest: every shard has a marker covering the planned
     rows, array lengths match the row counts, and every shard's recomputed checksum matches its marker and
     the manifest. Returns the problems found (empty: valid)."""
+    progress.begin("validate")
     path = Path(path)
     attrs = store.read_attrs(path)
     plan = store.read_plan(path)
@@ -231,10 +246,7 @@ def validate_store(path: str | Path, *, scheduler: str | None = None) -> list[st
                 tasks.append(dask.delayed(store.checksum)(block))
                 keys.append((name, s))
     with dask_client(scheduler) as client:
-        from distributed import wait
-
-        futures = client.compute(tasks)
-        wait(futures)
+        futures = compute(client, tasks, "validate", "shard files")
         for (name, s), f in zip(keys, futures, strict=True):
             if f.status == "error":
                 problems.append(f"shard {s} of {name}: unreadable ({type(f.exception()).__name__}: {f.exception()})")
@@ -267,6 +279,7 @@ def concat_stores(
     are given (so one input with other sizes is a reshard). Its own shards get their own seeded row order,
     markers and manifest; rerunning an interrupted concat continues it.
     """
+    progress.begin("concat")
     out = Path(out)
     if not paths:
         raise SaeError("concat needs at least one store")
@@ -316,7 +329,7 @@ def concat_stores(
                 pieces.append((p0, want, {n: blocks[q][n][ps] for n in names}))
         tasks.append(dask.delayed(_write_concat_shard)(str(out), s, pieces, first.sites, first.seq_len))
     with dask_client(scheduler) as client:
-        client.compute(tasks, sync=True)
+        client.gather(compute(client, tasks, "concat", "shards"))
     store.finalize(out)
     return out
 

@@ -45,7 +45,7 @@ def test_make_refuses_unknown_keys_and_bad_values():
         make(HarvestConfig, {"sequence_length": 64})
     with pytest.raises(ConfigError, match="dtype: 'int8' is not one of bfloat16, float16, float32"):
         make(HarvestConfig, {"dtype": "int8"})
-    with pytest.raises(ConfigError, match="seq_len: 'long' is not a valid int"):
+    with pytest.raises(ConfigError, match="seq_len: 'long' is not an integer"):
         make(HarvestConfig, {"seq_len": "long"})
     with pytest.raises(ConfigError, match="arch: 'gated' is not one of"):
         make(TrainConfig, {"arch": "batchtopk,gated"})
@@ -79,7 +79,7 @@ def test_cli_passes_only_given_values(monkeypatch):
 def test_bad_value_is_one_clean_error_line():
     result = CliRunner().invoke(main, ["train", "store.zarr", "--site", "s", "--k", "many"])
     assert result.exit_code == 2
-    assert "k: 'many' is not a valid int" in result.output
+    assert result.output == "error: --k: 'many' is not an integer\n"
     assert "Traceback" not in result.output
 
 
@@ -107,3 +107,26 @@ def test_stage_folders_do_not_shadow_hugging_face_evaluate(tmp_path):
     import sae.evaluate
 
     assert sae.evaluate.__name__ == "sae.evaluate"
+
+
+def _commands(text: str) -> list[str]:
+    """The `sae ...` command lines of `text`, backslash continuations joined, whitespace normalised."""
+    parts = (part for line in text.replace("\\\n", " ").splitlines() for part in line.split("&&"))
+    return [" ".join(part.split()) for part in parts if part.strip().startswith("sae ")]
+
+
+def test_help_lists_whole_command_summaries():
+    out = CliRunner().invoke(main, ["--help"], terminal_width=80).output
+    listing = " ".join(out.split("Commands:")[1].split())
+    for name, command in main.commands.items():
+        first_paragraph = " ".join(command.help.split("\n\n")[0].split())
+        assert f"{name} {first_paragraph}" in listing, name
+    assert "..." not in listing
+
+
+def test_help_examples_are_the_readme_commands():
+    out = CliRunner().invoke(main, ["--help"], terminal_width=200).output
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    examples = _commands(out.split("Options:")[0])
+    assert len(examples) == 4 and examples[0] == "sae run manifests/smollm2-demo.yaml"
+    assert set(examples) <= set(_commands(readme)), set(examples) - set(_commands(readme))

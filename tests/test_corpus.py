@@ -14,6 +14,7 @@ from conftest import make_tokenizer
 from sae.corpus import (
     DOC_CHARS,
     available_splits,
+    check_corpus,
     corpus_info,
     iter_contexts,
     iter_documents,
@@ -421,3 +422,20 @@ def test_embedded_shakespeare_splits(tiny_tokenizer):
 
     contexts = list(iter_contexts("shakespeare", tiny_tokenizer, split="heldout", seq_len=64, max_tokens=64 * 20))
     assert len(contexts) == 20 and all(c[0] == tiny_tokenizer.bos_token_id for c in contexts)
+
+
+def test_check_corpus_needs_no_tokenizer_and_reads_only_the_first_document(tmp_path):
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    (folder / "a.jsonl").write_text('{"text": "first"}\n')
+    (folder / "b.jsonl").write_text("not json at all\n")  # never reached: the first document is enough
+    check_corpus(str(folder))
+    with pytest.raises(SaeError, match="column 'body' not in dataset .*a.jsonl; columns: text"):
+        check_corpus(str(folder), text_column="body")
+    (tmp_path / "blank.txt").write_text("\n \n")
+    with pytest.raises(SaeError, match="blank.txt has no documents"):
+        check_corpus(str(tmp_path / "blank.txt"))
+    with pytest.raises(SaeError, match="no such file or folder: ./gone.jsonl"):
+        check_corpus("./gone.jsonl")
+    with pytest.raises(SaeError, match="split 'test' not in the embedded corpus"):
+        check_corpus("shakespeare", split="test")

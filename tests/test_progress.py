@@ -122,7 +122,44 @@ def test_summary_paragraph():
     assert out.getvalue() == "concat: done\n  out.zarr: 10 rows\n"
 
 
+def test_begin_starts_the_clock_and_forgets_an_unfinished_run(capsys):
+    with Progress("eval", 10, interval=3600, file=io.StringIO()) as p:
+        p.update(10)  # a run that failed before its summary
+    progress._stage_start["eval"] -= 3600
+    progress.begin("eval")
+    progress._stage_start["eval"] -= 65  # the model took a minute to load
+    with Progress("eval", 4, unit="batch", interval=3600, file=io.StringIO()) as p:
+        p.update(4)
+    summary("eval", [])
+    assert capsys.readouterr().out.startswith("eval: done in 0:01:05 (4 batch, ")
+
+
 def test_duration_and_rate():
     assert progress.duration(97330) == "27:02:10"
     assert progress.duration(5) == "0:00:05"
     assert progress.rate(18234) == "18.2k" and progress.rate(3.1e6) == "3.1M" and progress.rate(12.34) == "12.3"
+
+
+def test_sae_run_prints_a_header_per_stage(tmp_path, monkeypatch):
+    import sae.evaluate
+    import sae.harvest
+    import sae.train
+
+    ran = []
+    for module, name in ((sae.harvest, "harvest"), (sae.train, "train"), (sae.evaluate, "evaluate")):
+        monkeypatch.setattr(module, name, lambda cfg, name=name: ran.append(name))
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text(
+        "run_dir: run\nharvest: {sites: [blocks.1.hook_resid_post], max_tokens: 4096}\n"
+        "train: {arch: [batchtopk, topk], k: [8]}\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    res = CliRunner().invoke(main, ["run", str(manifest)])
+    assert res.exit_code == 0, res.output
+    assert ran == ["harvest", "train", "evaluate"]
+    headers = [line for line in res.stdout.splitlines() if line.startswith("== ")]
+    assert headers == [
+        "== harvest: blocks.1.hook_resid_post of smollm2-135m on 4,096 tokens of shakespeare (train) → run/store.zarr",
+        "== train: 2 SAEs (batchtopk-k8-x8, topk-k8-x8) on blocks.1.hook_resid_post of run/store.zarr → run/saes",
+        "== eval: 2 SAEs on 65,536 eval tokens → run/report",
+    ]

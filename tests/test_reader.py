@@ -13,7 +13,7 @@ import torch
 from _synthetic import SITE, make_store
 
 from sae.errors import SaeError
-from sae.store import Store
+from sae.store import MappedArray, Store
 from sae.train import reader as reader_mod
 from sae.train.reader import ChunkReader
 
@@ -226,3 +226,58 @@ def test_version_1_state_still_restores(store):
     with _reader(store, batch_size=37, state=state) as r2:
         x2, rows2 = _take(r2, 10)
     assert torch.equal(rows1, rows2) and torch.equal(x1, x2)
+
+
+# --------------------------------------------------------------------------------------------------
+# Shard files read memory-mapped through the zarr v3 shard index (sae.store.MappedArray).
+
+
+@pytest.mark.parametrize("codec", ["none", "blosc-zstd"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_mapped_chunks_are_the_zarr_chunks(tmp_path, codec, dtype):
+    # 800 rows in chunks of 24: the last chunk and the last shard are partial
+    path = make_store(tmp_path / "s.zarr", n_contexts=50, chunk_rows=24, shard_chunks=3, codec=codec, dtype=dtype)
+    store = Store.open(path)
+    mapped = store.mapped(SITE)
+    assert mapped is not None and mapped.raw == (codec == "none")
+    for i in range(store.n_chunks):
+        a, b = store.chunk_range(i)
+        for name in (SITE, "position"):
+            got, want = store.read_chunk(name, i), np.asarray(store.array(name)[a:b])
+            assert got.dtype == want.dtype and got.tobytes() == want.tobytes(), (name, i)
+    first, again = store.read_chunk(SITE, 5), store.read_chunk(SITE, 5)
+    if codec == "none":  # zero-copy: views of the one mapping of the shard file
+        assert not first.flags.owndata and np.shares_memory(first, again)
+    else:  # decoded into the buffer given
+        buf = np.zeros((store.chunk_rows, store.d_model), first.dtype)
+        assert np.shares_memory(store.read_chunk(SITE, 5, buf), buf) and buf.tobytes() == first.tobytes()
+
+
+def _stream(store, n=60, **kw):
+    with _reader(store, seed=7, batch_size=40, **kw) as r:
+        return _take(r, n)
+
+
+def test_raw_compressed_and_zarr_reads_give_one_stream(tmp_path, monkeypatch):
+    kw = dict(n_contexts=60, chunk_rows=16, shard_chunks=4)
+    raw = Store.open(make_store(tmp_path / "raw.zarr", codec="none", **kw))
+    packed = Store.open(make_store(tmp_path / "packed.zarr", **kw))
+    x1, rows1 = _stream(raw)  # > 2 epochs
+    x2, rows2 = _stream(packed)
+    assert torch.equal(rows1, rows2) and torch.equal(x1, x2)
+    # a layout the store module does not map is read through zarr, with the same result
+    monkeypatch.setattr(MappedArray, "open", classmethod(lambda cls, root, arr: None))
+    plain = Store.open(packed.path)
+    assert plain.mapped(SITE) is None
+    x3, rows3 = _stream(plain)
+    assert torch.equal(rows1, rows3) and torch.equal(x1, x3)
+
+
+def test_damaged_shard_index_is_one_clear_error(tmp_path):
+    path = make_store(tmp_path / "s.zarr", n_contexts=16, chunk_rows=16, shard_chunks=4)
+    shard = next((path / "activations" / SITE).rglob("c/*/*"))
+    data = bytearray(shard.read_bytes())
+    data[-20] ^= 0xFF  # inside the index, before its crc32c
+    shard.write_bytes(bytes(data))
+    with pytest.raises(SaeError, match="shard index fails its checksum"), _reader(Store.open(path), val_chunks=0) as r:
+        _take(r, 40)

@@ -76,7 +76,7 @@ def test_stats_count_nan_and_inf_and_print_json(tmp_path):
     assert s.max[5] == np.inf and s.max[2] == np.nanmax(x[:, 2])  # NaNs ignored by the max
     r = CliRunner().invoke(main, ["stats", str(tmp_path / "s.zarr"), "--json"])
     assert r.exit_code == 0, r.output
-    out = json.loads(r.output)[SITE]
+    out = json.loads(r.stdout)[SITE]
     assert out["nonfinite"] == 3 and out["mean_norm"] is None and len(out["max"]) == 16
     r = CliRunner().invoke(main, ["stats", str(tmp_path / "s.zarr"), "--site", "blocks.9.hook_mlp_out"])
     assert r.exit_code == 2 and "has no site 'blocks.9.hook_mlp_out'" in r.output
@@ -160,3 +160,26 @@ def test_concat_reshards_and_refuses_mismatched_parts(tmp_path):
         concat_stores([tmp_path / "a.zarr", tmp_path / "wide.zarr"], tmp_path / "bad.zarr")
     with pytest.raises(SaeError, match="is one of the input stores"):
         concat_stores([tmp_path / "a.zarr"], tmp_path / "a.zarr")
+
+
+def test_progress_lines_and_summaries_in_a_batch_log(tmp_path, monkeypatch):
+    """Without a terminal, each tool writes a start line, a line per interval and an end line to stderr, then its
+    summary paragraph to stdout."""
+    make_store(tmp_path / "a.zarr")  # 70 rows of 16-row shards: 5 shards
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("SAE_PROGRESS_INTERVAL", "30")  # restored after the test (--progress-interval sets it)
+    runner = CliRunner()
+    for args, unit, done in (
+        (["stats", "a.zarr"], "shard files", "stats: done in "),
+        (["validate", "a.zarr"], "shard files", "validate: done in "),
+        (["concat", "a.zarr", "--out", "b.zarr"], "shards", "concat: done in "),
+    ):
+        r = runner.invoke(main, ["--progress-interval", "0.000001", *args])
+        assert r.exit_code == 0, r.output
+        err = r.stderr.splitlines()
+        stage = args[0]
+        assert err[0].startswith(f"{stage}: started, ") and err[0].endswith(unit), err
+        assert any(line.startswith(f"{stage}: ") and "/s ETA " in line for line in err), err
+        assert err[-1].startswith(f"{stage}: ") and " in 0:00:" in err[-1], err
+        out = r.stdout.splitlines()
+        assert out[0].startswith(done) and all(line.startswith("  ") for line in out[1:]), out

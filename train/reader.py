@@ -1,4 +1,5 @@
-"""The shuffled chunk reader: one site of a store as an endless, seeded stream of training batches.
+"""The shuffled chunk reader: one site of a store (or several, row-aligned) as an endless, seeded stream of
+training batches.
 
 A *lane* is a seeded stream over a fixed set of training chunks. Each of its epochs permutes its chunk ids and
 cuts them into groups of H chunks (half the buffer). Phase j of an epoch draws rows from the buffer G[j-1] ∪ G[j]:
@@ -18,16 +19,28 @@ a pure function of the seed and L, whatever the threads' timing, and the whole s
 phase, offset) — a restored reader re-reads the two groups of each lane's phase and continues with the very same
 rows.
 
-Background threads read whole chunks (one contiguous slice each; integer-array reads on sharded arrays are
-10-20x slower), drop BOS rows, reject non-finite rows, and assemble the next phase while the current one is
-consumed. Batches leave the reader in the store's dtype and become float32 on the target device.
+Reading (see "Reader" in docs/benchmarks.md for the measurements behind it). The store module maps each shard
+file into memory and finds chunks through its zarr v3 shard index: raw chunks (`--codec none`) are zero-copy views
+of the page cache, which every rank on a node shares; Blosc chunks are decoded from the mapped bytes into recycled
+buffers. A pool of `threads` workers does the heavy work in numpy and Blosc, with the GIL released: reading chunks
+(decoding, dropping BOS rows, rejecting non-finite rows) and gathering each batch's rows straight from the chunks
+(no phase buffer between the chunks and the batch). A gather runs before any chunk read, so prepared batches stay
+ahead of the trainer while the next group is read. A lane's assembler thread only plans: which chunks to read and
+the permutations that say which row goes where. On CPU the workers deliver float32 batches; for a GPU they fill
+pinned buffers in the store's dtype, which a copy thread moves to the device on a side stream (non_blocking, two
+batches ahead of the step), where they become float32.
 """
 
 from __future__ import annotations
 
+import itertools
+import os
 import queue
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor
+import time
+import weakref
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -38,14 +51,24 @@ from sae.store import Store
 
 STATE_VERSION = 2
 MIN_BUFFER_CHUNKS = 32
+AHEAD = 4  # batches each lane prepares ahead of the trainer
 _SPLIT, _PHASE, _ORDER, _LANES = 0, 1, 2, 3  # RNG stream tags
+_GATHER, _READ = 0, 1  # worker job priorities: a batch gather runs before a chunk read
+_CHECK_BLOCK = 1024  # rows per block of the non-finite scan (a block stays in cache)
+# The stored bits of each dtype: the unsigned view, the exponent mask (all ones = Inf/NaN), the magnitude mask.
+_BITS = {
+    "bfloat16": (np.uint16, 0x7F80, 0x7FFF),
+    "float16": (np.uint16, 0x7C00, 0x7FFF),
+    "float32": (np.uint32, 0x7F800000, 0x7FFFFFFF),
+}
 
 
 class Batch(NamedTuple):
     """One batch of training rows."""
 
     x: torch.Tensor
-    """Activations [B, d_model], float32 on the reader's device, in raw (unscaled) units."""
+    """Activations [B, d_model] (several sites: [B, d_model · n_sites], in the reader's site order), float32 on the
+    reader's device, in raw (unscaled) units."""
     rows: torch.Tensor
     """Store row index (chunk start + offset) of each row, int64 on CPU."""
 
@@ -54,22 +77,10 @@ class Rows(NamedTuple):
     """Rows of one or more chunks as read from the store."""
 
     x: torch.Tensor
-    """Activations [n, d_model] in the store's logical dtype, on CPU."""
+    """Activations [n, d_model] in the store's logical dtype, on CPU (with `read_rows(whole=True)`: every row of
+    the chunk, including those `rows` leaves out)."""
     rows: torch.Tensor
-    """Store row index of each row, int64 [n]."""
-
-
-class _Half(NamedTuple):
-    parts: list[Rows]  # the group's chunks, in group order
-    offsets: torch.Tensor  # first row of each chunk in the group's numbering, and the total [n_parts + 1]
-    idx: torch.Tensor  # the half's rows (group numbering), in drawn order
-
-
-class _Phase(NamedTuple):
-    epoch: int
-    phase: int
-    x: torch.Tensor
-    rows: torch.Tensor
+    """Store row index of each row, int64 [n] (with `whole=True`: of the kept rows only; row r is x[r - start])."""
 
 
 def _rng(*key: int) -> np.random.Generator:
@@ -89,33 +100,93 @@ def held_out_chunks(complete: list[int], n: int) -> list[int]:
     return [complete[(2 * i + 1) * len(complete) // (2 * n)] for i in range(n)]
 
 
-def read_rows(store: Store, site: str, i: int, *, keep_bos: bool) -> Rows:
+def _bits(x: torch.Tensor) -> np.ndarray:
+    """The raw bits of a float tensor as an unsigned numpy view (no copy)."""
+    if x.element_size() == 2:
+        return x.view(torch.int16).numpy().view(np.uint16)
+    return x.view(torch.int32).numpy().view(np.uint32)
+
+
+def _nonfinite_rows(bits: np.ndarray, dtype: str) -> np.ndarray:
+    """Rows holding a NaN or an Inf (all exponent bits set): integer ops on the stored bits, block by block, in
+    numpy on the calling thread with the GIL released (torch's isfinite on bf16 is ~30x slower, and torch ops here
+    would start a second OpenMP team beside the trainer's)."""
+    _, exp, mag = _BITS[dtype]
+    tmp = np.empty((min(_CHECK_BLOCK, len(bits)), bits.shape[1]), bits.dtype)
+    bad = []
+    for lo in range(0, len(bits), _CHECK_BLOCK):
+        t = tmp[: len(bits) - lo] if len(bits) - lo < len(tmp) else tmp
+        np.bitwise_and(bits[lo : lo + len(t)], mag, out=t)
+        hits = np.flatnonzero(t.max(axis=1) >= exp)
+        if len(hits):
+            bad.append(hits + lo)
+    return np.concatenate(bad) if bad else np.zeros(0, np.int64)
+
+
+def read_rows(
+    store: Store,
+    site: str | Sequence[str],
+    i: int,
+    *,
+    keep_bos: bool,
+    whole: bool = False,
+    out: np.ndarray | None = None,
+    check: bool = True,
+) -> Rows:
     """Chunk i of `site` with BOS rows dropped (unless `keep_bos`); SaeError naming the store row of any
-    non-finite value among the kept rows."""
+    non-finite value among the kept rows (unless `check` is False: a chunk already checked).
+
+    With `whole`, nothing is copied: `x` is the whole chunk (a view of the mapped shard file for a raw store, or
+    `out`, a [chunk_rows, d_model] buffer of the stored dtype, for a compressed one) and `rows` names the kept
+    rows.
+
+    Several sites (a transcoder's input and target, written by one forward at the same rows): their chunks side
+    by side, [rows, d_model · n_sites], in `out` ([chunk_rows, d_model · n_sites]) when given."""
     start, _ = store.chunk_range(i)
+    sites = [site] if isinstance(site, str) else list(site)
+    site = " + ".join(sites)
     try:
-        x = store.chunk(site, i)
-        ids = torch.arange(start, start + x.shape[0])
-        if not keep_bos:
-            keep = torch.from_numpy(np.asarray(store.array("position")[start : start + x.shape[0]]) != 0)
-            x, ids = x[keep], ids[keep]
+        if len(sites) == 1:
+            a = store.read_chunk(sites[0], i, out)
+        else:
+            parts = [store.read_chunk(s, i) for s in sites]
+            a = np.concatenate(parts, axis=1, out=None if out is None else out[: len(parts[0])])
+        x = _logical(a, store.dtype)
+        if keep_bos:
+            local = np.arange(len(a))
+        else:
+            local = np.flatnonzero(store.read_chunk("position", i)[: len(a)] != 0)
+        flagged = _nonfinite_rows(_bits(x), store.dtype) if check else np.zeros(0, np.int64)
     except SaeError:
         raise
     except Exception as e:
         raise SaeError(f"store {store.path}: could not read chunk {i} of {site}: {e}") from e
-    # A NaN/Inf anywhere makes the row sum non-finite (cheap: isfinite on bf16 is 30x slower); rows flagged only
-    # by fp32 overflow of the sum are confirmed element-wise.
-    flagged = (~torch.isfinite(x.sum(1, dtype=torch.float32))).nonzero().flatten()
-    if len(flagged):
-        bad = flagged[~torch.isfinite(x[flagged]).all(1)]
-        if len(bad):
-            shown = ", ".join(str(int(r)) for r in ids[bad[:10]])
-            raise SaeError(
-                f"store {store.path}, site {site}: {len(bad)} row(s) of chunk {i} hold NaN or Inf "
-                f"(store rows {shown}{' ...' if len(bad) > 10 else ''}); refusing to train on them. "
-                "Re-harvest those shards (e.g. with --dtype float32 or bfloat16 if float16 overflowed)"
-            )
-    return Rows(x, ids)
+    bad = flagged[np.isin(flagged, local)] if len(flagged) else flagged
+    if len(bad):
+        shown = ", ".join(str(start + int(r)) for r in bad[:10])
+        raise SaeError(
+            f"store {store.path}, site {site}: {len(bad)} row(s) of chunk {i} hold NaN or Inf "
+            f"(store rows {shown}{' ...' if len(bad) > 10 else ''}); refusing to train on them. "
+            "Re-harvest those shards (e.g. with --dtype float32 or bfloat16 if float16 overflowed)"
+        )
+    ids = torch.from_numpy(start + local.astype(np.int64))
+    if whole:
+        return Rows(x, ids)
+    return Rows(x.index_select(0, torch.from_numpy(local.astype(np.int64))), ids)
+
+
+def _logical(a: np.ndarray, dtype: str) -> torch.Tensor:
+    """Stored numpy rows → a tensor of the logical dtype sharing their memory (bfloat16 bits reinterpreted)."""
+    if dtype == "bfloat16":
+        return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(a)
+
+
+def default_threads() -> int:
+    """Worker threads by default: this process's share of the cores it may run on (its CPU affinity, split among
+    torchrun's ranks on the node), at most 16."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(16, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))))
 
 
 class ChunkReader:
@@ -128,14 +199,19 @@ class ChunkReader:
     `rank`'s: `next_batch` returns its contiguous 1/world of each global batch and reads only the lanes under it;
     `state_dict` then holds only those lanes' positions (`merge_states` joins the ranks' states).
 
-    The buffer is `buffer_mb` of stored activations per lane, at least 32 chunks. With the phase being drawn, the
-    next one assembled and the next group being read, each lane holds up to about twice that in memory.
+    The buffer is `buffer_mb` of stored activations per lane, at least 32 chunks. With the next group being read,
+    each lane holds up to about one and a half times that in memory (for a `--codec none` store these are views
+    of the page cache, shared with the other processes reading the store). `threads` workers read and gather
+    (default: `default_threads()`); with `device` a GPU, batches reach it through a `CudaFeed`.
     """
+
+    _host_float32 = True  # CPU batches become float32 in the workers (benchmarks/train.py turns it off to time
+    # the bf16 batches a GPU receives)
 
     def __init__(
         self,
         store: Store,
-        site: str,
+        site: str | Sequence[str],
         *,
         batch_size: int,
         seed: int = 0,
@@ -143,20 +219,32 @@ class ChunkReader:
         val_chunks: int = 2,
         keep_bos: bool = False,
         device: str | torch.device = "cpu",
-        threads: int = 4,
+        threads: int | None = None,
         lanes: int = 1,
         rank: int = 0,
         world: int = 1,
         state: dict[str, Any] | None = None,
     ):
-        if site not in store.sites:
-            raise SaeError(f"store {store.path} has no site {site!r}; its sites: {', '.join(store.sites)}")
+        sites = [site] if isinstance(site, str) else list(site)
+        if not sites:
+            raise SaeError("the reader needs at least one site")
+        for s in sites:
+            if s not in store.sites:
+                raise SaeError(f"store {store.path} has no site {s!r}; its sites: {', '.join(store.sites)}")
         if batch_size <= 0:
             raise SaeError(f"--batch-size must be positive, got {batch_size}")
         if not 0 <= rank < world:
             raise SaeError(f"rank {rank} is not one of the {world} ranks")
-        self.store, self.site, self.batch_size = store, site, batch_size
+        self.store, self.batch_size = store, batch_size
+        self.sites = sites
+        """The sites read, in the order their columns appear in a batch."""
+        self.site: str | list[str] = sites[0] if isinstance(site, str) else sites
+        """`site` as given (a reader state records it so)."""
+        self.width = store.d_model * len(sites)
+        """Columns of a batch: d_model per site."""
         self.device = torch.device(device)
+        self.wait_seconds = 0.0
+        """Seconds `next_batch` has spent waiting for a batch that was not ready yet."""
         complete = store.complete_chunks()
         if not complete:
             raise SaeError(f"store {store.path} lists no complete chunk; finish the harvest first")
@@ -165,7 +253,7 @@ class ChunkReader:
             self.val_chunks = held_out_chunks(complete, val_chunks)
             held = set(self.val_chunks)
             self.train_chunks = [c for c in complete if c not in held]
-            chunk_mb = store.chunk_rows * store.d_model * _itemsize(store.dtype) / 2**20
+            chunk_mb = store.chunk_rows * self.width * _itemsize(store.dtype) / 2**20
             buffer_chunks = max(MIN_BUFFER_CHUNKS, int(buffer_mb / chunk_mb))
             self.group_chunks = max(1, buffer_chunks // 2)
             positions: list[list[int] | None] = [[0, 0, 0]] * self.lanes
@@ -185,14 +273,23 @@ class ChunkReader:
                 f"{self.lanes} reader lanes need at least as many training chunks; store {store.path} has "
                 f"{len(self.train_chunks)}. Use fewer lanes (--reader-lanes) or harvest more tokens"
             )
-        # Touch the arrays once here: the worker threads then only read.
-        store.array(site)
+        # Open the arrays and their shard maps once here: the worker threads then only read.
+        for s in sites:
+            store.array(s)
+            mapped = store.mapped(s)
         store.array("position")
-        self._pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="sae-read")
+        store.mapped("position")
+        # chunks need buffers (raw ones of one site are views of the map; several sites are put side by side)
+        self._decode = len(sites) > 1 or mapped is None or not mapped.raw
+        self._free: list[np.ndarray] = []  # decode buffers no group uses any more
+        self._checked: set[int] = set()  # chunks found free of NaN/Inf: not scanned again in later epochs
+        self._free_lock = threading.Lock()
+        self._pool = _Pool(max(1, threads) if threads is not None else default_threads())
+        self._feed: CudaFeed | None = None
         # The lanes under this rank's rows [lo, hi) of the global batch, with the part of each lane batch it uses.
         per_lane, lo, hi = batch_size // self.lanes, rank * batch_size // world, (rank + 1) * batch_size // world
         self._lanes: dict[int, _Lane] = {}
-        self._parts: list[tuple[int, slice]] = []
+        self._pos: dict[int, tuple[int, int, int]] = {}
         try:
             for i in range(self.lanes):
                 a, b = max(lo, i * per_lane), min(hi, (i + 1) * per_lane)
@@ -202,8 +299,11 @@ class ChunkReader:
                     raise SaeError(f"the reader state has no position for lane {i}")
                 key = () if self.lanes == 1 else (self.lanes, i)
                 epoch, phase, offset = (int(v) for v in positions[i])
-                self._lanes[i] = _Lane(self, self.lane_chunks(i), key, epoch, phase, offset)
-                self._parts.append((i, slice(a - i * per_lane, b - i * per_lane)))
+                self._pos[i] = (epoch, phase, offset)
+                part = slice(a - i * per_lane, b - i * per_lane)
+                self._lanes[i] = _Lane(self, self.lane_chunks(i), key, (epoch, phase, offset), per_lane, part)
+            if self.device.type == "cuda":
+                self._feed = CudaFeed(self._host_batch, self.device)
         except BaseException:
             self.close()
             raise
@@ -232,21 +332,20 @@ class ChunkReader:
     def next_batch(self) -> Batch:
         """This rank's rows of the next global batch (all `batch_size` of them in one process), as float32 on the
         device."""
-        per_lane = self.batch_size // self.lanes
-        xs, ids = [], []
-        for i, part in self._parts:
-            x, rows = self._lanes[i].take(per_lane)
-            xs.append(x[part])
-            ids.append(rows[part])
-        x = xs[0] if len(xs) == 1 else torch.cat(xs)
-        rows = ids[0] if len(ids) == 1 else torch.cat(ids)
-        # Move in the stored dtype (half the bytes of fp32), convert on the device.
-        return Batch(x.to(self.device, non_blocking=True).float(), rows)
+        t0 = time.perf_counter()
+        try:
+            x, rows, pos = self._feed.next() if self._feed is not None else self._host_batch()
+        except BaseException:
+            self.close()
+            raise
+        self.wait_seconds += time.perf_counter() - t0
+        self._pos.update(pos)
+        return Batch(x, rows)
 
     def state_dict(self) -> dict[str, Any]:
         """JSON-ready position of the stream; pass it as `state=` to continue exactly from here. A rank's reader
         knows only its lanes' positions (None for the others): join the ranks' states with `merge_states`."""
-        positions = [list(self._lanes[i].position()) if i in self._lanes else None for i in range(self.lanes)]
+        positions = [list(self._pos[i]) if i in self._pos else None for i in range(self.lanes)]
         return {
             "version": STATE_VERSION,
             "store": str(self.store.path),
@@ -283,9 +382,11 @@ class ChunkReader:
 
     def close(self) -> None:
         """Stop the background threads."""
+        if getattr(self, "_feed", None) is not None:
+            self._feed.stop()
         for lane in getattr(self, "_lanes", {}).values():
             lane.stop()
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._pool.shutdown()
 
     def __enter__(self) -> ChunkReader:
         return self
@@ -293,14 +394,43 @@ class ChunkReader:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # -- bookkeeping -----------------------------------------------------------------------------------------
+    # -- internals -------------------------------------------------------------------------------------------
+
+    def _host_batch(self) -> tuple[torch.Tensor, torch.Tensor, dict[int, tuple[int, int, int]]]:
+        """This rank's rows of the next global batch on the host (float32 on CPU; pinned, in the store's dtype, for
+        a GPU), and the lanes' positions after it."""
+        xs, ids, pos = [], [], {}
+        for i, lane in self._lanes.items():
+            x, rows, pos[i] = lane.next()
+            xs.append(x)
+            ids.append(rows)
+        if len(xs) == 1:
+            return xs[0], ids[0], pos
+        out = torch.empty(sum(len(x) for x in xs), xs[0].shape[1], dtype=xs[0].dtype, pin_memory=xs[0].is_pinned())
+        return torch.cat(xs, out=out), torch.cat(ids), pos
+
+    def _buffer(self) -> np.ndarray | None:
+        """A decode buffer for one chunk (None for raw stores: their chunks are views of the mapped file)."""
+        if not self._decode:
+            return None
+        with self._free_lock:
+            if self._free:
+                return self._free.pop()
+        storage = np.uint16 if _itemsize(self.store.dtype) == 2 else np.float32
+        if self.store.dtype == "float16":
+            storage = np.float16
+        return np.empty((self.store.chunk_rows, self.width), storage)
+
+    def _recycle(self, buffers: list[np.ndarray]) -> None:
+        with self._free_lock:
+            self._free.extend(buffers)
 
     def _count_train_rows(self) -> int:
         if self.keep_bos or not self.train_chunks:
             return sum(_len(self.store.chunk_range(c)) for c in self.train_chunks)
         if len(self.train_chunks) + len(self.val_chunks) == self.store.n_chunks:
             # All chunks are ours: the manifest's BOS-free count minus the held-out chunks' share.
-            total = self.store.stats(self.site, skip_bos=True).n_rows
+            total = self.store.stats(self.sites[0], skip_bos=True).n_rows
             held = sum(int((np.asarray(self.store.chunk_meta(c).position) != 0).sum()) for c in self.val_chunks)
             return total - held
         return sum(int((np.asarray(self.store.chunk_meta(c).position) != 0).sum()) for c in self.train_chunks)
@@ -348,45 +478,135 @@ def merge_states(states: list[dict[str, Any]]) -> dict[str, Any]:
     return merged
 
 
-class _Lane:
-    """One seeded stream (see the module docstring) over `chunks`, assembled by a background thread."""
+# -- the worker pool -----------------------------------------------------------------------------------------
 
-    def __init__(self, reader: ChunkReader, chunks: list[int], key: tuple[int, ...], epoch: int, phase: int, off: int):
-        self.r, self.chunks, self.key = reader, chunks, key
-        self.epoch, self.phase = epoch, phase
-        self._ready: queue.Queue = queue.Queue(maxsize=1)
-        self._stop = threading.Event()
-        self._cur: _Phase | None = None
-        self._off = 0
-        self._assembler = threading.Thread(target=self._assemble, args=(epoch, phase), name="sae-assemble", daemon=True)
-        self._assembler.start()
-        if off:
-            self._next_phase()
-            self._off = off
 
-    def take(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The lane's next `n` rows (store dtype, CPU) and their store row indices."""
-        xs, ids = [], []
-        while n:
-            if self._cur is None or self._off >= len(self._cur.rows):
-                self._next_phase()
+class _Pool:
+    """Worker threads that run the most urgent job first (lowest priority value), in submission order within a
+    priority. concurrent.futures' pool is first-come first-served: a batch gather would wait behind the reads of
+    a whole group."""
+
+    def __init__(self, n: int):
+        self._q: queue.PriorityQueue = queue.PriorityQueue()
+        self._seq = itertools.count()
+        self._closed = False
+        self._threads = [threading.Thread(target=self._work, name=f"sae-read-{i}", daemon=True) for i in range(n)]
+        for t in self._threads:
+            t.start()
+
+    def submit(self, priority: int, fn: Callable, *args: Any, **kwargs: Any) -> Future:
+        f: Future = Future()
+        if self._closed:
+            f.cancel()
+        else:
+            self._q.put((priority, next(self._seq), f, fn, args, kwargs))
+        return f
+
+    def _work(self) -> None:
+        while True:
+            _, _, f, fn, args, kwargs = self._q.get()
+            if f is None:
+                return
+            if not f.set_running_or_notify_cancel():
                 continue
-            take = min(n, len(self._cur.rows) - self._off)
-            xs.append(self._cur.x[self._off : self._off + take])
-            ids.append(self._cur.rows[self._off : self._off + take])
-            self._off += take
-            n -= take
-        return (xs[0], ids[0]) if len(xs) == 1 else (torch.cat(xs), torch.cat(ids))
+            try:
+                result = fn(*args, **kwargs)
+            except BaseException as e:
+                f.set_exception(e)
+            else:
+                f.set_result(result)
+                del result
 
-    def position(self) -> tuple[int, int, int]:
-        """(epoch, phase, offset) of the next row."""
-        if self._cur is not None and self._off >= len(self._cur.rows):
-            return self._advance(self._cur.epoch, self._cur.phase) + (0,)
-        return self.epoch, self.phase, self._off
+    def shutdown(self) -> None:
+        """Cancel the jobs not started; wait for the running ones."""
+        if self._closed:
+            return
+        self._closed = True
+        for _ in self._threads:
+            self._q.put((-1, next(self._seq), None, None, (), {}))
+        for t in self._threads:
+            t.join()
+        while True:
+            try:
+                item = self._q.get_nowait()
+            except queue.Empty:
+                break
+            if item[2] is not None:
+                item[2].cancel()
+
+
+# -- one lane ------------------------------------------------------------------------------------------------
+
+
+class _Group:
+    """The chunks of one group, read, and its rows in group numbering (the chunks' kept rows, in group order)."""
+
+    __slots__ = ("chunks", "which", "local", "rows", "__weakref__")
+
+    def __init__(self, chunks: list[np.ndarray], which: np.ndarray, local: np.ndarray, rows: np.ndarray):
+        self.chunks = chunks  # stored bits of each chunk, [rows, d]
+        self.which = which  # chunk (index into `chunks`) of each group row
+        self.local = local  # its row inside that chunk
+        self.rows = rows  # its store row
+
+
+class _Plan(NamedTuple):
+    """Phase (epoch, phase): where each of its rows, in drawn order, comes from."""
+
+    epoch: int
+    phase: int
+    sources: list[np.ndarray]  # the chunks of G[phase-1] then G[phase]
+    which: np.ndarray
+    local: np.ndarray
+    rows: np.ndarray
+    groups: tuple[_Group, ...]  # kept alive (their buffers unrecycled) while batches are cut from the plan
+
+
+class _Stopped(Exception):
+    pass
+
+
+class _Lane:
+    """One seeded stream (see the module docstring) over `chunks`: an assembler thread plans its phases and cuts
+    them into batches that the workers gather, up to AHEAD batches ahead of the consumer."""
+
+    def __init__(
+        self,
+        reader: ChunkReader,
+        chunks: list[int],
+        key: tuple[int, ...],
+        position: tuple[int, int, int],
+        per_lane: int,
+        part: slice,
+    ):
+        self.r, self.chunks, self.key = reader, chunks, key
+        self.per_lane, self.part = per_lane, part
+        self._ready: queue.Queue = queue.Queue(maxsize=AHEAD)
+        self._stop = threading.Event()
+        self._reads: dict[tuple[int, int], list[tuple[Future, np.ndarray | None]]] = {}
+        self._group_cache: dict[int, list[list[int]]] = {}
+        self._assembler = threading.Thread(target=self._assemble, args=position, name="sae-assemble", daemon=True)
+        self._assembler.start()
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int, int]]:
+        """This rank's part of the lane's next batch (float32 on CPU, or pinned in the store's dtype), its store
+        rows, and the lane's (epoch, phase, offset) after it."""
+        while True:
+            try:
+                item = self._ready.get(timeout=0.1)
+                break
+            except queue.Empty:
+                if self._stop.is_set() or not self._assembler.is_alive() and self._ready.empty():
+                    raise SaeError("the reader was closed") from None
+        if isinstance(item, BaseException):
+            raise item
+        future, pos = item
+        x, rows = future.result()
+        return x, rows, pos
 
     def stop(self) -> None:
         self._stop.set()
-        while True:  # unblock an assembler waiting to hand over a phase
+        while True:  # unblock an assembler waiting to hand over a batch
             try:
                 self._ready.get_nowait()
             except queue.Empty:
@@ -399,105 +619,262 @@ class _Lane:
         return _rng(self.r.seed, epoch, j, tag, *self.key)
 
     def _groups(self, epoch: int) -> list[list[int]]:
-        order = [self.chunks[i] for i in self._rng(epoch, 0, _ORDER).permutation(len(self.chunks))]
-        h = self.r.group_chunks
-        return [order[i : i + h] for i in range(0, len(order), h)]
+        if epoch not in self._group_cache:
+            order = [self.chunks[i] for i in self._rng(epoch, 0, _ORDER).permutation(len(self.chunks))]
+            h = self.r.group_chunks
+            self._group_cache = {e: g for e, g in self._group_cache.items() if e >= epoch - 1}
+            self._group_cache[epoch] = [order[i : i + h] for i in range(0, len(order), h)]
+        return self._group_cache[epoch]
 
     def _advance(self, epoch: int, phase: int) -> tuple[int, int]:
         # An epoch of n groups has n + 1 phases; the last one drains the final group's second half.
         return (epoch + 1, 0) if phase >= len(self._groups(epoch)) else (epoch, phase + 1)
 
-    def _split(self, epoch: int, j: int, parts: list[Rows]) -> tuple[_Half, _Half]:
-        """The seeded halves of group j: the first is drawn in phase j, the second in phase j+1."""
-        sizes = torch.tensor([0] + [len(p.rows) for p in parts])
-        offsets = torch.cumsum(sizes, 0)
-        n = int(offsets[-1])
-        perm = torch.from_numpy(self._rng(epoch, j, _SPLIT).permutation(n))
-        return _Half(parts, offsets, perm[: n // 2]), _Half(parts, offsets, perm[n // 2 :])
+    def _request(self, epoch: int, j: int) -> None:
+        """Start reading group j of `epoch` (if there is one and it is not being read)."""
+        if (epoch, j) in self._reads:
+            return
+        gs = self._groups(epoch)
+        r = self.r
+        reads = []
+        for c in gs[j] if j < len(gs) else []:
+            buf = r._buffer()
+            kw = {"keep_bos": r.keep_bos, "whole": True, "out": buf, "check": c not in r._checked}
+            # (`read_rows` is looked up at call time, so tests can wrap it)
+            reads.append((r._pool.submit(_READ, read_rows, r.store, r.site, c, **kw), buf))
+        self._reads[(epoch, j)] = reads
 
-    def _build(self, halves: list[_Half], perm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rows `perm` of the concatenated halves, gathered straight from the chunks (one copy per row, no
-        intermediate concatenation), into pinned memory when the batches go to a GPU."""
-        n, d = len(perm), self.r.store.d_model
-        dtype = getattr(torch, self.r.store.dtype)
-        x = torch.empty(n, d, dtype=dtype, pin_memory=self.r.device.type == "cuda")
-        ids = torch.empty(n, dtype=torch.int64)
-        base = 0
-        for h in halves:
-            pos = ((perm >= base) & (perm < base + len(h.idx))).nonzero().squeeze(1)
-            g = h.idx[perm[pos] - base]  # row numbers inside the half's group
-            c = torch.searchsorted(h.offsets[1:], g, right=True)  # which chunk holds each
-            order = torch.argsort(c, stable=True)
-            pos, g = pos[order], g[order]
-            bounds = torch.cumsum(torch.bincount(c, minlength=len(h.parts)), 0).tolist()
-            lo = 0
-            for i, hi in enumerate(bounds):
-                if hi > lo:
-                    local = g[lo:hi] - h.offsets[i]
-                    x.index_copy_(0, pos[lo:hi], h.parts[i].x.index_select(0, local))
-                    ids.index_copy_(0, pos[lo:hi], h.parts[i].rows.index_select(0, local))
-                lo = hi
-            base += len(h.idx)
-        return x, ids
+    def _wait(self, f: Future) -> Any:
+        while True:
+            try:
+                return f.result(timeout=0.1)
+            except TimeoutError:
+                if self._stop.is_set():
+                    raise _Stopped from None
+
+    def _group(self, epoch: int, j: int) -> _Group | None:
+        """Group j of `epoch`, read (None past the last group)."""
+        self._request(epoch, j)
+        reads = self._reads.pop((epoch, j))
+        if not reads:
+            return None
+        parts: list[Rows] = [self._wait(f) for f, _ in reads]
+        self.r._checked.update(self._groups(epoch)[j])
+        sizes = [len(p.rows) for p in parts]
+        which = np.repeat(np.arange(len(parts), dtype=np.int64), sizes)
+        rows = np.concatenate([p.rows.numpy() for p in parts])
+        first = [self.r.store.chunk_range(c)[0] for c in self._groups(epoch)[j]]
+        local = rows - np.repeat(np.asarray(first, dtype=np.int64), sizes)
+        group = _Group([_bits(p.x) for p in parts], which, local, rows)
+        buffers = [b for _, b in reads if b is not None]
+        if buffers:  # back to the reader once no plan or gather uses the group
+            weakref.finalize(group, self.r._recycle, buffers)
+        return group
+
+    def _split(self, epoch: int, j: int, g: _Group) -> tuple[np.ndarray, np.ndarray]:
+        """The seeded halves of group j (group row numbers): the first is drawn in phase j, the second in j+1."""
+        n = len(g.rows)
+        perm = self._rng(epoch, j, _SPLIT).permutation(n)
+        return perm[: n // 2], perm[n // 2 :]
+
+    def _plan(self, epoch: int, j: int, leftover: tuple[_Group, np.ndarray] | None) -> tuple[_Plan, Any]:
+        """Phase j's plan from the half of G[j-1] it drains and the first half of G[j], and the half it leaves."""
+        g = self._group(epoch, j)
+        self._request(*self._advance(epoch, j))  # read the next group while this phase is drawn
+        first = second = None
+        if g is not None:
+            h1, h2 = self._split(epoch, j, g)
+            first, second = (g, h1), (g, h2)
+        halves = [h for h in (leftover, first) if h is not None]
+        sources: list[np.ndarray] = []
+        which, local, rows = [], [], []
+        for grp, idx in halves:
+            which.append(grp.which[idx] + len(sources))
+            local.append(grp.local[idx])
+            rows.append(grp.rows[idx])
+            sources.extend(grp.chunks)
+        n = sum(len(idx) for _, idx in halves)
+        perm = self._rng(epoch, j, _PHASE).permutation(n) if n else np.zeros(0, np.int64)
+        cat = [np.concatenate(a)[perm] if a else np.zeros(0, np.int64) for a in (which, local, rows)]
+        plan = _Plan(epoch, j, sources, *cat, tuple(h[0] for h in halves))
+        return plan, second
 
     # -- background work -------------------------------------------------------------------------------------
 
-    def _submit(self, chunks: list[int]) -> list[Future]:
-        r = self.r
-        return [r._pool.submit(read_rows, r.store, r.site, c, keep_bos=r.keep_bos) for c in chunks]
-
-    def _assemble(self, epoch: int, phase: int) -> None:
+    def _assemble(self, epoch: int, phase: int, off: int) -> None:
         try:
-            groups = self._groups(epoch)
-            pending: dict[tuple[int, int], list[Future]] = {}
-
-            def fetch(e: int, j: int) -> list[Future]:
-                if (e, j) not in pending:
-                    gs = groups if e == epoch_now else self._groups(e)
-                    pending[(e, j)] = self._submit(gs[j]) if j < len(gs) else []
-                return pending[(e, j)]
-
-            epoch_now = epoch
             leftover = None
-            if phase > 0:  # resuming mid-epoch: rebuild the half of G[phase-1] that phase `phase` drains
-                leftover = self._split(epoch, phase - 1, [f.result() for f in fetch(epoch, phase - 1)])[1]
-                pending.pop((epoch, phase - 1))
+            if phase > 0:  # resuming mid-epoch: the half of G[phase-1] that phase `phase` drains
+                self._request(epoch, phase - 1)
+                self._request(epoch, phase)
+                g = self._group(epoch, phase - 1)
+                leftover = (g, self._split(epoch, phase - 1, g)[1]) if g is not None else None
+            plan, leftover = self._plan(epoch, phase, leftover)
+            o, empty = off, 0
+            ps, pe = self.part.start, self.part.stop
             while not self._stop.is_set():
-                e, j = epoch_now, phase
-                futures = fetch(e, j)
-                ne, nj = self._advance(e, j)
-                fetch(ne, nj)  # prefetch the next group while this phase is built and consumed
-                first = second = None
-                if futures:
-                    first, second = self._split(e, j, [f.result() for f in futures])
-                pending.pop((e, j))
-                halves = [h for h in (leftover, first) if h is not None]
-                n = sum(len(h.idx) for h in halves)
-                perm = torch.from_numpy(self._rng(e, j, _PHASE).permutation(n)) if n else torch.zeros(0)
-                x, ids = self._build(halves, perm.long())
-                self._put(_Phase(e, j, x, ids))
-                leftover = second
-                if ne != e:
-                    epoch_now, groups = ne, self._groups(ne)
-                phase = nj
+                segments, w = [], 0  # w: rows of the lane batch cut so far
+                while w < self.per_lane:
+                    n = len(plan.rows)
+                    if o >= n:
+                        empty = empty + 1 if n == 0 else 0
+                        if empty > len(self._groups(plan.epoch)) + 2:
+                            raise SaeError(f"store {self.r.store.path}: the reader's chunks hold no training rows")
+                        plan, leftover = self._plan(*self._advance(plan.epoch, plan.phase), leftover)
+                        o = 0
+                        continue
+                    take = min(self.per_lane - w, n - o)
+                    a, b = max(w, ps), min(w + take, pe)  # the overlap with this rank's part of the lane batch
+                    if a < b:
+                        segments.append((plan, o + a - w, o + b - w))
+                    o += take
+                    w += take
+                pos = (plan.epoch, plan.phase, o) if o < len(plan.rows) else (*self._advance(plan.epoch, plan.phase), 0)
+                to_float = self.r._host_float32 and self.r.device.type != "cuda"
+                future = self.r._pool.submit(
+                    _GATHER, _gather, segments, pe - ps, self.r.store.dtype, to_float, self.r.device
+                )
+                if not self._put((future, pos)):
+                    return
+        except _Stopped:
+            return
         except BaseException as exc:  # handed to the consumer, which re-raises it
             self._put(exc)
 
-    def _put(self, item: object) -> None:
+    def _put(self, item: object) -> bool:
         while not self._stop.is_set():
             try:
                 self._ready.put(item, timeout=0.1)
-                return
+                return True
             except queue.Full:
                 continue
+        return False
 
-    def _next_phase(self) -> None:
-        item = self._ready.get()
+
+_scratch = threading.local()
+
+
+def _scratch_rows(name: str, n: int, d: int, dtype: np.dtype) -> np.ndarray:
+    """This worker thread's scratch rows `name` (reused from batch to batch: no fresh pages to fault in)."""
+    buf = getattr(_scratch, name, None)
+    if buf is None or buf.shape[0] < n or buf.shape[1] != d or buf.dtype != dtype:
+        buf = np.empty((n, d), dtype)
+        setattr(_scratch, name, buf)
+    return buf[:n]
+
+
+def _gather(
+    segments: list[tuple[_Plan, int, int]], n: int, dtype: str, to_float: bool, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows [a, b) of each segment's plan, in order: gathered chunk by chunk into this thread's staging rows, put
+    in drawn order, and converted to float32 (`to_float`) or left in the store's dtype (pinned for a GPU). numpy
+    only, so the GIL is released while rows move."""
+    d = segments[0][0].sources[0].shape[1]
+    bits_dtype = np.dtype(_BITS[dtype][0])
+    if not to_float:  # in the store's dtype (pinned for a GPU: the copy thread moves it, the device converts it)
+        x = torch.empty(n, d, dtype=getattr(torch, dtype), pin_memory=device.type == "cuda")
+        out = _bits(x)
+    else:
+        x = torch.empty(n, d, dtype=torch.float32)
+        out = _scratch_rows("out", n, d, bits_dtype) if dtype != "float32" else _bits(x)
+    stage = _scratch_rows("stage", max(b - a for _, a, b in segments), d, bits_dtype)
+    rows = np.empty(n, np.int64)
+    o = 0
+    for plan, a, b in segments:
+        m = b - a
+        which, local = plan.which[a:b], plan.local[a:b]
+        rows[o : o + m] = plan.rows[a:b]
+        order = np.argsort(which, kind="stable")
+        counts = np.bincount(which, minlength=len(plan.sources))
+        local = local[order]
+        lo = 0
+        for k in np.flatnonzero(counts):
+            hi = lo + int(counts[k])
+            np.take(plan.sources[k], local[lo:hi], axis=0, out=stage[lo:hi], mode="clip")
+            lo = hi
+        inverse = np.empty(m, np.int64)
+        inverse[order] = np.arange(m)
+        np.take(stage[:m], inverse, axis=0, out=out[o : o + m], mode="clip")
+        o += m
+    if to_float and dtype != "float32":
+        flat = _bits(x)  # float32 bits
+        if dtype == "bfloat16":  # bf16 bits are the top half of the float32
+            np.copyto(flat, out, casting="safe")
+            np.left_shift(flat, 16, out=flat)
+        else:
+            np.copyto(x.numpy(), out.view(np.float16), casting="safe")
+    return x, torch.from_numpy(rows)
+
+
+# -- to the GPU ----------------------------------------------------------------------------------------------
+
+
+class CudaFeed:
+    """Host batches to a GPU ahead of the step. A thread copies each pinned batch to the device with a
+    non_blocking copy on a side stream, `depth` batches ahead (double-buffered at the default 2), so copies
+    overlap the step; the consumer's stream waits for a copy through its event (no host synchronisation) and
+    converts the batch to float32 on the device."""
+
+    def __init__(
+        self, source: Callable[[], tuple[torch.Tensor, torch.Tensor, Any]], device: torch.device, depth: int = 2
+    ):
+        # an explicit index: the copy thread selects the device, and set_device refuses a bare "cuda"
+        self.device = torch.device("cuda", device.index if device.index is not None else torch.cuda.current_device())
+        self._stream = torch.cuda.Stream(self.device)
+        self._q: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(source,), name="sae-h2d", daemon=True)
+        self._thread.start()
+
+    def _run(self, source: Callable[[], tuple[torch.Tensor, torch.Tensor, Any]]) -> None:
+        try:
+            torch.cuda.set_device(self.device)
+            while not self._stop.is_set():
+                x, rows, pos = source()
+                with torch.cuda.stream(self._stream):
+                    xd = x.to(self.device, non_blocking=True)
+                    done = torch.cuda.Event()
+                    done.record(self._stream)
+                if not self._put((xd, rows, pos, done)):
+                    return
+        except BaseException as exc:
+            if not self._stop.is_set():
+                self._put(exc)
+
+    def _put(self, item: object) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        """The next batch as float32 on the device, its store rows and the lanes' positions after it."""
+        while True:
+            try:
+                item = self._q.get(timeout=0.1)
+                break
+            except queue.Empty:
+                if not self._thread.is_alive() and self._q.empty():
+                    raise SaeError("the reader's copy thread stopped") from None
         if isinstance(item, BaseException):
-            self.r.close()
             raise item
-        self._cur, self._off = item, 0
-        self.epoch, self.phase = item.epoch, item.phase
+        xd, rows, pos, done = item
+        stream = torch.cuda.current_stream(self.device)
+        stream.wait_event(done)
+        xd.record_stream(stream)  # allocated on the side stream, used on this one
+        return xd.float(), rows, pos
+
+    def stop(self) -> None:
+        self._stop.set()
+        while True:
+            try:
+                self._q.get_nowait()
+            except queue.Empty:
+                break
+        self._thread.join(timeout=10)
 
 
 def _len(r: tuple[int, int]) -> int:

@@ -50,10 +50,33 @@ def open_store(cfg: TrainConfig) -> tuple[Store, str]:
     return store, site
 
 
-def store_identity(store: Store, site: str) -> dict[str, Any]:
+def target_site(cfg: TrainConfig, store: Store, site: str) -> str | None:
+    """A transcoder run's target site (None for SAEs); SaeError for a target the store lacks, or a skip
+    connection that has no target or whose target is its input."""
+    target = cfg.target_site
+    if not target:
+        if cfg.skip:
+            raise SaeError("--skip adds a skip connection to a transcoder; give --target-site too")
+        return None
+    if target not in store.sites:
+        raise SaeError(
+            f"--target-site {target!r}: store {cfg.store} has no such site; its sites: {', '.join(store.sites)}. "
+            "Harvest the target beside --site (one forward writes both, row-aligned)"
+        )
+    if target == site and cfg.skip:
+        raise SaeError(
+            f"--skip with --target-site equal to --site ({site}): the skip connection alone would copy the input; "
+            "drop --skip or choose another target"
+        )
+    return target
+
+
+def store_identity(store: Store, site: str, target: str | None = None) -> dict[str, Any]:
     """What a resumed run must find unchanged about its store (its path may change)."""
     a = store.attrs
+    extra = {"target_site": target} if target else {}  # (an SAE run's identity is as before)
     return {
+        **extra,
         "path": str(Path(store.path).resolve()),
         "site": site,
         "d_model": store.d_model,
@@ -145,4 +168,5 @@ __all__ = [
     "open_store",
     "read_json",
     "store_identity",
+    "target_site",
 ]

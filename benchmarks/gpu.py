@@ -1,0 +1,289 @@
+"""The GPU trainer and its data path, measured on a CUDA device at GPT-2-small shapes (d=768, F=12,288, k=32,
+B=4,096 by default).
+
+    python benchmarks/gpu.py --write
+
+On the device it measures, in interleaved rounds:
+  gemm        the encoder GEMM ([B, d] × [d, F]) alone in fp32, TF32 and bf16: the FLOP limit of each mode
+  step        our BatchTopK training step on batches already on the device, in fp32, TF32 and bf16 autocast
+  reader      the shuffled reader alone, bf16 batches into pinned memory and onto the device (Blosc and
+              `--codec none` stores of the same Gaussian rows), with as many worker threads as the machine has cores
+  train       step + reader together: tokens/s, and the fraction of the step time spent waiting for data
+and writes the "GPU" section of docs/benchmarks.md. Without CUDA it says so and exits (status 1), measuring nothing.
+
+    python benchmarks/gpu.py --projection --write
+
+runs anywhere: it measures the reader's rows/s per core on this machine and sets them against the rows/s a GPU
+trainer would consume by FLOP count at those shapes (datasheet peaks), writing the "GPU projection" section.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import os
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from common import machine, write_section
+
+from sae.config import TrainConfig
+from sae.saedir import sweep
+from sae.store import Store
+from sae.train.reader import ChunkReader
+from sae.train.trainer import make_plan, make_run, train_step
+from train import gaussian_store, step_flops
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
+# Dense peak FLOP/s of NVIDIA's datasheets (no sparsity), for the projection only.
+PEAKS = {
+    "H100 SXM": {"fp32": 67e12, "tf32": 494.7e12, "bf16": 989.4e12},
+    "A100 SXM": {"fp32": 19.5e12, "tf32": 156e12, "bf16": 312e12},
+}
+MODES = ("fp32", "tf32", "bf16")
+
+
+class Bf16Reader(ChunkReader):
+    """The reader as the GPU trainer uses it, kept in the store's dtype on the host (see `_host_float32`)."""
+
+    _host_float32 = False
+
+
+def per_row_flops(d: int, f: int, k: int, b: int) -> float:
+    """FLOPs of one training row at these shapes: the step's (sparse decoder, see benchmarks/train.py) over B."""
+    return step_flops(b, d, f, k, "sparse") / b
+
+
+def cmd_line() -> str:
+    return "python " + " ".join(shlex.quote(a) for a in [str(Path(sys.argv[0]))] + sys.argv[1:])
+
+
+def reader_rate(store: Store, cls: type, b: int, batches: int, threads: int, device: str) -> tuple[float, float]:
+    """Sustained rows/s of a reader over `store` (after its first batch), and rows per CPU second of the process
+    (all its threads) meanwhile."""
+    with cls(store, store.sites[0], batch_size=b, threads=threads, buffer_mb=0, device=device) as r:
+        r.next_batch()
+        if device != "cpu":
+            torch.cuda.synchronize()
+        t0, c0 = time.perf_counter(), time.process_time()
+        for _ in range(batches):
+            x = r.next_batch().x
+        if device != "cpu":
+            x.sum().item()  # the last batch is on the device
+        return batches * b / (time.perf_counter() - t0), batches * b / (time.process_time() - c0)
+
+
+@contextlib.contextmanager
+def tf32(on: bool):
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = on
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+def autocast(mode: str):
+    return torch.autocast("cuda", dtype=torch.bfloat16) if mode == "bf16" else contextlib.nullcontext()
+
+
+def gpu_main(args: argparse.Namespace) -> None:
+    if not torch.cuda.is_available():
+        sys.exit(
+            "benchmarks/gpu.py: no CUDA device is visible (torch.cuda.is_available() is False), so nothing was "
+            "measured. Run it on a GPU node, or pass --projection for the FLOP-count projection."
+        )
+    device = torch.device("cuda")
+    d, f, k, b = args.d, args.d * args.expansion, args.k, args.batch_size
+    cores = os.cpu_count() or 1
+    threads = args.threads or cores
+    ev = lambda: torch.cuda.Event(enable_timing=True)  # noqa: E731
+
+    def cuda_time(fn, reps: int) -> float:
+        fn()
+        torch.cuda.synchronize()
+        a, z = ev(), ev()
+        a.record()
+        for _ in range(reps):
+            fn()
+        z.record()
+        z.synchronize()
+        return a.elapsed_time(z) / 1e3 / reps
+
+    with tempfile.TemporaryDirectory() as tmp:
+        print("writing Gaussian stores ...", file=sys.stderr)
+        paths = {c: gaussian_store(Path(tmp) / f"{c}.zarr", d, args.rows, codec=c) for c in ("blosc-zstd", "none")}
+        store = Store.open(paths["none"])
+        site = store.sites[0]
+        cfg = TrainConfig(store=paths["none"], site=site, out=Path(tmp) / "out", k=(k,), expansion=(args.expansion,),
+                          batch_size=b, decoder="sparse")  # fmt: skip
+        scale = math.sqrt(d) / store.stats(site, skip_bos=True).mean_norm
+        plan = make_plan(cfg, 10**9, scale)
+        (point,) = sweep(cfg)
+        runs = {}
+        for mode in MODES:
+            torch.manual_seed(0)
+            runs[mode] = make_run(cfg, point, d, device, scale)
+        lr = runs["fp32"].lr
+        with Bf16Reader(store, site, batch_size=b, device="cuda", seed=1, threads=threads) as feed:
+            x0 = feed.next_batch().x * scale
+            for r in runs.values():
+                r.sae.init_from_sample(x0)
+        a = torch.randn(b, d, device=device)
+        w = torch.randn(d, f, device=device)
+        res: dict[str, list[float]] = {}
+        batches = [x0 * (1 + 0.01 * i) for i in range(4)]
+        steps_done = dict.fromkeys(MODES, 0)
+
+        def step(mode: str, x: torch.Tensor) -> None:
+            with tf32(mode == "tf32"):
+                train_step(runs[mode], x, lr, steps_done[mode], plan, cfg, autocast(mode))
+            steps_done[mode] += 1
+
+        for rnd in range(args.rounds + 1):  # round 0 is a warm-up
+            print(f"round {rnd}/{args.rounds}", file=sys.stderr)
+            out: dict[str, float] = {}
+            for mode in MODES:
+                with tf32(mode == "tf32"), autocast(mode):
+                    out[f"gemm/{mode}"] = 2 * b * d * f / cuda_time(lambda: torch.mm(a, w), 20)
+                it = iter(range(10**9))
+                out[f"step/{mode}"] = b / cuda_time(lambda m=mode, it=it: step(m, batches[next(it) % 4]), args.steps)
+                # step + reader: the trainer's loop as it runs (reader on the cores, copies on a side stream)
+                with Bf16Reader(Store.open(paths["none"]), site, batch_size=b, device="cuda", seed=rnd,
+                                threads=threads) as r:  # fmt: skip
+                    r.next_batch()
+                    torch.cuda.synchronize()
+                    waited, t0 = r.wait_seconds, time.perf_counter()
+                    for _ in range(args.steps):
+                        step(mode, r.next_batch().x * scale)
+                    torch.cuda.synchronize()
+                    total = time.perf_counter() - t0
+                    out[f"train/{mode}"] = args.steps * b / total
+                    out[f"wait/{mode}"] = (r.wait_seconds - waited) / total
+            for codec, p in paths.items():
+                out[f"reader/{codec}"] = reader_rate(
+                    Store.open(p), Bf16Reader, b, args.reader_batches, threads, "cuda"
+                )[0]
+            if rnd:
+                for key, v in out.items():
+                    res.setdefault(key, []).append(v)
+        n_rows = store.n_rows
+    med = {key: statistics.median(v) for key, v in res.items()}
+    flops_row = per_row_flops(d, f, k, b)
+    rows = []
+    for mode in MODES:
+        gemm = med[f"gemm/{mode}"]
+        limit = gemm / (2 * d * f)  # rows/s if the encoder GEMM ran alone at its measured rate
+        rows.append(
+            (f"trainer step, {mode}" + (" autocast" if mode == "bf16" else ""), med[f"step/{mode}"],
+             f"{gemm / 1e12:,.1f}", f"{med[f'step/{mode}'] / limit:.2f}× the encoder-GEMM limit ({limit:,.0f})")
+        )  # fmt: skip
+        rows.append(
+            (f"trainer + reader ({threads} threads, `--codec none`), {mode}", med[f"train/{mode}"], "",
+             f"{med[f'wait/{mode}']:.1%} of the time waiting for data; "
+             f"{med[f'train/{mode}'] / med[f'step/{mode}']:.2f}× the step alone")
+        )  # fmt: skip
+    for codec in paths:
+        rows.append((f"reader alone, {codec} store, {threads} threads, to the device", med[f"reader/{codec}"], "",
+                     f"{med[f'reader/{codec}'] / cores:,.0f} rows/s per core"))  # fmt: skip
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    text = "\n".join([
+        "## GPU",
+        "",
+        f"Command: `{cmd_line()}` (benchmarks/gpu.py). Device: {torch.cuda.get_device_name()}; {machine()}. "
+        f"d={d}, F={f}, k={k}, B={b}, BatchTopK with the sparse decoder; Gaussian rows (‖x‖≈60, bf16, {n_rows:,} "
+        f"rows). Medians of {args.rounds} rounds ({args.steps} steps per mode, {args.reader_batches} reader batches). "
+        "The encoder-GEMM limit is the measured rate of the [B, d] × [d, F] product alone in the same mode, as rows "
+        f"per second ({flops_row / 1e6:.1f} MFLOP per row in all counted by benchmarks/train.py's step_flops). "
+        "Waiting for data: the share of the loop's wall time spent inside `next_batch` waiting for a batch not "
+        f"ready yet. 1-min load average at the end {load:.1f}.",
+        "",
+        "| what | tokens/s | GEMM TFLOP/s | ratio |",
+        "|---|---:|---:|---|",
+        *[f"| {a} | {t:,.0f} | {g} | {q} |" for a, t, g, q in rows],
+    ])  # fmt: skip
+    print(text)
+    if args.write:
+        write_section(DOC, "GPU", text)
+
+
+def projection_main(args: argparse.Namespace) -> None:
+    """Rows/s per core of the reader here against what a GPU trainer consumes by FLOP count."""
+    d, f, k, b = args.d, args.d * args.expansion, args.k, args.batch_size
+    flops_row = per_row_flops(d, f, k, b)
+    res: dict[str, list[float]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        print("writing Gaussian stores ...", file=sys.stderr)
+        paths = {c: gaussian_store(Path(tmp) / f"{c}.zarr", d, args.rows, codec=c) for c in ("blosc-zstd", "none")}
+        for rnd in range(args.rounds + 1):
+            print(f"round {rnd}/{args.rounds}", file=sys.stderr)
+            for codec, p in paths.items():
+                # one worker thread: the rows/s one core gives (bf16 batches, as a GPU receives them)
+                wall, cpu = reader_rate(Store.open(p), Bf16Reader, b, args.reader_batches, 1, "cpu")
+                if rnd:
+                    res.setdefault(codec, []).append(cpu)
+                    res.setdefault(f"{codec}/wall", []).append(wall)
+    rate = {c: statistics.median(v) for c, v in res.items()}
+    per_core = {c: rate[c] for c in paths}
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    lines = [
+        "## GPU projection",
+        "",
+        f"Command: `{cmd_line()}` (benchmarks/gpu.py; no GPU was lent, so the GPU section is not measured). "
+        f"At d={d}, F={f}, k={k}, B={b} one training row costs {flops_row / 1e6:.1f} MFLOP (benchmarks/train.py's "
+        "step_flops, sparse decoder; the dense encoder GEMM is nearly all of it). A GPU running that at its "
+        "datasheet dense peak would consume peak / FLOP-per-row rows per second: an upper bound (the GEMM reaches "
+        "perhaps 60-80 % of peak, and top-k, Adam and the sparse products add time). Reader rows/s per core: "
+        "rows per CPU second (all threads of the process) of the reader with one worker thread on this machine, "
+        "bf16 batches as a GPU receives them, from a freshly opened store (every chunk scanned for NaN/Inf), medians "
+        f"of {args.rounds} rounds of {args.reader_batches} batches after the first; CPU time, not wall time, because "
+        f"this box is shared: {machine()}; 1-min load average {load:.1f}.",
+        "",
+        "| GPU, mode | peak TFLOP/s | rows/s consumed (upper bound) | cores to feed it, `--codec none` | "
+        "cores to feed it, Blosc |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for gpu, peaks in PEAKS.items():
+        for mode in MODES:
+            need = peaks[mode] / flops_row
+            lines.append(
+                f"| {gpu}, {mode} | {peaks[mode] / 1e12:,.0f} | {need:,.0f} | {need / per_core['none']:,.1f} | "
+                f"{need / per_core['blosc-zstd']:,.1f} |"
+            )
+    lines += [
+        "",
+        f"Reader rows per CPU second here: `--codec none` {per_core['none']:,.0f}, Blosc zstd-1 "
+        f"{per_core['blosc-zstd']:,.0f} (wall rows/s on the loaded box: {rate['none/wall']:,.0f} and "
+        f"{rate['blosc-zstd/wall']:,.0f}).",
+    ]
+    text = "\n".join(lines)
+    print(text)
+    if args.write:
+        write_section(DOC, "GPU projection", text)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--d", type=int, default=768)
+    ap.add_argument("--expansion", type=int, default=16)
+    ap.add_argument("--k", type=int, default=32)
+    ap.add_argument("--batch-size", type=int, default=4096)
+    ap.add_argument("--rows", type=int, default=64 * 8192, help="rows of each Gaussian store")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=50, help="training steps per mode and round")
+    ap.add_argument("--reader-batches", type=int, default=100)
+    ap.add_argument("--threads", type=int, default=None, help="reader worker threads (default: the core count)")
+    ap.add_argument("--projection", action="store_true", help="no GPU needed: the FLOP-count projection")
+    ap.add_argument("--write", action="store_true", help="write the section into docs/benchmarks.md")
+    args = ap.parse_args()
+    projection_main(args) if args.projection else gpu_main(args)
+
+
+if __name__ == "__main__":
+    main()
