@@ -4,7 +4,8 @@
 out/
   index.html                   the app (inspect_app.html beside this module, with inline CSS and JavaScript):
                                #/ is the index table, #/latent/N a latent's page (client-side routing);
-                               ← and → step through latents
+                               #/typical and #/latent/N/typical show top examples over typical rows only
+                               (no massive or BOS rows); ← and → step through latents
   density_histogram.png        firing density over the inspected latents, for reports
   data/index.json              run facts and one column per field over all latents (index, density, max, ...)
   data/latents-NNNNN.json      CHUNK latents each: stats, histogram, examples with windows, logit effects
@@ -55,10 +56,10 @@ def _write_data(folder: Path, name: str, obj: Any, call: str) -> None:
     atomic.write_bytes(folder / f"{name}.js", f"{call}({text});\n".encode())
 
 
-def _snippet(latent: dict[str, Any], text: Callable[[int], str]) -> list[str] | None:
-    if not latent["top"]:
+def _snippet(latent: dict[str, Any], text: Callable[[int], str], key: str = "top") -> list[str] | None:
+    if not latent[key]:
         return None
-    ex = latent["top"][0]
+    ex = latent[key][0]
     f = ex["position"] - ex["start"]
     ids = ex["tokens"]
     left, right = SNIPPET
@@ -120,12 +121,14 @@ def write_site(out: Path, info: dict[str, Any], latents: list[dict[str, Any]], t
         data = tmp / "data"
         data.mkdir()
         atomic.apply_umask(data, directory=True)
-        columns: dict[str, list[Any]] = {k: [] for k in ("i", "count", "density", "mean", "max", "massive_share")}
-        columns["snippet"], columns["top_logit"] = [], []
+        numbers = ("i", "count", "density", "mean", "max", "max_typical", "massive_share", "massive_mass")
+        columns: dict[str, list[Any]] = {k: [] for k in numbers}
+        columns["snippet"], columns["snippet_typical"], columns["top_logit"] = [], [], []
         for lat in latents:
-            for k in ("i", "count", "density", "mean", "max", "massive_share"):
+            for k in numbers:
                 columns[k].append(lat[k])
             columns["snippet"].append(_snippet(lat, text))
+            columns["snippet_typical"].append(_snippet(lat, text, "top_typical"))
             columns["top_logit"].append(text(lat["logits"]["top"][0][0]) if lat["logits"] else None)
         hist = density_histogram(info, columns["density"])
         index = {**info, "chunk_size": CHUNK, "n_latents": len(latents), "columns": columns, "density_hist": hist}
@@ -158,4 +161,4 @@ def write_site(out: Path, info: dict[str, Any], latents: list[dict[str, Any]], t
 
 
 def _all_examples(lat: dict[str, Any]) -> list[dict[str, Any]]:
-    return lat["top"] + [ex for iv in lat["quantiles"] for ex in iv["examples"]]
+    return lat["top"] + lat["top_typical"] + [ex for iv in lat["quantiles"] for ex in iv["examples"]]

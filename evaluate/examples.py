@@ -10,6 +10,7 @@ loop.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -19,24 +20,29 @@ from sae.progress import Progress
 
 from .latent_state import N_BINS, LatentState
 
-TOP = -1
-"""`Examples.group` of a top example; quantile examples carry their interval's number (0 = lowest)."""
+TOP = -2
+"""`Examples.group` of a top example over all rows; quantile examples carry their interval's number (0 = lowest)."""
+
+TOP_TYPICAL = -1
+"""`Examples.group` of a top example over typical rows only (neither massive nor BOS)."""
 
 
 class Examples(NamedTuple):
-    """The chosen examples, sorted by latent, then top examples, then intervals from the highest down, then by
-    activation (descending)."""
+    """The chosen examples, sorted by latent, then top examples (all rows, then typical rows), then intervals from
+    the highest down, then by activation (descending)."""
 
     latent: np.ndarray
     """Index into the selected latents."""
     group: np.ndarray
-    """TOP, or the quantile interval."""
+    """TOP, TOP_TYPICAL, or the quantile interval."""
     row: np.ndarray
     """Store row (storage order; for text, the planned index)."""
     context: np.ndarray
     """Packed context."""
     position: np.ndarray
     """Position in the context."""
+    kind: np.ndarray
+    """Row kind, an index into `sae.evaluate.latent_state.KINDS`."""
     act: np.ndarray
     """The latent's activation there (float32)."""
 
@@ -79,13 +85,19 @@ def _unique(a: np.ndarray) -> np.ndarray:
 
 
 def choose(state: LatentState, quantiles: int) -> tuple[Examples, Intervals]:
-    """Top examples and quantile-stratified examples of every selected latent."""
+    """Top examples (over all rows and over typical rows) and quantile-stratified examples of every selected
+    latent."""
     n = state.n
+
+    def kept(k: Any, group: int) -> tuple[np.ndarray, ...]:
+        ok = np.isfinite(k.key.cpu().numpy())
+        v, p = k.value.cpu().numpy(), k.payload.cpu().numpy()
+        j, s = np.nonzero(ok)  # row-major: by latent, then rank (largest first)
+        return (j, np.full(len(j), group), *p[j, s].T, v[j, s])
+
     top_ok = np.isfinite(state.top.key.cpu().numpy())
     top_v = state.top.value.cpu().numpy()
-    top_p = state.top.payload.cpu().numpy()
-    j, s = np.nonzero(top_ok)  # row-major: by latent, then rank (largest first)
-    tops = (j, np.full(len(j), TOP), *top_p[j, s].T, top_v[j, s])
+    tops = [np.concatenate(t) for t in zip(kept(state.top, TOP), kept(state.top_typical, TOP_TYPICAL), strict=True)]
 
     vmax = np.where(top_ok[:, 0], top_v[:, 0], 0).astype(np.float64)
     width = state.bin_width().cpu().numpy()
@@ -112,11 +124,11 @@ def choose(state: LatentState, quantiles: int) -> tuple[Examples, Intervals]:
     qs = g % quantiles
     sampled = (jj, qs, *pay.T, value)
 
-    # Order: latent, top first, then intervals from the highest down, then activation descending.
+    # Order: latent, top examples first, then intervals from the highest down, then activation descending.
     parts = [np.concatenate([a, b]) for a, b in zip(tops, sampled, strict=True)]
-    rank_group = np.where(parts[1] == TOP, -1, quantiles - parts[1])
-    order = np.lexsort((np.arange(len(parts[0])), -parts[5], rank_group, parts[0]))
-    ex = Examples(*(a[order] for a in parts[:5]), parts[5][order].astype(np.float32))
+    rank_group = np.where(parts[1] < 0, parts[1], quantiles - parts[1])
+    order = np.lexsort((np.arange(len(parts[0])), -parts[6], rank_group, parts[0]))
+    ex = Examples(*(a[order] for a in parts[:6]), parts[6][order].astype(np.float32))
 
     nz = np.flatnonzero(counts)
     lat, grp = nz // quantiles, nz % quantiles
@@ -143,12 +155,12 @@ def window_values(
     selected: np.ndarray,
     ex: Examples,
     win: Windows,
-    skip_bos: bool,
+    left_out: Callable[[torch.Tensor, np.ndarray], torch.Tensor],
     batch_size: int,
     seq_len: int,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The second pass: (flat latent values over every window token, NaN where the row is left out; the norm
-    of each example's own row)."""
+    of each example's own row). `left_out(x, planned rows)` says which rows the first pass left out."""
     n_sel = len(selected)
     size = np.diff(win.offset)
     keys = win.planned * n_sel + np.repeat(ex.latent, size)
@@ -159,8 +171,6 @@ def window_values(
     own_u = _unique(own)
     own_norm = np.full(len(own_u), np.nan)
     planned = _unique(prow)
-    if skip_bos:
-        planned = planned[planned % seq_len != 0]
     device = sae.W_enc.device
     latent_ids = torch.as_tensor(selected, device=device)
     progress = Progress("inspect windows", len(planned), unit="rows")
@@ -168,7 +178,7 @@ def window_values(
         progress.update(len(here))
         for i in range(0, len(here), batch_size):
             xs, hs = x[i : i + batch_size], here[i : i + batch_size]
-            finite = torch.isfinite(xs).all(1)
+            finite = torch.isfinite(xs).all(1) & ~left_out(xs, hs)
             with torch.no_grad():
                 a = sae.encode(torch.where(finite[:, None], xs, 0.0))
             at = np.searchsorted(own_u, hs)

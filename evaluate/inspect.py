@@ -2,19 +2,25 @@
 
 1. Pass over the rows in store order (or over held-out text run through the LM up to the site). Each batch
    is encoded on the SAE's device (BatchTopK in θ mode: relu(pre)·1[pre > θ]); the nonzero activations feed
-   bounded per-latent state (`sae.evaluate.latent_state`): counts, sums, a running top-N, a histogram with
-   seeded per-bin reservoirs. Rows the SAE never trained on (BOS rows of an SAE trained without them) and rows
-   holding NaN/Inf are left out and counted.
+   bounded per-latent state (`sae.evaluate.latent_state`): counts, sums, a running top-N over all rows and one
+   over typical rows, a histogram with seeded per-bin reservoirs. Rows the SAE never trained on (BOS rows of an
+   SAE trained without them, the rows its metadata `exclude` names) and rows holding NaN/Inf are left out and
+   counted. Every row used is typical, massive (norm > M × the site's median non-BOS norm, `sae.rowtypes`; M and
+   the median from the store's statistics) or BOS; pages mark each example's kind and give each latent's share
+   of its activation mass on massive rows, so a latent living on a few huge-norm token types is seen as such.
 2. A second, small pass over the rows of the selected examples' context windows gives each latent's value at
    every token of its windows, for the shading.
 3. From the weights alone: logit effects through the final norm's gain and the unembedding, and the latents
-   with the most similar decoder rows.
+   with the most similar decoder rows. For a transcoder the encoder reads its input site and the decoder
+   writes to its output site: logit effects follow the decoder rows when that site adds into the residual
+   stream.
 The result is a static site (`sae.evaluate.dashboard`).
 """
 
 from __future__ import annotations
 
 import math
+import re
 import sys
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -23,6 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from sae import rowtypes
 from sae.config import InspectConfig
 from sae.device import resolve_device
 from sae.errors import SaeError
@@ -30,18 +37,21 @@ from sae.metrics import DENSE_FREQUENCY
 from sae.progress import Progress, summary
 from sae.saedir import SparseAutoencoder, load_sae
 from sae.store import Store
+from sae.transcoder import Transcoder, is_transcoder_dir, load_transcoder
 
 from .dashboard import check_out, write_site
 from .directions import logit_effects, similar_decoders
 from .evaluate import same_model
-from .examples import TOP, choose, window_values, windows
-from .latent_state import Entries, LatentState
+from .examples import TOP, TOP_TYPICAL, choose, window_values, windows
+from .latent_state import KINDS, Entries, LatentState
 from .rows import ModelRows, StoreRows
 
-MASSIVE_FACTOR = 5.0
-"""A row is massive when its norm exceeds this many times the median row norm (of the first batch of used rows;
-rows are shuffled within shards, so it is a fair sample). Pages say which share of a latent's firing fell on
-such rows, so a latent that only fires on them is seen for what it is."""
+RESIDUAL_WRITES = re.compile(r"\.hook_(mlp_out|attn_out|resid_(pre|mid|post))$")
+"""Sites whose activations add into (or are) the residual stream: a decoder writing there has logit effects
+through the final norm and the unembedding."""
+
+MOSTLY_MASSIVE = 0.5
+"""A latent whose share of activation mass on massive rows exceeds this is flagged on the index."""
 
 DEFAULT_TEXT_TOKENS = 65536
 """Tokens of held-out text read with --dataset when --max-rows is not given."""
@@ -59,7 +69,7 @@ class InspectResult(NamedTuple):
     rows_used: int
     """Rows encoded (read minus those left out)."""
     left_out: dict[str, int]
-    """Rows left out, by reason (`bos`, `non_finite`)."""
+    """Rows left out, by reason (`bos`, `excluded`: named by the SAE's metadata `exclude`, `non_finite`)."""
     dead: int
     """Inspected latents that never fired on the used rows."""
     dense: int
@@ -98,12 +108,113 @@ def parse_latents(spec: str, d_sae: int, seed: int = 0) -> np.ndarray:
     return np.unique(np.asarray(out))
 
 
-def _recorded_store(sae: SparseAutoencoder) -> Path | None:
+class RowKinds:
+    """How the pass tells typical, massive and BOS rows apart, and which rows it leaves out."""
+
+    def __init__(self, median: float | None, factor: float, source: str, exclusion: rowtypes.Exclusion, skip_bos: bool):
+        self.median = median
+        """Median non-BOS row norm of the site (None until the first batch gives one, without store statistics)."""
+        self.factor = factor
+        """M: a row is massive when its norm exceeds M × median."""
+        self.source = source
+        """Where the median came from."""
+        self.exclusion = exclusion
+        """Rows the SAE was trained without (its metadata `exclude`)."""
+        self.skip_bos = skip_bos
+        """The SAE was trained without BOS rows."""
+
+    @property
+    def threshold(self) -> float | None:
+        return None if self.median is None else rowtypes.massive_threshold(self.median, self.factor)
+
+    @property
+    def exclude_threshold(self) -> float | None:
+        """The norm above which the SAE's training left rows out (its own record, else M_sae × median)."""
+        ex = self.exclusion
+        if ex.massive_threshold is not None:
+            return ex.massive_threshold
+        if ex.massive_factor is not None and self.median is not None:
+            return rowtypes.massive_threshold(self.median, ex.massive_factor)
+        return None
+
+    def classify(self, x: Tensor, position: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(kind code per row, `KINDS`; rows to leave out as never trained on; rows holding NaN/Inf)."""
+        norms = rowtypes.row_norms(x)
+        finite = torch.isfinite(norms)
+        bos = position == 0
+        if self.median is None:
+            usable = norms[finite & ~bos]
+            if usable.numel():
+                # rows are shuffled within shards, so the first batch is a fair sample
+                self.median, self.source = float(usable.median()), "the first batch of rows"
+        skip = (bos & self.skip_bos) | (finite & rowtypes.excluded_mask(
+            norms, position, tokens, self.exclusion, self.exclude_threshold
+        ))  # fmt: skip
+        massive = rowtypes.massive_mask(norms, self.threshold) & ~bos
+        kind = torch.where(bos, 2, torch.where(massive, 1, 0))
+        return kind, skip, ~finite & ~skip
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "median_norm": _sig(self.median) if self.median is not None else None,
+            "massive_factor": self.factor,
+            "massive_threshold": _sig(self.threshold) if self.threshold is not None else None,
+            "source": self.source,
+            "excluded": self.exclusion.describe(),
+        }
+
+
+def row_kinds(cfg: InspectConfig, sae: SparseAutoencoder | Transcoder, site: str, store: Store | None) -> RowKinds:
+    """The median from --store's statistics (else the SAE's store's, else the SAE's exclusion record, else the
+    first batch of rows); M from --massive-factor, else the store's setting, else the default."""
+    exclusion = rowtypes.exclusion_from_metadata(sae.cfg.metadata)
+    skip_bos = sae.cfg.metadata.get("keep_bos") is False
+    factor = cfg.massive_factor
+    if factor is not None and not (math.isfinite(factor) and factor > 0):
+        raise SaeError(f"--massive-factor must be a positive number, got {factor}")
+    stores = [store] if store is not None else []
+    recorded = _recorded_store(sae)
+    if store is None and recorded is not None and recorded.exists():
+        try:
+            stores.append(Store.open(recorded))
+        except SaeError:
+            pass
+    for st in stores:
+        norms = st.norm_stats(site)
+        if norms is not None and norms.get("median"):
+            f = factor or float(norms["massive"]["factor"])
+            return RowKinds(float(norms["median"]), f, f"store {st.path}", exclusion, skip_bos)
+    recorded_median = (sae.cfg.metadata.get("exclude") or {}).get("median_norm")
+    f = factor or rowtypes.DEFAULT_MASSIVE_FACTOR
+    if isinstance(recorded_median, (int, float)) and recorded_median > 0:
+        return RowKinds(float(recorded_median), f, "the SAE's exclusion record", exclusion, skip_bos)
+    return RowKinds(None, f, "the first batch of rows", exclusion, skip_bos)
+
+
+def load_dictionary(path: Path, device: torch.device) -> SparseAutoencoder | Transcoder:
+    """An SAE directory or a transcoder directory (`sae.transcoder`), with the site its encoder reads."""
+    sae: SparseAutoencoder | Transcoder
+    sae = load_transcoder(path, device=device) if is_transcoder_dir(path) else load_sae(path, device=device)
+    if not sae.cfg.hook_name:
+        raise SaeError(f"SAE {path}: cfg.json records no hook_name (the site the SAE reads)")
+    return sae
+
+
+def output_site(sae: SparseAutoencoder | Transcoder) -> str:
+    """The site the decoder writes to: a transcoder's output site, an SAE's own."""
+    if isinstance(sae, Transcoder):
+        if not sae.cfg.hook_name_out:
+            raise SaeError("the transcoder's cfg.json records no metadata.hook_name_out (the site it writes to)")
+        return str(sae.cfg.hook_name_out)
+    return str(sae.cfg.hook_name)
+
+
+def _recorded_store(sae: SparseAutoencoder | Transcoder) -> Path | None:
     store = sae.cfg.metadata.get("store")
     return Path(store) if isinstance(store, str) and store else None
 
 
-def _model_name(cfg: InspectConfig, sae: SparseAutoencoder, store: Store | None) -> str | None:
+def _model_name(cfg: InspectConfig, sae: SparseAutoencoder | Transcoder, store: Store | None) -> str | None:
     if cfg.model:
         return cfg.model
     recorded = sae.cfg.metadata.get("model")
@@ -147,7 +258,7 @@ def _load_model(
 
 
 def _source(
-    cfg: InspectConfig, sae: SparseAutoencoder, site: str, device: torch.device
+    cfg: InspectConfig, sae: SparseAutoencoder | Transcoder, site: str, device: torch.device
 ) -> tuple[StoreRows | ModelRows, Any, Any]:
     """The row source, and the model and tokenizer (None when unavailable)."""
     if cfg.dataset is not None:
@@ -185,11 +296,15 @@ def _source(
     return rows, model, tokenizer
 
 
+def _store_of(source: StoreRows | ModelRows) -> Store | None:
+    return source.store if isinstance(source, StoreRows) else None
+
+
 # --------------------------------------------------------------------------------------------------
 # The passes
 
 
-def _encode(sae: SparseAutoencoder, x: Tensor, selected: Tensor | None) -> Tensor:
+def _encode(sae: SparseAutoencoder | Transcoder, x: Tensor, selected: Tensor | None) -> Tensor:
     with torch.no_grad():
         a = sae.encode(x)
     return a if selected is None else a[:, selected]
@@ -197,46 +312,39 @@ def _encode(sae: SparseAutoencoder, x: Tensor, selected: Tensor | None) -> Tenso
 
 def first_pass(
     source: StoreRows | ModelRows,
-    sae: SparseAutoencoder,
+    sae: SparseAutoencoder | Transcoder,
     selected: np.ndarray,
     cfg: InspectConfig,
-    skip_bos: bool,
-) -> tuple[LatentState, dict[str, int], int, float]:
-    """Stream every row once: (state, rows left out by reason, rows used, median row norm)."""
+    kinds: RowKinds,
+) -> tuple[LatentState, dict[str, int], int]:
+    """Stream every row once: (state, rows left out by reason, rows used)."""
     device = sae.W_enc.device
     state = LatentState(len(selected), top=cfg.top, per_bin=cfg.per_quantile, seed=cfg.seed, device=device)
     sel = None if len(selected) == sae.cfg.d_sae else torch.as_tensor(selected, device=device)
-    left_out = {"bos": 0, "non_finite": 0}
-    used, median = 0, math.nan
+    left_out = {"bos": 0, "excluded": 0, "non_finite": 0}
+    used = 0
     progress = Progress("inspect", source.n_rows, unit="rows")
     for batch in source.batches():
-        keep = np.ones(len(batch.row), dtype=bool)
-        if skip_bos:
-            keep &= batch.position != 0
-            left_out["bos"] += int((~keep).sum())
-        x = batch.x[torch.from_numpy(keep).to(batch.x.device)]
-        finite = torch.isfinite(x).all(1)
-        n_bad = int((~finite).sum())
-        meta = np.stack([batch.row, batch.context, batch.position], 1)[keep]
-        if n_bad:
-            left_out["non_finite"] += n_bad
-            x, meta = x[finite], meta[finite.cpu().numpy()]
-        pay_all = torch.from_numpy(meta).to(device)
+        x = batch.x
+        position = torch.from_numpy(batch.position).to(x.device)
+        kind, skip, bad = kinds.classify(x, position, torch.from_numpy(batch.token).to(x.device))
+        left_out["bos"] += int((skip & (position == 0)).sum())
+        left_out["excluded"] += int((skip & (position != 0)).sum())
+        left_out["non_finite"] += int(bad.sum())
+        keep = ~(skip | bad)
+        meta = torch.from_numpy(np.stack([batch.row, batch.context, batch.position], 1)).to(x.device)
+        meta = torch.cat([meta, kind[:, None].long()], 1)[keep].to(device)
+        x, kind = x[keep], kind[keep].to(device)
         for i in range(0, x.shape[0], cfg.batch_size):
-            xb = x[i : i + cfg.batch_size]
-            norm = xb.norm(dim=1)
-            if math.isnan(median):
-                median = float(norm.median())
-            a = _encode(sae, xb, sel)
+            a = _encode(sae, x[i : i + cfg.batch_size], sel)
             r, f = a.nonzero(as_tuple=True)
-            state.update(
-                Entries(f, a[r, f].float(), pay_all[i : i + cfg.batch_size][r], (norm > MASSIVE_FACTOR * median)[r])
-            )
-            used += xb.shape[0]
+            k = kind[i : i + cfg.batch_size][r]
+            state.update(Entries(f, a[r, f].float(), meta[i : i + cfg.batch_size][r], k == 1, k == 0))
+        used += x.shape[0]
         progress.figures(rows=f"{used:,} used", latents=f"{int((state.count > 0).sum()):,} fired")
         progress.update(len(batch.row))
     progress.close()
-    return state, left_out, used, median
+    return state, left_out, used
 
 
 # --------------------------------------------------------------------------------------------------
@@ -295,32 +403,48 @@ def inspect(cfg: InspectConfig) -> InspectResult:
     if cfg.sae_dir is None:
         raise SaeError("no SAE directory given")
     device = resolve_device(cfg.device)
-    sae = load_sae(cfg.sae_dir, device=device)
-    if not sae.cfg.hook_name:
-        raise SaeError(f"SAE {cfg.sae_dir}: cfg.json records no hook_name (the site the SAE reads)")
-    site = str(sae.cfg.hook_name)
-    skip_bos = sae.cfg.metadata.get("keep_bos") is False
+    sae = load_dictionary(Path(cfg.sae_dir), device)
+    site, site_out = str(sae.cfg.hook_name), output_site(sae)
     selected = parse_latents(cfg.latents, sae.cfg.d_sae, cfg.seed)
     source, model, tokenizer = _source(cfg, sae, site, device)
+    kinds = row_kinds(cfg, sae, site, _store_of(source))
     out = Path(cfg.out) if cfg.out is not None else Path("runs/inspect") / Path(cfg.sae_dir).resolve().name
     check_out(out)
     t = source.seq_len
 
-    state, left_out, used, median = first_pass(source, sae, selected, cfg, skip_bos)
+    state, left_out, used = first_pass(source, sae, selected, cfg, kinds)
     if used == 0:
         raise SaeError(f"no row to inspect: all {sum(left_out.values())} rows read were left out ({left_out})")
+    median = kinds.median if kinds.median is not None else math.nan
     ex, intervals = choose(state, cfg.quantiles)
     win = windows(ex, cfg.window, t)
-    values, own_norm = window_values(source, sae, selected, ex, win, skip_bos, cfg.batch_size, t)
     ctx_ids = np.unique(ex.context)
     tokens = source.contexts(ctx_ids)[
         np.searchsorted(ctx_ids, np.repeat(ex.context, np.diff(win.offset))), win.position
     ]
+    planned_u, first = np.unique(win.planned, return_index=True)
+    token_of = tokens[first].astype(np.int64)
+
+    def left_out_rows(x: Tensor, planned: np.ndarray) -> Tensor:
+        position = torch.from_numpy(planned % t).to(x.device)
+        tok = torch.from_numpy(token_of[np.searchsorted(planned_u, planned)]).to(x.device)
+        _, skip, bad = kinds.classify(x, position, tok)
+        return skip | bad
+
+    values, own_norm = window_values(source, sae, selected, ex, win, left_out_rows, cfg.batch_size, t)
     focus = win.offset[:-1] + ex.position - win.start
     values[focus] = ex.act  # the first pass's value (a re-encode in another batch shape may differ in the last bit)
 
     w_dec = sae.W_dec.detach()
-    effects = logit_effects(w_dec[torch.as_tensor(selected, device=w_dec.device)], model) if model is not None else None
+    effects, logit_note = None, None
+    if model is None:
+        logit_note = "no model with an unembedding was loaded"
+    elif not RESIDUAL_WRITES.search(site_out):
+        logit_note = f"the decoder writes to {site_out}, which does not add into the residual stream"
+    else:
+        effects = logit_effects(w_dec[torch.as_tensor(selected, device=w_dec.device)], model)
+        if effects is None:
+            logit_note = "the model has no unembedding of the decoder's width or no final norm this tool knows"
     neighbours = similar_decoders(w_dec, torch.as_tensor(selected))
 
     acts_l, tokens_l = round_sig(values, 4), tokens.tolist()
@@ -328,6 +452,7 @@ def inspect(cfg: InspectConfig) -> InspectResult:
     for f, a in zip(focus.tolist(), act_l, strict=True):
         acts_l[f] = a  # the example's own token: the same number as its "act"
     row_l, ctx_l, pos_l, start_l = ex.row.tolist(), ex.context.tolist(), ex.position.tolist(), win.start.tolist()
+    kind_l = [KINDS[k] for k in ex.kind.tolist()]
     off = win.offset.tolist()
 
     def example(e: int) -> dict[str, Any]:
@@ -338,6 +463,7 @@ def inspect(cfg: InspectConfig) -> InspectResult:
             "position": pos_l[e],
             "act": act_l[e],
             "norm": norm_l[e],
+            "kind": kind_l[e],
             "start": start_l[e],
             "tokens": tokens_l[a:b],
             "acts": acts_l[a:b],
@@ -346,14 +472,18 @@ def inspect(cfg: InspectConfig) -> InspectResult:
     count = state.count.cpu().numpy()
     massive = state.massive_count.cpu().numpy()
     total = state.total.cpu().numpy()
+    massive_total = state.massive_total.cpu().numpy()
     hist = state.hist.cpu().numpy()
     width = state.bin_width().cpu().numpy()
     with np.errstate(divide="ignore", invalid="ignore"):
         density_l = round_sig(count / used, 6)
         mean_l = round_sig(np.where(count > 0, total / count, np.nan), 6)
         share_l = round_sig(np.where(count > 0, massive / count, np.nan), 4)
+        mass_l = round_sig(np.where(count > 0, massive_total / total, np.nan), 4)
     vmax = np.where(count > 0, state.top.value[:, 0].cpu().numpy(), np.nan)
-    max_l, width_l = round_sig(vmax, 6), round_sig(width, 8)
+    typical_fired = torch.isfinite(state.top_typical.key[:, 0]).cpu().numpy()
+    vmax_typ = np.where(typical_fired, state.top_typical.value[:, 0].cpu().numpy(), np.nan)
+    max_l, max_typ_l, width_l = round_sig(vmax, 6), round_sig(vmax_typ, 6), round_sig(width, 8)
     ex_start = np.searchsorted(ex.latent, np.arange(len(selected) + 1))
     iv_start = np.searchsorted(intervals.latent, np.arange(len(selected) + 1))
     iv_lo, iv_hi = round_sig(intervals.lo, 6), round_sig(intervals.hi, 6)
@@ -371,9 +501,12 @@ def inspect(cfg: InspectConfig) -> InspectResult:
             "density": density_l[j],
             "mean": mean_l[j],
             "max": max_l[j],
+            "max_typical": max_typ_l[j],
             "massive_share": share_l[j],
+            "massive_mass": mass_l[j],
             "hist": {"width": width_l[j], "counts": hist[j, :last].tolist()},
             "top": groups.get(TOP, []),
+            "top_typical": groups.get(TOP_TYPICAL, []),
             "quantiles": [
                 {
                     "lo": iv_lo[k],
@@ -394,6 +527,8 @@ def inspect(cfg: InspectConfig) -> InspectResult:
         latents.append(entry)
     dead = int((count == 0).sum())
     dense = int((count > DENSE_FREQUENCY * used).sum())
+    with np.errstate(divide="ignore", invalid="ignore"):
+        on_massive = int((np.where(count > 0, massive_total / total, 0) > MOSTLY_MASSIVE).sum())
     info = {
         "sae": {
             "path": str(Path(cfg.sae_dir).resolve()),
@@ -404,6 +539,8 @@ def inspect(cfg: InspectConfig) -> InspectResult:
             "d_in": sae.cfg.d_in,
             "d_sae": sae.cfg.d_sae,
             "site": site,
+            "site_out": site_out,
+            "transcoder": isinstance(sae, Transcoder),
             "encoder": "θ mode (relu(pre)·1[pre > θ])" if sae.batch_topk else sae.cfg.architecture,
         },
         "source": {**source.describe(), **({"dataset": cfg.dataset} if cfg.dataset else {})},
@@ -412,14 +549,18 @@ def inspect(cfg: InspectConfig) -> InspectResult:
         "rows_used": used,
         "left_out": left_out,
         "median_norm": _sig(median),
-        "massive_factor": MASSIVE_FACTOR,
+        "massive_factor": kinds.factor,
+        "row_kinds": kinds.describe(),
+        "mostly_massive": MOSTLY_MASSIVE,
         "dense_frequency": DENSE_FREQUENCY,
         "dead": dead,
         "dense": dense,
+        "on_massive": on_massive,
         "top": cfg.top,
         "quantiles": cfg.quantiles,
         "window": cfg.window,
         "logit_effects": effects is not None,
+        "logit_note": logit_note,
     }
     write_site(out, info, latents, _token_text(tokenizer))
     summary(
@@ -427,7 +568,8 @@ def inspect(cfg: InspectConfig) -> InspectResult:
         [
             f"{len(selected):,} latents of {info['sae']['name']} ({site}) from {used:,} rows; left out: "
             + (", ".join(f"{v:,} {k.replace('_', '-')}" for k, v in left_out.items() if v) or "none"),
-            f"{dead:,} dead, {dense:,} dense (density > {DENSE_FREQUENCY:.0%}); {len(ex.row):,} examples shown",
+            f"{dead:,} dead, {dense:,} dense (density > {DENSE_FREQUENCY:.0%}); {on_massive:,} with most of their "
+            f"activation mass on massive rows (norm > {kinds.factor:g} × median); {len(ex.row):,} examples shown",
             f"pages: {out / 'index.html'}",
         ],
     )

@@ -1,9 +1,10 @@
 """Bounded per-latent state for `sae inspect`: everything one streaming pass keeps, whatever the row count.
 
 Per selected latent:
-- counts of nonzero activations, their sum, and how many fell on massive rows;
+- counts of nonzero activations, their sum, and how many of them (and how much of the sum) fell on massive rows;
 - the top N activations with their rows (a running top-N: each batch's candidates are merged with the kept
-  ones, ties going to the earlier row);
+  ones, ties going to the earlier row), once over all rows and once over typical rows only, so that a latent
+  whose largest activations all sit on massive rows still shows what it does elsewhere;
 - a histogram of its nonzero activations over [0, M) in `N_BINS` equal bins, M a power of two above the
   latent's running maximum; when the maximum outgrows M, M doubles (as often as needed) and adjacent bins merge;
 - per histogram bin, a seeded reservoir of `m` examples: every activation gets a uniform random key and each bin
@@ -24,8 +25,13 @@ from torch import Tensor
 N_BINS = 64
 """Histogram bins per latent over [0, M); the maximum lies in the upper half, so at least 32 cover [0, max]."""
 
-PAYLOAD = ("row", "context", "position")
-"""What every kept example carries besides its value: store row, packed context, position in it."""
+PAYLOAD = ("row", "context", "position", "kind")
+"""What every kept example carries besides its value: store row, packed context, position in it, row kind
+(`KINDS`)."""
+
+KINDS = ("typical", "massive", "bos")
+"""Row kinds by their code in the payload: massive means norm > M × the site's median (`sae.rowtypes`); BOS rows
+are their own kind (they are only encoded for SAEs trained with them)."""
 
 _BIN_BITS = N_BINS.bit_length() - 1
 
@@ -38,9 +44,11 @@ class Entries(NamedTuple):
     value: Tensor
     """Activation, float32 [n]."""
     payload: Tensor
-    """Store row, context and position of each, int64 [n, 3]."""
+    """Store row, context, position and row kind of each, int64 [n, len(PAYLOAD)]."""
     massive: Tensor
     """Whether the row is a massive one, bool [n]."""
+    typical: Tensor
+    """Whether the row is a typical one (neither massive nor BOS), bool [n]."""
 
 
 class Kept(NamedTuple):
@@ -51,7 +59,7 @@ class Kept(NamedTuple):
     value: Tensor
     """[cells, m] float32 activation."""
     payload: Tensor
-    """[cells, m, 3] int64 (PAYLOAD); -1 where empty."""
+    """[cells, m, len(PAYLOAD)] int64; -1 where empty."""
 
 
 def empty_kept(cells: int, m: int, device: torch.device) -> Kept:
@@ -101,7 +109,9 @@ class LatentState:
         self.count = torch.zeros(n, dtype=torch.long, device=device)
         self.massive_count = torch.zeros(n, dtype=torch.long, device=device)
         self.total = torch.zeros(n, dtype=torch.float64, device=device)
+        self.massive_total = torch.zeros(n, dtype=torch.float64, device=device)
         self.top = empty_kept(n, top, device)
+        self.top_typical = empty_kept(n, top, device)
         # Histogram range [0, 2**exponent); -200: nothing seen yet (merging empty bins changes nothing).
         self.exponent = torch.full((n,), -200, dtype=torch.long, device=device)
         self.hist = torch.zeros(n, N_BINS, dtype=torch.long, device=device)
@@ -115,7 +125,10 @@ class LatentState:
         self.count.scatter_add_(0, e.latent, torch.ones_like(e.latent))
         self.massive_count.scatter_add_(0, e.latent, e.massive.long())
         self.total.scatter_add_(0, e.latent, e.value.double())
+        self.massive_total.scatter_add_(0, e.latent, torch.where(e.massive, e.value, 0).double())
         self.top = merge_smallest(self.top, e.latent, -e.value, e.value, e.payload)
+        t = e.typical
+        self.top_typical = merge_smallest(self.top_typical, e.latent[t], -e.value[t], e.value[t], e.payload[t])
         self._grow_range(e)
         scale = torch.ldexp(torch.ones_like(e.value), -self.exponent[e.latent].to(torch.int32))
         b = (e.value * scale * N_BINS).long().clamp_(0, N_BINS - 1)

@@ -371,6 +371,11 @@ class InspectConfig:
     window: int = 10
     """Tokens of context shown either side of an example's token."""
 
+    massive_factor: float | None = None
+    """Rows with norm > this × the site's median non-BOS norm count as massive (pages mark them, and show top
+    examples over typical rows beside those over all rows); default: the store's setting (3 unless the harvest
+    chose another)."""
+
     batch_size: int = 4096
     """Rows per encode, or contexts × seq_len per LM forward with `dataset`."""
 

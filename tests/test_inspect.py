@@ -133,8 +133,10 @@ def test_state_top_histogram_and_reservoirs_equal_brute_force():
     gen = torch.Generator().manual_seed(seed)
     every = []
     for lat, val, rows in _batches(0, n_lat=n_lat):
-        pay = torch.from_numpy(np.stack([rows, rows // 10, rows % 10], 1))
-        e = Entries(torch.from_numpy(lat), torch.from_numpy(val), pay, torch.from_numpy(rows % 3 == 0))
+        massive = rows % 3 == 0
+        pay = torch.from_numpy(np.stack([rows, rows // 10, rows % 10, massive.astype(np.int64)], 1))
+        mk = torch.from_numpy(massive)
+        e = Entries(torch.from_numpy(lat), torch.from_numpy(val), pay, mk, ~mk)
         state.update(e)
         keys = torch.rand(len(val), generator=gen).numpy()  # the keys the state drew, in the same order
         every += list(zip(lat.tolist(), val.tolist(), rows.tolist(), keys.tolist(), strict=True))
@@ -144,10 +146,14 @@ def test_state_top_histogram_and_reservoirs_equal_brute_force():
         assert state.count[j] == len(mine)
         assert state.massive_count[j] == sum(r % 3 == 0 for _, r, _ in mine)
         assert state.total[j].item() == pytest.approx(sum(v for v, _, _ in mine))
-        # Top: largest values, ties to the earlier row.
+        assert state.massive_total[j].item() == pytest.approx(sum(v for v, r, _ in mine if r % 3 == 0))
+        # Top: largest values, ties to the earlier row; once over all rows, once over typical (non-massive) rows.
         want = sorted(mine, key=lambda t: (-t[0], t[1]))[:top]
         assert state.top.payload[j, :, 0].tolist() == [r for _, r, _ in want]
         assert state.top.value[j].tolist() == [v for v, _, _ in want]
+        want = sorted([t for t in mine if t[1] % 3], key=lambda t: (-t[0], t[1]))[:top]
+        assert state.top_typical.payload[j, :, 0].tolist() == [r for _, r, _ in want]
+        assert state.top_typical.payload[j, :, 3].tolist() == [0] * top
         # The range is the power of two above the maximum; the histogram is exact after every merge.
         vmax = max(v for v, _, _ in mine)
         assert 2.0 ** (exponent[j] - 1) <= vmax < 2.0 ** exponent[j]
@@ -165,9 +171,10 @@ def test_state_size_does_not_grow_with_rows():
     state = LatentState(8, top=5, per_bin=2, seed=0, device=torch.device("cpu"))
     sizes = None
     for lat, val, rows in _batches(1, n_batches=30, n_lat=8):
-        pay = torch.from_numpy(np.stack([rows, rows, rows], 1))
-        state.update(Entries(torch.from_numpy(lat), torch.from_numpy(val), pay, torch.zeros(len(val), dtype=bool)))
-        now = [t.numel() for t in (*state.top, *state.reservoir, state.hist, state.count)]
+        pay = torch.from_numpy(np.stack([rows, rows, rows, rows % 2], 1))
+        m = torch.from_numpy(rows % 2 == 1)
+        state.update(Entries(torch.from_numpy(lat), torch.from_numpy(val), pay, m, ~m))
+        now = [t.numel() for t in (*state.top, *state.top_typical, *state.reservoir, state.hist, state.count)]
         assert sizes is None or now == sizes
         sizes = now
 
@@ -192,7 +199,7 @@ def test_pages_equal_brute_force_encode(env, tmp_path):
     store = Store.open(env["store"])
     n_bos = int((np.asarray(store.array("position")[:]) == 0).sum())
     assert index["rows_read"] == store.n_rows and index["rows_used"] == store.n_rows - n_bos
-    assert index["left_out"] == {"bos": n_bos, "non_finite": 0}
+    assert index["left_out"] == {"bos": n_bos, "excluded": 0, "non_finite": 0}
     assert [lat["i"] for lat in latents] == list(range(F))
     count = (acts > 0).sum(0)
     assert [lat["count"] for lat in latents] == count.tolist()
@@ -356,7 +363,7 @@ def test_manifest_inspect_stage_is_optional_and_pages_every_sae(tmp_path):
     assert len([c for c in calls if c[0] == "inspect"]) == 2
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
 def test_cuda_pass_equals_cpu(env, tmp_path):
     _, cpu = run(env, tmp_path / "cpu", latents="0-31")
     _, gpu = run(env, tmp_path / "gpu", latents="0-31", device="cuda")

@@ -87,8 +87,10 @@ class Elements(HTMLParser):
 
 
 def shown_equals(text: str, value: float) -> bool:
-    """A number as the page prints it (4 significant digits) equals the JSON value."""
-    return float(text) == pytest.approx(value, rel=6e-4)
+    """A number as the page prints it (4 significant digits; `12.5 %` for a share) equals the JSON value."""
+    m = re.match(r"\s*([-+0-9.e]+)( %)?", text)
+    assert m, text
+    return float(m[1]) == pytest.approx(100 * value if m[2] else value, rel=6e-4, abs=1e-12)
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +126,7 @@ def test_index_lists_the_latents(site, tmp_path):
     first = int(page.find("tr", data_latent=True)[0][1]["data-latent"])
     assert first == max(latents, key=lambda lat: lat["max"] or -1)["i"]
     # Every control is a link or a button (reachable with Tab), every sortable header a button.
-    assert len(page.find("button", data_sort=True)) == 5
+    assert len(page.find("button", data_sort=True)) == 6
     img = screenshot((out / "index.html").as_uri(), tmp_path / "inspect-index.png")
     assert img.std() > 0.05 and len(np.unique(img.reshape(-1, img.shape[-1]), axis=0)) > 50
 
@@ -152,7 +154,7 @@ def test_latent_page_shows_examples_and_the_json_numbers(site, tmp_path):
     assert "focus" in toks[first["position"] - first["start"]][1]["class"]
     promoted = page.find("table", class_="pos")
     assert promoted and promoted[0][2].strip()
-    similar = [el for el in page.find("a") if el[1].get("href", "").startswith("#/latent/")]
+    similar = [el for el in page.find("a") if re.fullmatch(r"#/latent/\d+", el[1].get("href", ""))]
     assert {int(el[1]["href"].rsplit("/", 1)[1]) for el in similar} >= {j for j, _ in lat["similar"]}
     img = screenshot((out / "index.html").as_uri() + f"#/latent/{lat['i']}", tmp_path / "inspect-latent.png")
     assert img.std() > 0.05 and len(np.unique(img.reshape(-1, img.shape[-1]), axis=0)) > 50
