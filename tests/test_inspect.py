@@ -380,3 +380,121 @@ def test_another_model_than_the_stores_is_refused(env, tmp_path):
     with pytest.raises(SaeError, match="holds activations of model"):
         inspect(InspectConfig(sae_dir=env["sae"], out=tmp_path / "x", device="cpu", model=str(other)))
     assert not (tmp_path / "x").exists()
+
+
+# --------------------------------------------------------------------------------------------------
+# Massive rows: a synthetic store where every row at one position is planted 20× longer
+
+MASSIVE_POSITION = 7
+D_SYN, F_SYN = 16, 24
+
+
+@pytest.fixture(scope="module")
+def massive(tmp_path_factory):
+    """A store whose rows at MASSIVE_POSITION are 20× the others plus a large fixed direction u (as real massive
+    activations are), and an SAE on it: latents 0..F-2 are dictionary directions (they fire everywhere, many far
+    harder on the massive rows); the last latent reads u with a threshold only massive rows pass."""
+    from _synthetic import SITE as SYN_SITE
+    from _synthetic import make_store, sparse_data
+
+    base = sparse_data(D_SYN)
+    u = torch.nn.functional.normalize(base.dictionary[: F_SYN - 1].sum(0), dim=0)
+
+    def data(n, position, shard):
+        x = base(n, position, shard)
+        m = torch.from_numpy(position == MASSIVE_POSITION)
+        x[m] = 20 * x[m] + 200 * u
+        return x
+
+    root = tmp_path_factory.mktemp("massive")
+    store = make_store(root / "m.zarr", d=D_SYN, n_contexts=96, seq_len=16, data=data, tokens=lambda r: r % 50 + 1)
+    st = Store.open(store)
+    x = torch.cat([st.chunk(SYN_SITE, i).float() for i in st.complete_chunks()])
+    pos = np.concatenate([np.asarray(st.chunk_meta(i).position) for i in st.complete_chunks()])
+    proj = x @ u
+    lo = float(proj[torch.from_numpy(pos == MASSIVE_POSITION)].min())
+    hi = float(proj[torch.from_numpy((pos > 0) & (pos != MASSIVE_POSITION))].max())
+    assert hi < lo  # u tells the planted rows apart
+    w_dec = torch.cat([base.dictionary[: F_SYN - 1], u[None]])
+    theta = torch.full((F_SYN,), 1.0)
+    theta[-1] = (lo + hi) / 2
+    weights = {"W_enc": w_dec.T.contiguous(), "b_enc": torch.zeros(F_SYN), "W_dec": w_dec, "b_dec": torch.zeros(D_SYN)}
+    weights["threshold"] = theta
+
+    def sae(name: str, **meta) -> Path:
+        cfg = SaeConfig(
+            architecture="jumprelu", d_in=D_SYN, d_sae=F_SYN, k=4, hook_name=SYN_SITE,
+            training_architecture="batchtopk", theta=1.0, complete=True,
+            metadata={"keep_bos": False, "store": str(store), **meta},
+        )  # fmt: skip
+        return save_sae(weights, cfg, root / name)
+
+    return {"store": store, "site": SYN_SITE, "sae": sae("sae"), "make_sae": sae}
+
+
+def _store_rows(store_path: Path, site: str, sae_dir: Path):
+    """Every non-BOS row: (acts [n, F], store rows, positions, norms)."""
+    store = Store.open(store_path)
+    xs, rows, pos = [], [], []
+    for i in store.complete_chunks():
+        a, b = store.chunk_range(i)
+        keep = np.asarray(store.chunk_meta(i).position) != 0
+        xs.append(store.chunk(site, i).float()[torch.from_numpy(keep)])
+        rows.append(np.arange(a, b)[keep])
+        pos.append(np.asarray(store.chunk_meta(i).position)[keep])
+    x = torch.cat(xs)
+    with torch.no_grad():
+        acts = load_sae(sae_dir).encode(x).numpy()
+    return acts, np.concatenate(rows), np.concatenate(pos), x.norm(dim=1).numpy()
+
+
+def test_massive_rows_are_marked_and_do_not_own_the_top_examples(massive, tmp_path):
+    index, latents = run(massive, tmp_path, model="none", top=8, window=2)
+    store = Store.open(massive["store"])
+    norms = store.norm_stats(massive["site"])
+    kinds = index["row_kinds"]
+    assert kinds["source"] == f"store {store.path}" and kinds["median_norm"] == pytest.approx(norms["median"])
+    assert kinds["massive_factor"] == norms["massive"]["factor"]
+    acts, rows, pos, row_norm = _store_rows(massive["store"], massive["site"], massive["sae"])
+    is_massive = row_norm > kinds["massive_factor"] * norms["median"]
+    assert (is_massive == (pos == MASSIVE_POSITION)).all()  # the planted rows, and only they
+    kind_of = dict(zip(rows.tolist(), np.where(is_massive, "massive", "typical").tolist(), strict=True))
+    for lat in latents:
+        f = lat["i"]
+        col = acts[:, f]
+        for ex in lat["top"] + lat["top_typical"] + [e for q in lat["quantiles"] for e in q["examples"]]:
+            assert ex["kind"] == kind_of[ex["row"]]
+        # The activation mass on massive rows, and the top examples over typical rows, against brute force.
+        assert lat["massive_mass"] == pytest.approx(col[is_massive].sum() / col.sum(), rel=1e-3)
+        typical = np.flatnonzero(~is_massive & (col > 0))
+        want = typical[np.lexsort((rows[typical], -col[typical]))][:8]
+        assert [ex["row"] for ex in lat["top_typical"]] == rows[want].tolist()
+        assert all(ex["kind"] == "typical" for ex in lat["top_typical"])
+        assert lat["max_typical"] == (pytest.approx(float(col[typical].max()), rel=1e-5) if len(typical) else None)
+    # Most dictionary latents' top examples over all rows are all on the planted rows; the typical view is not.
+    owned = [lat for lat in latents[:-1] if lat["top"] and all(ex["kind"] == "massive" for ex in lat["top"])]
+    assert len(owned) > (F_SYN - 1) / 2 and all(len(lat["top_typical"]) == 8 for lat in owned)
+    # The offset reader fires on massive rows only: all its mass there, no typical example, flagged on the index.
+    only = latents[-1]
+    assert only["count"] == int(is_massive.sum()) and only["massive_mass"] == 1 and only["top_typical"] == []
+    assert index["on_massive"] >= 1
+    assert index["columns"]["massive_mass"][-1] == 1 and index["columns"]["snippet_typical"][-1] is None
+
+
+def test_rows_the_sae_was_trained_without_are_left_out(massive, tmp_path):
+    norms = Store.open(massive["store"]).norm_stats(massive["site"])
+    sae = massive["make_sae"](
+        "excl", exclude={"massive_factor": 3.0, "massive_threshold": None, "median_norm": norms["median"],
+                         "positions": [3], "token_ids": [], "n_excluded": 0, "share_excluded": 0.0},
+    )  # fmt: skip
+    index, latents = run(massive, tmp_path, sae_dir=sae, model="none", top=5, window=2)
+    _, _, pos, _ = _store_rows(massive["store"], massive["site"], sae)
+    n_excluded = int(((pos == MASSIVE_POSITION) | (pos == 3)).sum())
+    assert index["left_out"]["excluded"] == n_excluded and index["rows_used"] == len(pos) - n_excluded
+    for lat in latents:
+        for ex in lat["top"] + [e for q in lat["quantiles"] for e in q["examples"]]:
+            assert ex["kind"] == "typical" and ex["position"] not in (3, MASSIVE_POSITION)
+            # the window shows left-out rows as such (no value), as it does BOS
+            for p, a in zip(range(ex["start"], ex["start"] + len(ex["acts"])), ex["acts"], strict=True):
+                assert (a is None) == (p in (0, 3, MASSIVE_POSITION))
+    assert latents[-1]["count"] == 0  # the massive-only latent never sees a row

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_inspect import env, run  # noqa: F401  (the module's store and SAE fixture)
+from test_inspect import env, massive, run  # noqa: F401  (the module's stores and SAE fixtures)
 
 CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
 
@@ -164,3 +164,25 @@ def test_a_latent_that_was_not_inspected_says_so(site):
     out, index, _ = site
     page = Elements(dom((out / "index.html").as_uri() + f"#/latent/{index['sae']['d_sae'] + 5}"))
     assert "was not inspected" in "".join(el[2] for el in page.find("p", class_="error"))
+
+
+def test_massive_rows_are_marked_and_the_typical_view_shows_other_examples(massive, tmp_path):  # noqa: F811
+    out = tmp_path / "site"
+    _, latents = run(massive, tmp_path, model="none", top=5, window=2)
+    lat = next(lat for lat in latents if lat["top"] and all(ex["kind"] == "massive" for ex in lat["top"]))
+    page = Elements(dom((out / "index.html").as_uri() + f"#/latent/{lat['i']}"))
+    items = [el for el in page.find("li", class_="ex") if el[1]["data-row"] in {str(e["row"]) for e in lat["top"]}]
+    assert items and all(el[1]["data-kind"] == "massive" and "massive row" in el[2] for el in items)
+    assert float(page.find("span", id="massive-mass")[0][1]["data-value"]) == lat["massive_mass"]
+    assert page.find("a", href=f"#/latent/{lat['i']}/typical"), "no link to the typical-rows view"
+    page = Elements(dom((out / "index.html").as_uri() + f"#/latent/{lat['i']}/typical"))
+    assert not page.find("ol", id="top")
+    top = page.find("ol", id="top-typical")[0]
+    rows = [int(el[1]["data-row"]) for el in page.find("li", class_="ex") if el[2] in top[2]][: len(lat["top_typical"])]
+    assert rows == [ex["row"] for ex in lat["top_typical"]] and rows
+    assert all(el[1]["data-kind"] == "typical" for el in page.find("li", class_="ex") if el[2] in top[2])
+    index = Elements(dom((out / "index.html").as_uri() + "#/typical"))
+    only = index.find("tr", data_latent=str(latents[-1]["i"]))[0]
+    assert "never fired on a typical row" in only[2] and "mostly massive" in only[2]
+    img = screenshot((out / "index.html").as_uri() + f"#/latent/{lat['i']}", tmp_path / "inspect-massive.png")
+    assert img.std() > 0.05
