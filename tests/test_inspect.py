@@ -498,3 +498,72 @@ def test_rows_the_sae_was_trained_without_are_left_out(massive, tmp_path):
             for p, a in zip(range(ex["start"], ex["start"] + len(ex["acts"])), ex["acts"], strict=True):
                 assert (a is None) == (p in (0, 3, MASSIVE_POSITION))
     assert latents[-1]["count"] == 0  # the massive-only latent never sees a row
+
+
+# --------------------------------------------------------------------------------------------------
+# Transcoders: the encoder reads the input site, the decoder writes to the output site
+
+TC_IN, TC_OUT = "blocks.1.ln2.hook_normalized", "blocks.1.hook_mlp_out"
+
+
+def _transcoder(path: Path, store: Path, model: Path, hook_out: str = TC_OUT) -> Path:
+    from sae.transcoder import TranscoderConfig, save_transcoder
+
+    g = torch.Generator().manual_seed(4)
+    w_enc = torch.nn.functional.normalize(torch.randn(F, D, generator=g), dim=1).T.contiguous()
+    weights = {
+        "W_enc": w_enc, "b_enc": torch.zeros(F), "W_dec": torch.randn(F, D, generator=g), "b_dec": torch.zeros(D),
+        "threshold": torch.full((F,), 1.5), "W_skip": torch.zeros(D, D),
+    }  # fmt: skip
+    cfg = TranscoderConfig(
+        architecture="jumprelu_skip_transcoder", d_in=D, d_sae=F, d_out=D, k=4.0, hook_name=TC_IN,
+        hook_name_out=hook_out, training_architecture="batchtopk", theta=1.5, complete=True,
+        metadata={"keep_bos": False, "store": str(store), "model": {"id": str(model), "revision": None}},
+    )  # fmt: skip
+    return save_transcoder(weights, cfg, path)
+
+
+def test_transcoder_reads_its_input_site_and_writes_logits_from_its_output_site(env, tmp_path):
+    from sae.transcoder import load_transcoder
+
+    store = tmp_path / "tc.zarr"
+    harvest(
+        HarvestConfig(
+            out=store, model=str(env["model"]), dataset=str(env["root"] / "train.txt"), sites=(TC_IN,), seq_len=SEQ,
+            max_tokens=SEQ * 24, chunk_rows=64, shard_chunks=3, batch_size=8, device="cpu",
+        )
+    )  # fmt: skip
+    tc = _transcoder(tmp_path / "tc", store, env["model"])
+    index, latents = run(env, tmp_path, sae_dir=tc, top=4, window=2)
+    assert index["sae"]["transcoder"] and index["sae"]["site"] == TC_IN and index["sae"]["site_out"] == TC_OUT
+    st = Store.open(store)
+    xs, rows = [], []
+    for i in st.complete_chunks():
+        a, b = st.chunk_range(i)
+        keep = np.asarray(st.chunk_meta(i).position) != 0
+        xs.append(st.chunk(TC_IN, i).float()[torch.from_numpy(keep)])
+        rows.append(np.arange(a, b)[keep])
+    t = load_transcoder(tc)
+    with torch.no_grad():
+        acts = t.encode(torch.cat(xs)).numpy()
+    rows = np.concatenate(rows)
+    assert [lat["count"] for lat in latents] == (acts > 0).sum(0).tolist() and index["rows_used"] == len(rows)
+    model = __import__("transformers").AutoModelForCausalLM.from_pretrained(env["model"])
+    for lat in [lat for lat in latents if lat["count"] >= 4][:5]:
+        f = lat["i"]
+        order = sorted(range(len(rows)), key=lambda r: (-acts[r, f], r))[:4]
+        assert [ex["row"] for ex in lat["top"]] == rows[order].tolist()
+        logits = ((t.W_dec[f] * model.model.norm.weight) @ model.lm_head.weight.T).detach()  # W_dec: output space
+        assert [i for i, _ in lat["logits"]["top"]] == logits.topk(10).indices.tolist()
+    # A decoder that writes somewhere other than into the residual stream has no logit effects, and says why.
+    odd = _transcoder(tmp_path / "tc-odd", store, env["model"], hook_out=TC_IN)
+    index, latents = run(env, tmp_path / "odd", sae_dir=odd, latents="0-3")
+    assert all(lat["logits"] is None for lat in latents) and "residual stream" in index["logit_note"]
+    # Its input site missing from the store given: one line, nothing written.
+    from click.testing import CliRunner
+
+    from sae.cli import main
+
+    res = CliRunner().invoke(main, ["inspect", str(tc), "--store", str(env["store"]), "--out", str(tmp_path / "no")])
+    assert res.exit_code == 2 and len(res.output.strip().splitlines()) == 1 and TC_IN in res.output, res.output
+    assert not (tmp_path / "no").exists()
