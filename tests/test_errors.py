@@ -191,9 +191,16 @@ CASES = [
     # the global option
     ("progress-interval-word", ["--progress-interval", "often", "validate", "{store}"], ["often"]),
     ("unknown-command", ["trian", "{store}"], ["trian"]),
-    # inspect: add its cases here when `sae inspect` exists (a file, a missing path, a folder that is not an SAE
-    # directory or store, an unknown site, a non-numeric option), e.g.
-    # ("inspect-sae-is-file", ["inspect", "{file}"], ["README.md"]),
+    # inspect
+    ("inspect-sae-is-file", ["inspect", "{file}", "--out", "site"], ["README.md"]),
+    ("inspect-sae-missing", ["inspect", "./nosae", "--out", "site"], ["nosae"]),
+    ("inspect-not-sae-dir", ["inspect", "{notstore}", "--out", "site"], ["notstore"]),
+    ("inspect-store-as-sae", ["inspect", "{store}", "--out", "site"], ["store.zarr"]),
+    ("inspect-no-store-recorded", ["inspect", "{sae}", "--out", "site"], ["records no store", "--store"]),
+    ("inspect-store-missing", ["inspect", "{sae}", "--store", "./nostore.zarr", "--out", "site"], ["nostore.zarr"]),
+    ("inspect-unknown-site", ["inspect", "{sae}", "--store", "{store}", "--out", "site"], [SITE]),
+    ("inspect-top-word", ["inspect", "{sae}", "--top", "many"], ["--top", "many"]),
+    ("inspect-latents-outside", ["inspect", "{sae}", "--store", "{store}", "--latents", "0-999"], ["0-999"]),
 ]
 
 
