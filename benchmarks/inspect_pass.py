@@ -32,7 +32,7 @@ from common import machine, write_section
 
 from sae.config import InspectConfig
 from sae.device import resolve_device
-from sae.evaluate.inspect import first_pass
+from sae.evaluate.inspect import first_pass, row_kinds
 from sae.evaluate.rows import StoreRows
 from sae.saedir import SaeConfig, load_sae, save_sae
 from sae.store import Store
@@ -90,11 +90,13 @@ def time_encode(sae, store: Store, site: str, batch: int, device: torch.device, 
 def time_inspect(sae, store: Store, site: str, cfg: InspectConfig, device: torch.device) -> tuple[float, int]:
     source = StoreRows(store, site, device, cfg.max_rows)
     t0 = time.perf_counter()
-    state, _, used, _ = first_pass(source, sae, torch.arange(sae.cfg.d_sae).numpy(), cfg, skip_bos=True)
+    kinds = row_kinds(cfg, sae, site, store)
+    state, _, used = first_pass(source, sae, torch.arange(sae.cfg.d_sae).numpy(), cfg, kinds)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     dt = time.perf_counter() - t0
-    tensors = (*state.top, *state.reservoir, state.hist, state.count, state.massive_count, state.total, state.exponent)
+    tensors = (*state.top, *state.top_typical, *state.reservoir, state.hist, state.count, state.massive_count,
+               state.total, state.massive_total, state.exponent)  # fmt: skip
     size = sum(t.numel() * t.element_size() for t in tensors)
     return source.n_rows / dt, size
 
