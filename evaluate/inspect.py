@@ -304,10 +304,28 @@ def _store_of(source: StoreRows | ModelRows) -> Store | None:
 # The passes
 
 
-def _encode(sae: SparseAutoencoder | Transcoder, x: Tensor, selected: Tensor | None) -> Tensor:
+def nonzero_acts(
+    sae: SparseAutoencoder | Transcoder, x: Tensor, selected: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(row, latent, activation) of every nonzero of `sae.encode(x)` restricted to `selected`, row-major.
+
+    With per-latent thresholds (SAELens jumprelu, our BatchTopK export, jumprelu transcoders) encode is
+    relu(pre)·1[pre > θ], nonzero exactly where pre > max(θ, 0): one comparison over the pre-activations
+    instead of relu, compare, multiply and a scan of the product (on a CPU these cost as much as the GEMM)."""
     with torch.no_grad():
-        a = sae.encode(x)
-    return a if selected is None else a[:, selected]
+        threshold = getattr(sae, "threshold", None)
+        if threshold is None:
+            a = sae.encode(x)
+            a = a if selected is None else a[:, selected]
+            r, f = a.nonzero(as_tuple=True)
+            return r, f, a[r, f]
+        pre = sae.pre_acts(x)
+        theta = threshold.detach().clamp(min=0)
+        if selected is not None:
+            pre, theta = pre[:, selected], theta[selected]
+        fired = pre > theta
+        r, f = fired.nonzero(as_tuple=True)
+        return r, f, pre[fired]
 
 
 def first_pass(
@@ -336,10 +354,9 @@ def first_pass(
         meta = torch.cat([meta, kind[:, None].long()], 1)[keep].to(device)
         x, kind = x[keep], kind[keep].to(device)
         for i in range(0, x.shape[0], cfg.batch_size):
-            a = _encode(sae, x[i : i + cfg.batch_size], sel)
-            r, f = a.nonzero(as_tuple=True)
+            r, f, v = nonzero_acts(sae, x[i : i + cfg.batch_size], sel)
             k = kind[i : i + cfg.batch_size][r]
-            state.update(Entries(f, a[r, f].float(), meta[i : i + cfg.batch_size][r], k == 1, k == 0))
+            state.update(Entries(f, v.float(), meta[i : i + cfg.batch_size][r], k == 1, k == 0))
         used += x.shape[0]
         progress.figures(rows=f"{used:,} used", latents=f"{int((state.count > 0).sum()):,} fired")
         progress.update(len(batch.row))

@@ -71,6 +71,12 @@ def empty_kept(cells: int, m: int, device: torch.device) -> Kept:
     )
 
 
+def _ordered_bits(key: Tensor) -> Tensor:
+    """int64 in [-2³¹, 2³¹) with the order of the float32 values `key` (±inf included, no NaN)."""
+    b = key.float().contiguous().view(torch.int32).long()
+    return torch.where(b < 0, b ^ 0x7FFFFFFF, b)  # negative floats: larger magnitude, smaller integer
+
+
 def merge_smallest(kept: Kept, cell: Tensor, key: Tensor, value: Tensor, payload: Tensor) -> Kept:
     """Kept ∪ new entries (cell, key, value, payload), keeping the m smallest keys per cell (ties: kept entries
     first, then new ones in their given order). Entries that cannot enter are dropped before any sort."""
@@ -86,8 +92,8 @@ def merge_smallest(kept: Kept, cell: Tensor, key: Tensor, value: Tensor, payload
     all_key = torch.cat([kept.key[touched].reshape(-1), key])
     all_value = torch.cat([kept.value[touched].reshape(-1), value])
     all_payload = torch.cat([kept.payload[touched].reshape(-1, payload.shape[1]), payload])
-    order = torch.sort(all_key, stable=True).indices
-    order = order[torch.sort(all_cell[order], stable=True).indices]
+    # One stable sort by (cell, key): the cell in the high 32 bits, the key's float32 order in the low ones.
+    order = torch.sort((all_cell << 32) | (_ordered_bits(all_key) + (1 << 31)), stable=True).indices
     sorted_cell = all_cell[order]
     starts = torch.searchsorted(sorted_cell, torch.arange(u, device=cell.device))
     rank = torch.arange(sorted_cell.numel(), device=cell.device) - starts[sorted_cell]

@@ -567,3 +567,35 @@ def test_transcoder_reads_its_input_site_and_writes_logits_from_its_output_site(
     res = CliRunner().invoke(main, ["inspect", str(tc), "--store", str(env["store"]), "--out", str(tmp_path / "no")])
     assert res.exit_code == 2 and len(res.output.strip().splitlines()) == 1 and TC_IN in res.output, res.output
     assert not (tmp_path / "no").exists()
+
+
+@pytest.mark.parametrize("arch", ["jumprelu", "topk", "standard"])
+def test_nonzero_acts_equal_the_encode(arch):
+    from sae.evaluate.inspect import nonzero_acts
+    from sae.saedir import SparseAutoencoder
+
+    g = torch.Generator().manual_seed(2)
+    sae = SparseAutoencoder(SaeConfig(architecture=arch, d_in=D, d_sae=F, k=5, hook_name=SITE))
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+        if arch == "jumprelu":
+            sae.threshold[: F // 3] = -0.2  # a negative θ: pre in (θ, 0] is still zero after the relu
+    x = torch.randn(50, D, generator=g)
+    a = sae.encode(x).detach()
+    for sel in (None, torch.tensor([3, 0, 17, 95])):
+        want = a if sel is None else a[:, sel]
+        r, f, v = nonzero_acts(sae, x, sel)
+        wr, wf = want.nonzero(as_tuple=True)
+        assert r.tolist() == wr.tolist() and f.tolist() == wf.tolist()
+        torch.testing.assert_close(v, want[wr, wf])
+
+
+def test_ordered_bits_keep_the_float_order():
+    from sae.evaluate.latent_state import _ordered_bits
+
+    v = torch.tensor([-float("inf"), -3e38, -2.5, -1.0, -1e-40, 1e-40, 0.5, 1.0, 7.0, 3e38, float("inf")])
+    bits = _ordered_bits(v)
+    assert (bits[1:] > bits[:-1]).all() and bits.min() >= -(2**31) and bits.max() < 2**31
+    perm = torch.randperm(len(v), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(v[perm][torch.sort(_ordered_bits(v[perm])).indices], v)
