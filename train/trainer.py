@@ -60,7 +60,10 @@ from .signals import TrainingInterrupted
 from .validate import VAL_MAX_ROWS, val_row, validate
 
 GEOMEDIAN_ROWS = 8192
-"""Rows sampled to initialise b_dec (geometric median) before the first step."""
+"""Rows sampled to initialise b_dec (geometric median) before the first step (the kept ones, under --exclude-*)."""
+
+KEPT_STATS_ROWS = 131072
+"""Rows sampled for the input scale and σ² of the kept rows when some are excluded (--exclude-*)."""
 
 
 def train(cfg: TrainConfig) -> list[Path]:
@@ -103,15 +106,11 @@ def _train(cfg: TrainConfig, dd: Dist, device: torch.device) -> list[Path]:
     if ck is not None:
         compare_store(ck.state["store"], identity, out)
 
-    # The input scale c and the reader (this rank's lanes; a checkpoint's position).
+    # The reader (this rank's lanes; a checkpoint's position) and the input scale c.
     stats = store.stats(site, skip_bos=not cfg.keep_bos)
     if not (math.isfinite(stats.mean_norm) and stats.mean_norm > 0):
         _find_bad_rows(store, site, cfg.keep_bos)  # raises naming the rows, when some are NaN/Inf
         raise SaeError(f"store {cfg.store}: site {site} has mean norm {stats.mean_norm}; cannot scale the inputs")
-    scale = math.sqrt(d) / stats.mean_norm
-    if not (math.isfinite(stats.variance) and stats.variance > 0):
-        raise SaeError(f"store {cfg.store}: site {site} has variance {stats.variance}; nothing to reconstruct")
-    variance = stats.variance * scale**2  # σ² of the scaled rows: the fixed normaliser of the reconstruction
     lanes = cfg.reader_lanes if cfg.reader_lanes is not None else dd.world  # (a checkpoint's state overrides)
     reader = ChunkReader(
         store,
@@ -129,6 +128,13 @@ def _train(cfg: TrainConfig, dd: Dist, device: torch.device) -> list[Path]:
     )
     with contextlib.ExitStack() as stack:
         stack.callback(reader.close)
+        mean_norm, raw_variance = stats.mean_norm, stats.variance
+        if rowfilter.active:  # the kept rows' statistics, from a seeded sample (the same on every rank and resume)
+            mean_norm, raw_variance = rowfilter.kept_stats(reader.sample(KEPT_STATS_ROWS))
+        scale = math.sqrt(d) / mean_norm
+        if not (math.isfinite(raw_variance) and raw_variance > 0):
+            raise SaeError(f"store {cfg.store}: site {site} has variance {raw_variance}; nothing to reconstruct")
+        variance = raw_variance * scale**2  # σ² of the scaled rows: the fixed normaliser of the reconstruction
         plan = make_plan(cfg, reader.train_rows, scale)
         if ck is not None:
             was = {k: v for k, v in ck.state["plan"].items() if k != "checkpoint_steps"}
@@ -152,7 +158,7 @@ def _train(cfg: TrainConfig, dd: Dist, device: torch.device) -> list[Path]:
             for r in runs:
                 if dd.main:
                     r.log_path.unlink(missing_ok=True)  # left by a run that died before its first checkpoint
-            sample = reader.sample_rows(GEOMEDIAN_ROWS).to(device) * scale
+            sample = rowfilter.rows(reader.sample(GEOMEDIAN_ROWS)).x.to(device) * scale
             for r in runs:
                 r.sae.init_from_sample(sample)
             del sample
