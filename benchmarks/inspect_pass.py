@@ -175,7 +175,7 @@ def main() -> None:
             "On a CPU the encode GEMM (2·d·F FLOPs per row) alone is slower than the reader, so no pass that encodes "
             f"every row can reach it. The pass runs at {med['inspect'] / med['encode']:.2f}× the bare GEMM: the rest "
             "is the threshold comparison over B×F, extracting the nonzeros and the state updates (sorting merges, "
-            "dearest while the top lists and reservoirs fill; later rows rarely enter them). "
+            "costliest while the top lists and reservoirs fill; later rows rarely enter them). "
             "No GPU was available to measure the ratio where the GEMM is cheap."
             if med["encode"] < med["reader"]
             else ""
