@@ -253,9 +253,11 @@ class TrainingSae(nn.Module):
         return {}
 
     @classmethod
-    def check(cls, cfg: Any, point: Any, d_in: int) -> None:
+    def check(cls, cfg: Any, point: Any, d_in: int, d_out: int | None = None) -> None:
         """Raise SaeError when `cfg` cannot train sweep point `point` (before anything is written)."""
-        cls(d_in, point_size(point, d_in), variance=1.0, device="meta", **cls.options(cfg, point))
+        skip = bool(getattr(cfg, "skip", False)) and d_out is not None
+        kw = dict(variance=1.0, device="meta", d_out=d_out, skip=skip)
+        cls(d_in, point_size(point, d_in), **kw, **cls.options(cfg, point))
 
     @property
     def centre(self) -> Tensor:

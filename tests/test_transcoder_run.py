@@ -1,0 +1,140 @@
+"""`sae train --site IN --target-site OUT [--skip]` end to end on a synthetic store whose target is a known
+function of the input: SAELens-format transcoders that sae-lens loads, learning, resume after an interruption to
+the very weights of an uninterrupted run, and one-line errors with nothing written."""
+
+from __future__ import annotations
+
+import json
+import signal
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from _synthetic import make_store, sparse_data
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from sae import cli
+from sae.config import TrainConfig
+from sae.errors import SaeError
+from sae.train import train as run_train
+from sae.train import trainer
+from sae.transcoder import load_transcoder
+
+IN, OUT = "blocks.0.ln2.hook_normalized", "blocks.0.hook_mlp_out"
+D = 16
+
+
+def mlp_like(d: int = D, seed: int = 3):
+    """Site 0: sparse rows; site 1: a ReLU MLP of the same rows plus a linear part (so a skip connection helps)."""
+    base = sparse_data(d, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    w1, w2 = torch.randn(d, 4 * d, generator=g) / d**0.5, torch.randn(4 * d, d, generator=g) / (4 * d) ** 0.5
+    lin = torch.randn(d, d, generator=g) / d**0.5
+
+    def make(n: int, position: np.ndarray, shard_seed: int) -> torch.Tensor:
+        k = shard_seed % 7  # make_store passes shard * 7 + site index
+        x = base(n, position, shard_seed - k)
+        return x if k == 0 else (x @ w1).relu() @ w2 + x @ lin
+
+    return make
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tc") / "s.zarr"
+    return make_store(path, d=D, n_contexts=200, seq_len=16, chunk_rows=64, sites=(IN, OUT), data=mlp_like())
+
+
+def cfg(store, out, **kw):
+    base = dict(
+        store=store, site=IN, target_site=OUT, out=out, k=(4,), dict_size=(64,), batch_size=64, tokens=64 * 120,
+        device="cpu", val_chunks=2,
+    )  # fmt: skip
+    return TrainConfig(**{**base, **kw})
+
+
+def log(path):
+    return [json.loads(line) for line in (path / trainer.LOG_FILE).read_text().splitlines()]
+
+
+def test_transcoders_and_skip_transcoders_train_and_load_in_sae_lens(store, tmp_path):
+    sl = pytest.importorskip("sae_lens")
+    plain = run_train(cfg(store, tmp_path / "plain", arch=("batchtopk", "relu")))
+    skip = run_train(cfg(store, tmp_path / "skip", skip=True))
+    want = {"batchtopk-k4-F64": "jumprelu_transcoder", "relu-F64": "transcoder"}
+    for path in [*plain, *skip]:
+        c = json.loads((path / "cfg.json").read_text())
+        arch = "jumprelu_skip_transcoder" if path in skip else want[path.name]
+        assert c["architecture"] == arch and c["d_in"] == c["d_out"] == D and c["apply_b_dec_to_input"] is False
+        meta = c["metadata"]
+        assert meta["hook_name"] == IN and meta["hook_name_out"] == OUT and meta["target_site"] == OUT
+        assert meta["complete"] is True and meta["input_scale"] > 0 and meta["target_scale"] > 0
+        assert ("W_skip" in load_file(str(path / "sae_weights.safetensors"))) == (path in skip)
+        theirs = sl.SAE.load_from_disk(str(path))
+        ours = load_transcoder(path)
+        x = torch.randn(40, D)
+        with torch.no_grad():
+            torch.testing.assert_close(theirs(x), ours(x))
+        rows = log(path)
+        train = [r for r in rows if r["split"] == "train"]
+        assert train[-1]["fvu"] < train[0]["fvu"]  # it learns the target...
+        val = [r for r in rows if r["split"] == "val"]
+        if path.name.startswith("batchtopk"):  # ...BatchTopK well within this short run (ReLU-L1 slowly)
+            assert train[-1]["fvu"] < 0.7 * train[0]["fvu"] and val[-1]["fvu_batch"] < 0.7
+    fvu = {p.name: log(p)[-1]["fvu_batch"] for p in plain}
+    fvu_skip = log(skip[0])[-1]["fvu_batch"]
+    assert fvu_skip < fvu["batchtopk-k4-F64"]  # the linear part of the target is the skip connection's
+
+
+class _StopAfter(trainer._StopFlag):
+    """As if SIGTERM arrived during step 30."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    @property
+    def signum(self):
+        self.calls += 1
+        return signal.SIGTERM if self.calls >= 30 else None
+
+    @signum.setter
+    def signum(self, value):
+        pass
+
+
+def test_interrupted_transcoder_resumes_to_the_uninterrupted_weights(store, tmp_path, monkeypatch):
+    reference = run_train(cfg(store, tmp_path / "ref", skip=True))[0]
+    c = cfg(store, tmp_path / "run", skip=True)
+    monkeypatch.setattr(trainer, "_StopFlag", _StopAfter)
+    with pytest.raises(trainer.TrainingInterrupted, match="--resume"):
+        run_train(c)
+    monkeypatch.undo()
+    got = run_train(replace(c, resume=True))[0]
+    a, b = load_file(str(reference / "sae_weights.safetensors")), load_file(str(got / "sae_weights.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_errors_are_one_line_and_write_nothing(store, tmp_path):
+    out = tmp_path / "out"
+    cases = [
+        (dict(target_site="blocks.0.hook_resid_post"), "store .* has no such site; its sites"),
+        (dict(target_site=IN, skip=True), "--skip with --target-site equal to --site"),
+        (dict(target_site="", skip=True), "give --target-site too"),
+        (dict(arch=("topk",)), "'topk' has no SAELens transcoder"),
+    ]
+    for kw, match in cases:
+        with pytest.raises(SaeError, match=match):
+            run_train(cfg(store, out, **kw))
+        assert not out.exists()
+    result = CliRunner().invoke(
+        cli.main, ["train", str(store), "--site", IN, "--target-site", "blocks.3.hook_mlp_out", "--out", str(out)]
+    )
+    assert result.exit_code == 2 and "has no such site" in result.output and "Traceback" not in result.output
+    assert not out.exists()
+    # a run of another target in the same --out is refused
+    run_train(cfg(store, out, tokens=64 * 20))
+    with pytest.raises(SaeError, match="--target-site"):
+        run_train(cfg(store, out, tokens=64 * 20, target_site=IN))
