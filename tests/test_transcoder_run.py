@@ -138,3 +138,31 @@ def test_errors_are_one_line_and_write_nothing(store, tmp_path):
     run_train(cfg(store, out, tokens=64 * 20))
     with pytest.raises(SaeError, match="--target-site"):
         run_train(cfg(store, out, tokens=64 * 20, target_site=IN))
+
+
+def test_two_ranks_train_the_transcoder_of_one_process(store, tmp_path):
+    """torchrun, gloo on CPU: 2 ranks (one reader lane each) give the weights of one process reading both lanes."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    ref = run_train(cfg(store, tmp_path / "ref", skip=True, reader_lanes=2, decoder="dense"))[0]
+    out = tmp_path / "ddp"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1"]
+    cmd += [f"--master_port={port}", "-m", "sae.cli", "train", str(store), "--site", IN, "--target-site", OUT]
+    cmd += ["--skip", "--k", "4", "--dict-size", "64", "--batch-size", "64", "--tokens", str(64 * 120)]
+    cmd += ["--decoder", "dense", "--device", "cpu", "--out", str(out)]
+    root = Path(__file__).resolve().parents[1]
+    res = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-4000:]
+    a = load_file(str(ref / "sae_weights.safetensors"))
+    b = load_file(str(out / ref.name / "sae_weights.safetensors"))
+    assert a.keys() == b.keys() and "W_skip" in a
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=1e-4, msg=lambda m, k=k: f"{k}: {m}")
