@@ -15,6 +15,7 @@ from sae.config import TrainConfig
 from sae.errors import SaeError
 from sae.saedir import save_sae as write_sae_dir
 from sae.store import Store
+from sae.transcoder import Transcoder, save_transcoder
 
 from .archs import TrainingSae, from_config
 from .calibrate import Theta, apply_theta
@@ -140,7 +141,7 @@ def save_sae(
         r.sae.export(model_name=model.get("id"), hook_name=site, complete=complete, metadata=metadata, **extra),
         theta,
     )
-    write_sae_dir(inf, None, r.dir)
+    (save_transcoder if isinstance(inf, Transcoder) else write_sae_dir)(inf, None, r.dir)
     if r.log is not None:
         r.log.flush()
         atomic.write_bytes(r.dir / LOG_FILE, r.log_path.read_bytes())
