@@ -166,3 +166,25 @@ def test_two_ranks_train_the_transcoder_of_one_process(store, tmp_path):
     assert a.keys() == b.keys() and "W_skip" in a
     for k in a:
         torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=1e-4, msg=lambda m, k=k: f"{k}: {m}")
+
+
+def test_massive_rows_of_a_transcoder_are_judged_by_its_target(store, tmp_path):
+    """--exclude-massive on a transcoder drops the rows whose target (the batch's last columns) is massive, not
+    those with a large input; the count lands in the exported metadata, which eval reads for the output site."""
+    from sae.store import Store
+    from sae.train.exclude import RowFilter
+    from sae.train.reader import Batch
+
+    s = Store.open(store)
+    c = cfg(store, tmp_path / "o", exclude_massive=3.0)
+    f = RowFilter(c, s, OUT, columns=slice(D, None))
+    median = s.norm_stats(OUT)["median"]
+    x = torch.zeros(4, 2 * D)
+    x[:, 0] = x[:, D] = median  # typical input and target
+    x[1, 0] = 100 * median  # a huge input: kept
+    x[2, D] = 4 * median  # a massive target: dropped
+    kept = f.apply(Batch(x, torch.arange(4)))
+    assert torch.equal(kept, x[[0, 1, 3]]) and (f.seen, f.excluded) == (4, 1)
+    run_train(c)
+    meta = load_transcoder(tmp_path / "o" / "batchtopk-k4-F64").cfg.metadata
+    assert meta["exclude"]["massive_factor"] == 3.0 and meta["exclude"]["median_norm"] == pytest.approx(median)
