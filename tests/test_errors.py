@@ -105,6 +105,11 @@ CASES = [
     ("harvest-text-column", [*H[:4], "{jsonl}", *H[5:], "--out", "s.zarr"], ["column 'text'", "body"]),
     ("harvest-unknown-site", [*H[:5], "blocks.9.hook_resid_post", "--out", "s.zarr"], ["blocks.9"]),
     ("harvest-bad-site-name", [*H[:5], "layer9", "--out", "s.zarr"], ["layer9"]),
+    (
+        "harvest-bad-site-hub",
+        [*H[:1], "--model", "no-org/no-model", *H[3:6], "blocks.2.resid", "--out", "s.zarr"],
+        ["blocks.2.resid"],
+    ),
     ("harvest-shard-no-slash", [*H, "--out", "s.zarr", "--shard", "3"], ["--shard", "3"]),
     ("harvest-shard-out-of-range", [*H, "--out", "s.zarr", "--shard", "4/2"], ["4"]),
     ("harvest-shard-words", [*H, "--out", "s.zarr", "--shard", "a/b"], ["a/b"]),
@@ -242,6 +247,10 @@ BEFORE_THE_MODEL = [
     "eval-model-missing",
     "run-dataset-empty",
     "run-dataset-missing",
+    "harvest-unknown-site",
+    "harvest-bad-site-name",
+    "harvest-bad-site-hub",
+    "run-unknown-site",
 ]
 
 

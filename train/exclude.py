@@ -99,6 +99,18 @@ class RowFilter:
         keep = self.keep(r.x.float(), r.rows).cpu()
         return Rows(r.x[keep], r.rows[keep])
 
+    def kept_stats(self, sample: Rows, columns: slice = slice(None)) -> tuple[float, float]:
+        """(mean norm, σ² = E‖x − x̄‖²) of the kept rows of `sample` (raw units; of their `columns`: one site of a
+        transcoder's rows). Excluding massive rows removes a large part of the store's variance, so the input
+        scale and the loss normaliser come from the rows the SAE trains on, not from the store's statistics over
+        every row."""
+        kept = self.rows(sample)
+        if kept is None or not len(kept.x):
+            raise SaeError(f"every sampled training row is excluded ({self.exclusion.describe()}); exclude fewer rows")
+        x = kept.x[:, columns].double()
+        mean = x.mean(0)
+        return float(x.norm(dim=1).mean()), float(x.square().sum(1).mean() - mean @ mean)
+
     def totals(self, dd: Any) -> tuple[int, int]:
         """(rows seen, rows excluded) over every rank (a collective under DDP: every rank calls it)."""
         if dd.group is None:

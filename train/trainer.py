@@ -60,7 +60,10 @@ from .signals import TrainingInterrupted
 from .validate import VAL_MAX_ROWS, val_row, validate
 
 GEOMEDIAN_ROWS = 8192
-"""Rows sampled to initialise b_dec (geometric median) before the first step."""
+"""Rows sampled to initialise b_dec (geometric median) before the first step (the kept ones, under --exclude-*)."""
+
+KEPT_STATS_ROWS = 131072
+"""Rows sampled for the input scale and σ² of the kept rows when some are excluded (--exclude-*)."""
 
 
 def train(cfg: TrainConfig) -> list[Path]:
@@ -106,12 +109,8 @@ def _train(cfg: TrainConfig, dd: Dist, device: torch.device) -> list[Path]:
     if ck is not None:
         compare_store(ck.state["store"], identity, out)
 
-    # The input scale c (a transcoder's target has its own) and the reader (this rank's lanes; a checkpoint's
-    # position). σ² of the scaled rows (a transcoder's: of its scaled targets) normalises the reconstruction term.
-    scale, variance = _scale(cfg, store, site, d)
-    target_scale = None
-    if target is not None:
-        target_scale, variance = _scale(cfg, store, target, d)
+    # The reader (this rank's lanes; a checkpoint's position) and the store statistics of its site(s).
+    stats = {s: _site_stats(cfg, store, s) for s in ([site, target] if target is not None else [site])}
     lanes = cfg.reader_lanes if cfg.reader_lanes is not None else dd.world  # (a checkpoint's state overrides)
     reader = ChunkReader(
         store,
@@ -129,6 +128,20 @@ def _train(cfg: TrainConfig, dd: Dist, device: torch.device) -> list[Path]:
     )
     with contextlib.ExitStack() as stack:
         stack.callback(reader.close)
+        # (E‖x‖, σ²) per site: the store's, or with rows excluded the kept rows' from a seeded sample (the same on
+        # every rank and resume); a transcoder's batch rows hold its input's columns, then its target's.
+        moments = {s: (st.mean_norm, st.variance) for s, st in stats.items()}
+        if rowfilter.active:
+            sample = reader.sample(KEPT_STATS_ROWS)
+            moments = {s: rowfilter.kept_stats(sample, slice(i * d, (i + 1) * d)) for i, s in enumerate(moments)}
+        scale = math.sqrt(d) / moments[site][0]  # the input scale c
+        target_scale = math.sqrt(d) / moments[target][0] if target is not None else None  # the target's own
+        compared = target or site  # what the output is compared with
+        raw_variance = moments[compared][1]
+        if not (math.isfinite(raw_variance) and raw_variance > 0):
+            raise SaeError(f"store {cfg.store}: site {compared} has variance {raw_variance}; nothing to reconstruct")
+        # σ² of the scaled rows (a transcoder's: of its scaled targets): the fixed normaliser of the reconstruction
+        variance = raw_variance * (target_scale if target_scale is not None else scale) ** 2
         plan = make_plan(cfg, reader.train_rows, scale)
         if ck is not None:
             was = {k: v for k, v in ck.state["plan"].items() if k != "checkpoint_steps"}
@@ -152,7 +165,7 @@ def _train(cfg: TrainConfig, dd: Dist, device: torch.device) -> list[Path]:
             for r in runs:
                 if dd.main:
                     r.log_path.unlink(missing_ok=True)  # left by a run that died before its first checkpoint
-            sample = reader.sample_rows(GEOMEDIAN_ROWS).to(device)
+            sample = rowfilter.rows(reader.sample(GEOMEDIAN_ROWS)).x.to(device)
             x0, y0 = sample[:, :d] * scale, (sample[:, d:] * target_scale if target is not None else None)
             for r in runs:
                 r.sae.init_from_sample(x0, y0)
@@ -205,16 +218,14 @@ def _train(cfg: TrainConfig, dd: Dist, device: torch.device) -> list[Path]:
     return [r.dir for r in runs]
 
 
-def _scale(cfg: TrainConfig, store: Store, site: str, d: int) -> tuple[float, float]:
-    """(c, σ²) of a site: c = √d / E‖x‖ over the training rows' BOS handling, σ² = E‖c·x − mean‖²."""
+def _site_stats(cfg: TrainConfig, store: Store, site: str) -> Any:
+    """The store's statistics of `site` over the training rows' BOS handling; SaeError when its rows cannot be
+    scaled (naming the non-finite rows when there are some)."""
     stats = store.stats(site, skip_bos=not cfg.keep_bos)
     if not (math.isfinite(stats.mean_norm) and stats.mean_norm > 0):
         _find_bad_rows(store, site, cfg.keep_bos)  # raises naming the rows, when some are NaN/Inf
         raise SaeError(f"store {cfg.store}: site {site} has mean norm {stats.mean_norm}; cannot scale the inputs")
-    scale = math.sqrt(d) / stats.mean_norm
-    if not (math.isfinite(stats.variance) and stats.variance > 0):
-        raise SaeError(f"store {cfg.store}: site {site} has variance {stats.variance}; nothing to reconstruct")
-    return scale, stats.variance * scale**2
+    return stats
 
 
 def _find_bad_rows(store: Store, site: str, keep_bos: bool) -> None:
