@@ -606,12 +606,16 @@ def load_sae(
 
 
 def is_complete(path: str | os.PathLike) -> bool:
-    """Whether `path` holds a finished SAE of ours: both files, a readable cfg.json with metadata.complete."""
+    """Whether `path` holds a finished SAE (or transcoder, `sae.transcoder`) of ours: both files, a readable
+    cfg.json with metadata.complete."""
+    from .transcoder import is_transcoder_dir, read_transcoder_cfg  # (it imports this module)
+
     path = Path(path)
     if not (path / WEIGHTS_FILE).is_file():
         return False
     try:
-        return read_cfg(path).complete is True
+        cfg = read_transcoder_cfg(path) if is_transcoder_dir(path) else read_cfg(path)
+        return cfg.complete is True
     except SaeError:
         return False
 

@@ -188,3 +188,19 @@ def test_massive_rows_of_a_transcoder_are_judged_by_its_target(store, tmp_path):
     run_train(c)
     meta = load_transcoder(tmp_path / "o" / "batchtopk-k4-F64").cfg.metadata
     assert meta["exclude"]["massive_factor"] == 3.0 and meta["exclude"]["median_norm"] == pytest.approx(median)
+
+
+def test_a_finished_transcoder_run_is_done(store, tmp_path):
+    """A finished transcoder run counts as finished (as an SAE run does): the same command refuses to overwrite
+    it, --resume does nothing, and `sae run` would skip the stage."""
+    from sae.manifest import train_done
+    from sae.saedir import is_complete
+
+    c = cfg(store, tmp_path / "o", tokens=64 * 6, val_chunks=1)
+    (d,) = run_train(c)
+    assert is_complete(d) and train_done(c)
+    before = (d / "sae_weights.safetensors").stat().st_mtime_ns
+    with pytest.raises(SaeError, match="holds a finished run"):
+        run_train(c)
+    assert run_train(replace(c, resume=True)) == [d]
+    assert (d / "sae_weights.safetensors").stat().st_mtime_ns == before
