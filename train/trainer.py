@@ -154,7 +154,8 @@ def _train(cfg: TrainConfig, dd: Dist, device: torch.device) -> list[Path]:
             out.mkdir(parents=True, exist_ok=True)
         if ck is None and dd.main:
             atomic.write_json(out / RUN_FILE, {**run_info, "plan": plan._asdict(), "started": time.time()})
-        runs = [make_run(cfg, p, d, device, scale, variance, d_out=d_out, target_scale=target_scale) for p in points]
+        tc = {"d_out": d_out, "target_scale": target_scale} if target is not None else {}  # a transcoder's
+        runs = [make_run(cfg, p, d, device, scale, variance, **tc) for p in points]
         if dd.group is not None:
             for r in runs:
                 r.sae.process_group = dd.group
