@@ -401,7 +401,7 @@ def ablation_means(
             continue
         for path in dict.fromkeys(s.store for s in specs if s.spliced == hook and s.store and s.store.exists()):
             try:
-                out[key] = (_store_mean(path, hook, t0, info).to(device), f"store {path}")
+                out[key] = (_store_mean(path, hook, t0, info).to(device), f"store {_shown(path)}")
                 break
             except SaeError:
                 continue  # a recorded store that moved on or changed: try the next, else the eval tokens
@@ -452,6 +452,15 @@ def _store_norms(path: Path, hook: str) -> dict[str, Any] | None:
         return None
 
 
+def _shown(path: Path | str) -> str:
+    """A store path for the report: an SAE records its store's absolute path, so one under the working directory
+    is shown relative to it, as the user would have typed it."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
 def row_types(
     specs: list[SaeSpec], sites: dict[str, Site], cfg: EvalConfig, rows: dict[str, Tensor]
 ) -> dict[str, RowTypes]:
@@ -465,7 +474,7 @@ def row_types(
         if found is not None:
             path, norms = found
             factor = cfg.massive_factor or float(norms["massive"]["factor"])
-            out[hook] = RowTypes(float(norms["median"]), factor, f"store {path}")
+            out[hook] = RowTypes(float(norms["median"]), factor, f"store {_shown(path)}")
             continue
         x = rows[site.name][:, 1:].reshape(-1, rows[site.name].shape[-1])
         median = float(rowtypes.row_norms(x).median()) if len(x) else None
