@@ -280,7 +280,7 @@ def test_theta_update_runs_through_after_step():
 def _ddp_worker(rank: int, world: int, init_file: str, x: torch.Tensor, out_dir: str) -> None:
     import torch.distributed as dist
 
-    torch.set_num_threads(1)  # a forked child must not enter the parent's OpenMP pool
+    torch.set_num_threads(1)  # two ranks on a shared CPU
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         sae = make("matryoshka", widths=WIDTHS)
@@ -296,9 +296,9 @@ def _ddp_worker(rank: int, world: int, init_file: str, x: torch.Tensor, out_dir:
 
 def test_matryoshka_under_ddp_sums_to_one_process(tmp_path):
     world, x = 2, batch(40)
-    torch.multiprocessing.start_processes(
+    torch.multiprocessing.start_processes(  # spawn: a child forked from the suite's threads can deadlock
         _ddp_worker, args=(world, str(tmp_path / "init"), x, str(tmp_path)), nprocs=world, join=True,
-        start_method="fork",
+        start_method="spawn",
     )  # fmt: skip
     got = [torch.load(tmp_path / f"{r}.pt") for r in range(world)]
     sae = make("matryoshka", widths=WIDTHS)

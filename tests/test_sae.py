@@ -514,7 +514,7 @@ def test_autocast_is_safe():
 def _ddp_worker(rank: int, world: int, init_file: str, pre: torch.Tensor, x: torch.Tensor, out_dir: str) -> None:
     import torch.distributed as dist
 
-    torch.set_num_threads(1)  # a forked child must not enter the parent's OpenMP pool
+    torch.set_num_threads(1)  # two ranks on a shared CPU
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         idx = batch_topk_indices(pre.chunk(world)[rank], 7 * pre.shape[0], group=dist.group.WORLD)
@@ -535,12 +535,12 @@ def test_distributed_batch_topk_matches_one_process(tmp_path):
     world = 2
     pre = torch.randint(-3, 9, (30, 40)).float()
     x = batch(30)
-    torch.multiprocessing.start_processes(  # fork: no re-import of torch in the children (seconds saved)
+    torch.multiprocessing.start_processes(  # spawn: a child forked from the suite's threads can deadlock
         _ddp_worker,
         args=(world, str(tmp_path / "init"), pre, x, str(tmp_path)),
         nprocs=world,
         join=True,
-        start_method="fork",
+        start_method="spawn",
     )
     got = [torch.load(tmp_path / f"{r}.pt") for r in range(world)]
     expected = batch_topk_indices(pre, 7 * 30)
