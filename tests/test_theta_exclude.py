@@ -184,8 +184,7 @@ def test_exclusion_counts_survive_a_resume(massive_store, tmp_path, monkeypatch)
     """A run stopped after its first step and resumed counts the excluded rows as an uninterrupted run does, and
     ends with the same weights and θ."""
     base = dict(store=massive_store, site=SITE, k=(4,), dict_size=(64,), batch_size=64, tokens=64 * 30)
-    # (decoder `auto` picks by timing each run: the two runs could pick differently)
-    cfg = TrainConfig(**base, exclude_massive=3.0, exclude_positions=(3,), device="cpu", decoder="sparse")
+    cfg = TrainConfig(**base, exclude_massive=3.0, exclude_positions=(3,), device="cpu")
     (whole,) = run_train(replace(cfg, out=tmp_path / "whole"))
     with monkeypatch.context() as m:
         m.setattr(trainer, "_StopFlag", _StopAtOnce)
