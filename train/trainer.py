@@ -49,6 +49,7 @@ from .ddp import (
     any_rank,
     broadcast_float,
     broadcast_state,
+    destroy_process_group,
     init_distributed,
     reader_state,
     reduce_output,
@@ -83,7 +84,7 @@ def train(cfg: TrainConfig) -> list[Path]:
         return _train(cfg, d, device)
     finally:
         if created:
-            dist.destroy_process_group()
+            destroy_process_group()
 
 
 def _train(cfg: TrainConfig, dd: Dist, device: torch.device) -> list[Path]:
