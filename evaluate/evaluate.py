@@ -19,6 +19,13 @@ Row types: a spliced row is *massive* when its norm exceeds M × the site's medi
 --massive-factor, else the store's setting; the median from the store's statistics, else from the eval rows);
 every reconstruction metric is reported over all spliced rows and over typical and massive rows apart.
 
+Transcoders (a directory in SAELens' transcoder format, `sae.transcoder`): the spliced forward reads the
+input site (`hook_name`) and replaces the output site (`hook_name_out`) with the transcoder's prediction
+(`sae.sites.splice_from`); everything upstream of the output site runs as usual. Zero and mean ablation, the
+reconstruction metrics (FVU, NMSE of the prediction against the true output), the row types and the rows left
+out are all those of the output site: it is what the transcoder predicts, and a massive output row dominates
+Σ‖y − ȳ‖² just as a massive input row does an SAE's.
+
 Batch mode selects as training did: the spliced rows of all eval contexts are shuffled with --seed and encoded
 in batches of the SAE's training batch size (metadata `batch_size`, else --batch-rows), so one context's
 reconstruction depends on rows of other contexts, as in a training batch.
@@ -45,8 +52,9 @@ from sae.errors import SaeError
 from sae.metrics import MeanAccumulator
 from sae.models import ModelInfo, check_model_name, load_model
 from sae.saedir import SparseAutoencoder, load_sae
-from sae.sites import SITE_TABLE, Site, capture, parse_site, site_width, splice
+from sae.sites import SITE_TABLE, Site, capture, computed_before, parse_site, site_width, splice, splice_from
 from sae.store import Store
+from sae.transcoder import Transcoder, is_transcoder_dir, load_transcoder
 
 from .metrics import (
     CeAccumulator,
@@ -76,10 +84,10 @@ class SaeSpec(NamedTuple):
     """The SAE directory."""
     name: str
     """Short label in tables and plots (the directory name, with its parent when names repeat)."""
-    sae: SparseAutoencoder
-    """The loaded SAE."""
+    sae: SparseAutoencoder | Transcoder
+    """The loaded SAE (or transcoder)."""
     hook_name: str
-    """Site the SAE reads and is spliced at."""
+    """Site the SAE reads and is spliced at (a transcoder: its input site)."""
     skip_bos: bool
     """Trained without BOS rows: position 0 is left unspliced."""
     model: dict[str, Any] | None
@@ -92,6 +100,13 @@ class SaeSpec(NamedTuple):
     """Rows the SAE was trained without besides BOS (metadata `exclude`); eval leaves them unspliced."""
     train_batch_size: int | None = None
     """Rows per training batch (metadata `batch_size`): batch mode's batch size."""
+    target: str | None = None
+    """A transcoder's output site (cfg `hook_name_out`), which it is spliced at; None for an SAE."""
+
+    @property
+    def spliced(self) -> str:
+        """The site whose activation is replaced (and ablated, and typed): the output site of a transcoder."""
+        return self.target if self.target is not None else self.hook_name
 
 
 # --------------------------------------------------------------------------------------------------
@@ -141,12 +156,23 @@ def _names(paths: list[Path]) -> list[str]:
     return names
 
 
-def describe(path: Path, name: str, sae: SparseAutoencoder) -> SaeSpec:
-    """What the SAE's cfg records: site, BOS handling, model, corpus and store (metadata keys `keep_bos`,
-    `model`, `corpus`, `store`, written by `sae train`; SAELens-made SAEs have none of them)."""
+def load_any(path: Path) -> SparseAutoencoder | Transcoder:
+    """The SAE or transcoder (ours or SAELens-made) in directory `path`."""
+    return load_transcoder(path) if is_transcoder_dir(path) else load_sae(path)
+
+
+def describe(path: Path, name: str, sae: SparseAutoencoder | Transcoder) -> SaeSpec:
+    """What the SAE's cfg records: site (a transcoder's input and output sites), BOS handling, model, corpus and
+    store (metadata keys `keep_bos`, `model`, `corpus`, `store`, written by `sae train`; SAELens-made SAEs have
+    none of them)."""
     cfg, meta = sae.cfg, sae.cfg.metadata
     if not cfg.hook_name:
         raise SaeError(f"SAE {path}: cfg.json records no hook_name (the site the SAE was trained on)")
+    target = None
+    if isinstance(sae, Transcoder):
+        if not cfg.hook_name_out:
+            raise SaeError(f"transcoder {path}: cfg.json records no hook_name_out (the site it predicts)")
+        target = str(cfg.hook_name_out)
     model = meta.get("model")
     if not isinstance(model, dict) or not model.get("id"):
         model = {"id": cfg.model_name} if cfg.model_name else None
@@ -165,6 +191,7 @@ def describe(path: Path, name: str, sae: SparseAutoencoder) -> SaeSpec:
         store=Path(store) if isinstance(store, str) and store else None,
         exclude=rowtypes.exclusion_from_metadata(meta),
         train_batch_size=int(meta["batch_size"]) if isinstance(meta.get("batch_size"), int) else None,
+        target=target,
     )
 
 
@@ -213,19 +240,27 @@ def check_model(specs: list[SaeSpec], info: ModelInfo, force: bool) -> None:
 
 
 def check_sites(specs: list[SaeSpec], model: Any) -> dict[str, Site]:
-    """The site of each SAE's hook name on `model` (SaeError for an unknown site or an SAE whose width does not
-    fit)."""
+    """The site of each SAE's hook name (and transcoder's output hook name) on `model` (SaeError for an unknown
+    site, an SAE whose width does not fit, or a transcoder whose output is computed before its input)."""
     sites = {}
     for s in specs:
-        site = parse_site(s.hook_name, model)
-        width = site_width(model, site)
-        d_in = int(s.sae.cfg.d_in)
-        if d_in != width:
+        ends = [("d_in", s.hook_name, int(s.sae.cfg.d_in))]
+        if s.target is not None:
+            ends.append(("d_out", s.target, int(s.sae.cfg.d_out)))
+        for what, hook, width in ends:
+            site = parse_site(hook, model)
+            have = site_width(model, site)
+            if width != have:
+                raise SaeError(
+                    f"SAE {s.name} has {what} {width}, but site {site.name} of this model has width {have}: "
+                    "the SAE belongs to another model or site"
+                )
+            sites[hook] = site
+        if s.target is not None and not computed_before(sites[s.hook_name], sites[s.target]):
             raise SaeError(
-                f"SAE {s.name} has d_in {d_in}, but site {site.name} of this model has width {width}: "
-                "the SAE belongs to another model or site"
+                f"transcoder {s.name} reads {s.hook_name}, which this model computes after its output site "
+                f"{s.target}: it cannot be spliced"
             )
-        sites[s.hook_name] = site
     return sites
 
 
@@ -364,9 +399,9 @@ def ablation_means(
         if cfg.store is not None:  # the store the user named must work
             out[key] = (_store_mean(cfg.store, hook, t0, info).to(device), f"store {cfg.store}")
             continue
-        for path in dict.fromkeys(s.store for s in specs if s.hook_name == hook and s.store and s.store.exists()):
+        for path in dict.fromkeys(s.store for s in specs if s.spliced == hook and s.store and s.store.exists()):
             try:
-                out[key] = (_store_mean(path, hook, t0, info).to(device), f"store {path}")
+                out[key] = (_store_mean(path, hook, t0, info).to(device), f"store {_shown(path)}")
                 break
             except SaeError:
                 continue  # a recorded store that moved on or changed: try the next, else the eval tokens
@@ -417,20 +452,29 @@ def _store_norms(path: Path, hook: str) -> dict[str, Any] | None:
         return None
 
 
+def _shown(path: Path | str) -> str:
+    """A store path for the report: an SAE records its store's absolute path, so one under the working directory
+    is shown relative to it, as the user would have typed it."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
 def row_types(
     specs: list[SaeSpec], sites: dict[str, Site], cfg: EvalConfig, rows: dict[str, Tensor]
 ) -> dict[str, RowTypes]:
-    """Per hook: the median non-BOS norm (--store's statistics, else the SAE's store's, else the eval rows at
-    positions ≥ 1 in `rows`) and M (--massive-factor, else the store's setting, else the default)."""
+    """Per spliced hook: the median non-BOS norm (--store's statistics, else the SAE's store's, else the eval
+    rows at positions ≥ 1 in `rows`) and M (--massive-factor, else the store's setting, else the default)."""
     out = {}
     for hook, site in sites.items():
         paths = [cfg.store] if cfg.store is not None else []
-        paths += [s.store for s in specs if s.hook_name == hook and s.store and s.store.exists()]
+        paths += [s.store for s in specs if s.spliced == hook and s.store and s.store.exists()]
         found = next(((p, n) for p in dict.fromkeys(paths) if (n := _store_norms(p, hook)) is not None), None)
         if found is not None:
             path, norms = found
             factor = cfg.massive_factor or float(norms["massive"]["factor"])
-            out[hook] = RowTypes(float(norms["median"]), factor, f"store {path}")
+            out[hook] = RowTypes(float(norms["median"]), factor, f"store {_shown(path)}")
             continue
         x = rows[site.name][:, 1:].reshape(-1, rows[site.name].shape[-1])
         median = float(rowtypes.row_norms(x).median()) if len(x) else None
@@ -439,12 +483,12 @@ def row_types(
 
 
 def _needs_rows(specs: list[SaeSpec], cfg: EvalConfig) -> set[str]:
-    """Hooks whose median row norm no store gives: those need a capture pass over the eval tokens."""
+    """Spliced hooks whose median row norm no store gives: those need a capture pass over the eval tokens."""
     out = set()
     for s in specs:
         paths = [cfg.store] if cfg.store is not None else ([s.store] if s.store and s.store.exists() else [])
-        if not any(_store_norms(p, s.hook_name) is not None for p in paths):
-            out.add(s.hook_name)
+        if not any(_store_norms(p, s.spliced) is not None for p in paths):
+            out.add(s.spliced)
     return out
 
 
@@ -482,48 +526,61 @@ def _excluded(spec: SaeSpec, norms: Tensor, position: Tensor, tokens: Tensor, ty
     return rowtypes.excluded_mask(norms, position, tokens, ex, thr)
 
 
-def _sae_splice(st: _SaeState, ids: Tensor, ctx0: int) -> Callable[[Tensor], Tensor]:
+def _predict(sae: SparseAutoencoder | Transcoder, a: Tensor, x: Tensor) -> Tensor:
+    """The reconstruction (a transcoder's prediction; its skip connection reads the input `x`) from latents `a`."""
+    return sae.decode(a, x) if isinstance(sae, Transcoder) else sae.decode(a)
+
+
+def _sae_splice(st: _SaeState, ids: Tensor, ctx0: int) -> Callable[..., Tensor]:
     """The splice of one SAE for the forward batch of contexts ctx0.. with token ids `ids` [B, T]: spliced
-    positions ≥ t0 get x̂, except rows the SAE never trained on; the reconstruction statistics see the rest."""
+    positions ≥ t0 get x̂, except rows the SAE never trained on; the reconstruction statistics see the rest.
+    `fn(act)` for an SAE; `fn(x, y)` for a transcoder (`sae.sites.splice_from`: its input x and the output y
+    that its prediction replaces; an SAE's is `fn(y, y)`)."""
     sae, t0 = st.spec.sae, st.t0
     dtype = sae.W_dec.dtype
 
-    def fn(act: Tensor) -> Tensor:
-        x = act[:, t0:]
-        b, t, d = x.shape
-        flat = x.reshape(-1, d)
+    def fn(src: Tensor, act: Tensor | None = None) -> Tensor:
+        act = src if act is None else act
+        y, x = act[:, t0:], src[:, t0:]
+        b, t, d = y.shape
+        flat = y.reshape(-1, d)
         if st.batch_xhat is not None:  # batch mode: reconstructions precomputed over shuffled batches
             new = st.batch_xhat[ctx0 : ctx0 + b].to(act.device, act.dtype).reshape(-1, d)
             keep = ~st.batch_excluded[ctx0 : ctx0 + b].to(act.device).reshape(-1)
             out = torch.where(keep[:, None], new, flat)
-            return _replace_from(act, t0, out.view(x.shape))
+            return _replace_from(act, t0, out.view(y.shape))
         norms = rowtypes.row_norms(flat)
         position = torch.arange(t0, t0 + t, device=act.device).repeat(b)
         context = torch.arange(ctx0, ctx0 + b, device=act.device).repeat_interleave(t)
         tokens = ids[:, t0:].reshape(-1).to(act.device)
         keep = ~_excluded(st.spec, norms, position, tokens, st.types)
-        xs = flat[keep].to(dtype)
+        xs = x.reshape(-1, x.shape[-1])[keep].to(dtype)
         a = sae.encode(xs)
-        x_hat = sae.decode(a)
-        st.stats.add(xs, x_hat, a, context[keep], rowtypes.massive_mask(norms[keep], st.types.threshold))
+        x_hat = _predict(sae, a, xs)
+        st.stats.add(flat[keep], x_hat, a, context[keep], rowtypes.massive_mask(norms[keep], st.types.threshold))
         st.stats.n_excluded += int((~keep).sum())
         out = flat.clone()
         out[keep] = x_hat.to(act.dtype)
-        return _replace_from(act, t0, out.view(x.shape))
+        return _replace_from(act, t0, out.view(y.shape))
 
     return fn
 
 
-def batch_reconstructions(st: _SaeState, rows: Tensor, contexts: np.ndarray, batch_rows: int, seed: int) -> None:
+def batch_reconstructions(
+    st: _SaeState, rows: Tensor, contexts: np.ndarray, batch_rows: int, seed: int, targets: Tensor | None = None
+) -> None:
     """Batch mode as training selects: every spliced, non-excluded row of the eval contexts (`rows` [N, T, d],
-    the site's clean activations on the CPU) shuffled with `seed` and encoded with batch top-k in batches of
-    `batch_rows`. Feeds the statistics and keeps x̂ for the splice."""
+    the site's clean activations on the CPU; a transcoder's input site's, with `targets` [N, T, d_out] those of
+    its output site) shuffled with `seed` and encoded with batch top-k in batches of `batch_rows`. Feeds the
+    statistics and keeps x̂ for the splice."""
     sae, t0 = st.spec.sae, st.t0
     device, dtype = sae.W_dec.device, sae.W_dec.dtype
     x = rows[:, t0:]
-    n, t, d = x.shape
-    flat = x.reshape(-1, d)
-    norms = rowtypes.row_norms(flat)
+    y = x if targets is None else targets[:, t0:]
+    n, t, _ = y.shape
+    flat = x.reshape(n * t, -1)
+    flat_y = y.reshape(n * t, -1)
+    norms = rowtypes.row_norms(flat_y)
     position = torch.arange(t0, t0 + t).repeat(n)
     context = torch.arange(n).repeat_interleave(t)
     tokens = torch.from_numpy(np.ascontiguousarray(contexts[:, t0:])).reshape(-1).long()
@@ -531,17 +588,17 @@ def batch_reconstructions(st: _SaeState, rows: Tensor, contexts: np.ndarray, bat
     massive = rowtypes.massive_mask(norms, st.types.threshold)
     idx = torch.nonzero(~excluded).squeeze(1)
     order = idx[torch.randperm(len(idx), generator=torch.Generator().manual_seed(seed))]
-    out = flat.clone()
+    out = flat_y.clone()
     with torch.inference_mode():
         for i in range(0, len(order), batch_rows):
             j = order[i : i + batch_rows]
             xb = flat[j].to(device, dtype)
             a = sae.encode_batch(xb)
-            x_hat = sae.decode(a)
-            st.stats.add(xb, x_hat, a, context[j].to(device), massive[j].to(device))
+            x_hat = _predict(sae, a, xb)
+            st.stats.add(flat_y[j].to(device), x_hat, a, context[j].to(device), massive[j].to(device))
             out[j] = x_hat.float().cpu()
     st.stats.n_excluded += int(excluded.sum())
-    st.batch_xhat = out.view(n, t, d)
+    st.batch_xhat = out.view(n, t, -1)
     st.batch_excluded = excluded.view(n, t)
 
 
@@ -616,10 +673,21 @@ def encoder_modes(sae: Any, mode: str) -> list[str]:
 
 class _SaeState:
     def __init__(
-        self, spec: SaeSpec, site: Site, t0: int, device: torch.device, mode: str, types: RowTypes, n_contexts: int
+        self,
+        spec: SaeSpec,
+        site: Site,
+        t0: int,
+        device: torch.device,
+        mode: str,
+        types: RowTypes,
+        n_contexts: int,
+        source: Site | None = None,
     ) -> None:
+        # site: where the SAE is spliced; source: what it reads (a transcoder's input site; else the same)
         self.spec, self.site, self.t0, self.mode, self.types = spec, site, t0, mode, types
-        self.stats = SpliceStats(int(spec.sae.cfg.d_in), int(spec.sae.cfg.d_sae), n_contexts, device)
+        self.source = source if source is not None else site
+        width = spec.sae.cfg.d_out if spec.target is not None else spec.sae.cfg.d_in
+        self.stats = SpliceStats(int(width), int(spec.sae.cfg.d_sae), n_contexts, device)
         self.ce = CeAccumulator()
         self.batch_xhat: Tensor | None = None
         self.batch_excluded: Tensor | None = None
@@ -653,32 +721,40 @@ def run_pass(
     n_ctx = len(contexts)
     states = [
         _SaeState(
-            s, sites[s.hook_name], int(s.skip_bos), device, mode,
-            types.get(s.hook_name, RowTypes(None, rowtypes.DEFAULT_MASSIVE_FACTOR, "none")), n_ctx,
+            s, sites[s.spliced], int(s.skip_bos), device, mode,
+            types.get(s.spliced, RowTypes(None, rowtypes.DEFAULT_MASSIVE_FACTOR, "none")), n_ctx, sites[s.hook_name],
         )
         for s in specs
         for mode in encoder_modes(s.sae, cfg.mode)
     ]  # fmt: skip
     batch_states = [st for st in states if st.mode == "batch" and st.spec.sae.batch_topk]
     if batch_states:
-        need = [sites[h] for h in dict.fromkeys(st.spec.hook_name for st in batch_states) if h not in (rows or {})]
+        hooks = dict.fromkeys(h for st in batch_states for h in (st.spec.hook_name, st.spec.spliced))
+        need = [sites[h] for h in hooks if sites[h].name not in (rows or {})]
         rows = {**(rows or {}), **capture_rows(model, contexts, need, cfg.batch_size)}
         for st in batch_states:
             size = cfg.batch_rows or st.spec.train_batch_size or DEFAULT_BATCH_ROWS
-            batch_reconstructions(st, rows[st.site.name], contexts, size, cfg.seed)
-    groups = list(dict.fromkeys((st.spec.hook_name, st.t0) for st in states))
+            targets = rows[st.site.name] if st.source != st.site else None
+            batch_reconstructions(st, rows[st.source.name], contexts, size, cfg.seed, targets)
+    groups = list(dict.fromkeys((st.spec.spliced, st.t0) for st in states))
     clean = {t0: CeAccumulator() for _, t0 in groups}
     ablated = {key: {"zero": CeAccumulator(), "mean": CeAccumulator()} for key in groups}
     prefix = PrefixReplay(model, list(sites.values()))
 
-    def forward(ids: Tensor, site: Site | None = None, fn: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+    def forward(
+        ids: Tensor, site: Site | None = None, fn: Callable[..., Tensor] | None = None, source: Site | None = None
+    ) -> Tensor:
+        # source: a transcoder's input site (spliced from it into `site`); the blocks before it are replayed
         with ExitStack() as stack:
             if site is None:
                 stack.enter_context(prefix.record())
             else:
-                stack.enter_context(splice(model, site, fn))
+                if source is None or source == site:
+                    stack.enter_context(splice(model, site, fn))
+                else:
+                    stack.enter_context(splice_from(model, source, site, fn))
                 if reuse_prefix:
-                    stack.enter_context(prefix.replay(site))
+                    stack.enter_context(prefix.replay(source or site))
             return model(input_ids=ids, use_cache=False).logits
 
     bar = progress.Progress("eval", contexts.size, "tok")
@@ -696,7 +772,7 @@ def run_pass(
                     out = token_losses(logits, targets, ref.clean if kind == "zero" else None)
                     accs[kind].add(out.nll[:, t0:], None if out.kl is None else out.kl[:, t0:])
             for st in states:
-                logits = forward(ids, st.site, _sae_splice(st, ids, i))
+                logits = forward(ids, st.site, _sae_splice(st, ids, i), st.source)
                 out = token_losses(logits[:, :-1], targets, ref.clean)
                 st.ce.add(out.nll[:, st.t0 :], out.kl[:, st.t0 :])
                 del logits
@@ -719,7 +795,7 @@ def evaluate(cfg: EvalConfig) -> Path:
         raise SaeError(f"report directory {str(cfg.out)!r} exists and is not a directory")
     dirs = find_sae_dirs(cfg.sae_dirs)
     names = _names(dirs)
-    specs = [describe(d, n, load_sae(d)) for d, n in zip(dirs, names, strict=True)]
+    specs = [describe(d, n, load_any(d)) for d, n in zip(dirs, names, strict=True)]
     for s in specs:
         if s.sae.cfg.metadata.get("sae_pipeline_version") and not s.sae.cfg.complete:
             print(f"note: SAE {s.name} is a snapshot taken before its training finished", file=sys.stderr)
@@ -745,11 +821,12 @@ def evaluate(cfg: EvalConfig) -> Path:
     specs = [s._replace(sae=s.sae.to(device)) for s in specs]
     contexts = load_contexts(dataset, tokenizer, split, cfg)
 
-    keys = list(dict.fromkeys((s.hook_name, int(s.skip_bos)) for s in specs))
+    keys = list(dict.fromkeys((s.spliced, int(s.skip_bos)) for s in specs))
     batch = cfg.mode != "threshold" and any(s.sae.batch_topk for s in specs)
-    need = _needs_rows(specs, cfg) | ({s.hook_name for s in specs if s.sae.batch_topk} if batch else set())
+    batch_hooks = {h for s in specs if s.sae.batch_topk for h in (s.hook_name, s.spliced)} if batch else set()
+    need = _needs_rows(specs, cfg) | batch_hooks
     rows = capture_rows(model, contexts, [sites[h] for h in sorted(need)], cfg.batch_size)
-    types = row_types(specs, {h: sites[h] for h in dict.fromkeys(s.hook_name for s in specs)}, cfg, rows)
+    types = row_types(specs, {h: sites[h] for h in dict.fromkeys(s.spliced for s in specs)}, cfg, rows)
     means = ablation_means(keys, sites, specs, cfg, model, info, contexts, rows)
     states, clean, ablated = run_pass(model, contexts, specs, sites, means, cfg, types=types, rows=rows)
     del rows
@@ -782,7 +859,7 @@ def _result(
     cfg: EvalConfig,
 ) -> dict[str, Any]:
     spec, t0 = st.spec, st.t0
-    key = (spec.hook_name, t0)
+    key = (spec.spliced, t0)
     ce_clean, ce_sae = clean[t0].ce, st.ce.ce
     ce_zero, ce_mean = ablated[key]["zero"].ce, ablated[key]["mean"].ce
     recon = st.stats.result()
@@ -796,7 +873,10 @@ def _result(
         "architecture": scfg.training_architecture or scfg.architecture,
         "saelens_architecture": scfg.architecture,
         "hook_name": spec.hook_name,
+        "target_site": spec.target,
+        "skip": bool(spec.target is not None and scfg.skip),
         "d_in": int(scfg.d_in),
+        "d_out": int(scfg.d_out) if spec.target is not None else int(scfg.d_in),
         "d_sae": int(scfg.d_sae),
         "k": scfg.k,
         "mode": st.mode,

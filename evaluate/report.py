@@ -240,7 +240,7 @@ def markdown(results: list[dict[str, Any]], setup: dict[str, Any]) -> str:
                 [
                     r["name"],
                     r["architecture"],
-                    f"`{r['hook_name']}`",
+                    f"`{r['hook_name']}`" + (f" → `{r['target_site']}`" if r.get("target_site") else ""),
                     str(r["d_in"]),
                     str(r["d_sae"]),
                     _fmt(r.get("k")),

@@ -23,8 +23,8 @@ from sae import progress, rowtypes, store
 from sae.config import HarvestConfig
 from sae.corpus import check_corpus, corpus_info, iter_contexts
 from sae.errors import SaeError
-from sae.models import check_model_name, load_model
-from sae.sites import Site, capture, describe_sites, parse_site, site_width
+from sae.models import check_model_name, load_model, skeleton
+from sae.sites import Site, capture, check_site_names, describe_sites, parse_site, site_width
 
 _TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -55,6 +55,7 @@ def harvest(cfg: HarvestConfig) -> Path:
     if not cfg.massive_factor > 0:
         raise SaeError(f"--massive-factor must be positive, got {cfg.massive_factor}")
     check_model_name(cfg.model, revision=cfg.revision)
+    check_site_names(cfg.sites, skeleton(cfg.model, revision=cfg.revision))
     if not store.check_target(out, overwrite=cfg.overwrite):  # a resumed store takes its contexts from its plan
         check_corpus(cfg.dataset, split=cfg.split, text_column=cfg.text_column)
 

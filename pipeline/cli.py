@@ -18,6 +18,7 @@ from .config import (
     ConfigError,
     EvalConfig,
     HarvestConfig,
+    InspectConfig,
     TrainConfig,
     _strip_optional,
     coerce,
@@ -191,6 +192,17 @@ def eval_(**kwargs: Any) -> None:
     _run(lambda: run_eval(cfg))
 
 
+@main.command()
+@config_options(InspectConfig, arguments={"sae_dir": {"type": click.Path(path_type=Path)}})
+def inspect(**kwargs: Any) -> None:
+    """Feature pages of SAE_DIR from one streaming pass over its store (no LM): density, histogram, top and
+    quantile examples in context, logit effects, similar latents. Writes a static site (index.html) to --out."""
+    cfg = _run(lambda: build(InspectConfig, kwargs))
+    from .evaluate.inspect import inspect as run_inspect
+
+    _run(lambda: run_inspect(cfg))
+
+
 # --------------------------------------------------------------------------------------------------
 # Whole runs from a manifest (sae.manifest, sae.slurm) and whole-store tools on dask (sae.storetools).
 
@@ -232,7 +244,12 @@ def _stages() -> Any:
         _header("eval", f"{n} SAE{'s' * (n > 1)} on {cfg.max_tokens:,} eval tokens → {cfg.out}")
         return evaluate(cfg)
 
-    return Stages(harvest, train, evaluate)
+    def inspect(cfg: InspectConfig) -> Any:
+        from .evaluate.inspect import inspect
+
+        return inspect(cfg)
+
+    return Stages(harvest, train, evaluate, inspect)
 
 
 @main.command(name="run")
@@ -246,7 +263,7 @@ def _stages() -> Any:
 )
 @click.option("--shard", metavar="I/N", help="With --stage harvest: do only array task I of N.")
 def run_manifest(manifest: Path, stage: str, shard: str | None) -> None:
-    """Run the run MANIFEST describes (harvest → train → eval) on this machine.
+    """Run the run MANIFEST describes (harvest → train → eval, then inspect when it has that section) here.
 
     Stages whose outputs are complete are skipped, so rerunning after a crash continues the run.
     """

@@ -327,6 +327,72 @@ class EvalConfig:
     """Allow model code from the hub (off unless asked for)."""
 
 
+@dataclass
+class InspectConfig:
+    """What `sae inspect` reads and writes: feature pages of one SAE from one streaming pass over its rows."""
+
+    sae_dir: Path | None = None
+    """The SAE directory (ours, a transcoder, or one SAELens wrote); in a manifest, default: every SAE of the
+    sweep."""
+
+    store: Path | None = None
+    """Store to read the rows from; default: the store the SAE was trained on."""
+
+    dataset: str | None = None
+    """Held-out text to run through the LM (stopped after the site) instead of reading a store."""
+
+    split: str | None = None
+    """Split of `dataset`; default `heldout`/`validation`/`test` when it has one, else `train`."""
+
+    text_column: str = "text"
+    """Column holding the document text of `dataset`."""
+
+    seq_len: int | None = None
+    """Tokens per packed context of `dataset`; default: the SAE's training context size, else 128."""
+
+    out: Path | None = None
+    """Site directory (index.html, data/, PNGs); default: runs/inspect/<SAE directory name>."""
+
+    latents: str = "all"
+    """Latents to inspect: `all`, `random:N`, or a comma list of indices and inclusive ranges (`0-99,512`)."""
+
+    max_rows: int | None = None
+    """Rows to read (store order), or tokens of `dataset`; default: all of the store, 65536 tokens of text."""
+
+    top: int = 20
+    """Top activating examples per latent."""
+
+    quantiles: int = 5
+    """Bins of each latent's activation range [0, max] for the quantile-stratified examples."""
+
+    per_quantile: int = 4
+    """Examples per quantile bin, drawn by a seeded reservoir."""
+
+    window: int = 10
+    """Tokens of context shown either side of an example's token."""
+
+    massive_factor: float | None = None
+    """Rows with norm > this × the site's median non-BOS norm count as massive (pages mark them, and show top
+    examples over typical rows beside those over all rows); default: the store's setting (3 unless the harvest
+    chose another)."""
+
+    batch_size: int = 4096
+    """Rows per encode, or contexts × seq_len per LM forward with `dataset`."""
+
+    model: str | None = None
+    """Model giving the token text and the unembedding for logit effects; default: the one the SAE records;
+    `none`: token ids only, no logit effects."""
+
+    device: str = "auto"
+    """`auto` (CUDA when available), `cpu`, `cuda` or `cuda:N`."""
+
+    seed: int = 0
+    """Seed of the reservoirs and of `random:N`."""
+
+    trust_remote_code: bool = False
+    """Allow model code from the hub (off unless asked for)."""
+
+
 # --------------------------------------------------------------------------------------------------
 # Introspection shared by the CLI and the manifest loader.
 
@@ -452,6 +518,7 @@ __all__ = [
     "DEFAULT_MODEL",
     "EvalConfig",
     "HarvestConfig",
+    "InspectConfig",
     "TrainConfig",
     "UnknownKeyError",
     "coerce",

@@ -1,4 +1,4 @@
-"""Run manifests: one YAML file describes a whole run (harvest → train → eval, plus cluster settings).
+"""Run manifests: one YAML file describes a whole run (harvest → train → eval [→ inspect], plus cluster settings).
 
 ```yaml
 run_dir: runs/demo                # required; the defaults below live inside it
@@ -6,12 +6,15 @@ description: free text            # optional
 harvest: {sites: blocks.15.hook_resid_post, max_tokens: 200000}    # HarvestConfig fields
 train: {arch: [batchtopk, topk], k: 32}                              # TrainConfig fields
 eval: {max_tokens: 16384}                                            # EvalConfig fields
+inspect: {top: 20}                # optional: InspectConfig fields; without the section the stage is off
 slurm: {partition: gpu, harvest_tasks: 8, gpus: 4}                   # SlurmConfig fields (below)
 ```
 The sections are the very dataclasses behind the CLI flags, built with `sae.config.make`, so a manifest key, its
 flag, its default and its help text cannot drift apart. Derived when not given: `harvest.out` =
 run_dir/store.zarr, `train.out` = run_dir/saes, `eval.out` = run_dir/report, `train.store` = `harvest.out`,
-`train.site` = the harvest's only site, `eval.sae_dirs` = the SAE directories of the training sweep. Relative paths
+`train.site` = the harvest's only site, `eval.sae_dirs` = the SAE directories of the training sweep; the inspect
+stage pages every SAE of the sweep (or `inspect.sae_dir` alone) into `inspect.out`/<SAE name>, `inspect.out`
+defaulting to run_dir/inspect. Relative paths
 are relative to the working directory, as on the command line. Keys that a runner sets per invocation
 (`harvest.shard`, `harvest.init`, `harvest.finalize`, `harvest.overwrite`, `train.resume`) are refused.
 
@@ -30,13 +33,23 @@ from typing import Any, NamedTuple
 
 import yaml
 
-from .config import ConfigError, EvalConfig, HarvestConfig, TrainConfig, UnknownKeyError, make, unknown_key
+from .config import (
+    ConfigError,
+    EvalConfig,
+    HarvestConfig,
+    InspectConfig,
+    TrainConfig,
+    UnknownKeyError,
+    make,
+    unknown_key,
+)
 from .errors import SaeError
 
-STAGES = ("init", "harvest", "finalize", "train", "eval")
+STAGES = ("init", "harvest", "finalize", "train", "eval", "inspect")
 """The stages of a run, in dependency order: what `sae run --stage` accepts (besides `all`) and the jobs that
 `sae submit` chains. init/harvest/finalize are the parts of the harvest that array jobs run separately; `harvest`
-without `--shard` is the whole harvest."""
+without `--shard` is the whole harvest. `inspect` is optional: it runs only when the manifest has an `inspect`
+section (and counts as complete otherwise)."""
 
 HARVEST_STAGES = STAGES[:3]
 """The stages that `sae harvest` runs (`--init`, `--shard`, `--finalize`)."""
@@ -88,6 +101,9 @@ class SlurmConfig:
     eval_time: str = "02:00:00"
     """Time limit of the eval job."""
 
+    inspect_time: str = "02:00:00"
+    """Time limit of the inspect job (when the manifest has an `inspect` section)."""
+
     extra: tuple[str, ...] = ()
     """Extra `#SBATCH` lines for every job, e.g. `--qos=high` or `--constraint=a100` (a YAML list)."""
 
@@ -101,7 +117,7 @@ class SlurmConfig:
 # SLURM's time formats: minutes, minutes:seconds, hours:minutes:seconds, days-hours, days-hours:minutes,
 # days-hours:minutes:seconds.
 _TIME = re.compile(r"^(\d+-\d{1,2}(:\d{1,2}){0,2}|\d+(:\d{1,2}){0,2})$")
-TIME_FIELDS = ("init_time", "harvest_time", "finalize_time", "train_time", "eval_time")
+TIME_FIELDS = ("init_time", "harvest_time", "finalize_time", "train_time", "eval_time", "inspect_time")
 
 
 def slurm_config(values: dict[str, Any]) -> SlurmConfig:
@@ -139,7 +155,9 @@ def check_slurm(cfg: SlurmConfig) -> None:
             raise ConfigError(f"extra: {line!r} is not an sbatch option (such as --qos=high)")
 
 
-SECTIONS: dict[str, type] = {"harvest": HarvestConfig, "train": TrainConfig, "eval": EvalConfig, "slurm": SlurmConfig}
+SECTIONS: dict[str, type] = {
+    "harvest": HarvestConfig, "train": TrainConfig, "eval": EvalConfig, "inspect": InspectConfig, "slurm": SlurmConfig,
+}  # fmt: skip
 """Manifest section → the config dataclass its keys are the fields of."""
 
 TOP_LEVEL = ("run_dir", "description", *SECTIONS)
@@ -169,6 +187,9 @@ class Manifest(NamedTuple):
     """Settings of `sae eval` (sae_dirs and out filled in)."""
     slurm: SlurmConfig
     """Settings of `sae submit --scheduler slurm`."""
+    inspect: InspectConfig | None = None
+    """Settings of `sae inspect` (out: the folder of the per-SAE sites); None when the manifest has no `inspect`
+    section, which turns the stage off."""
 
 
 def load_manifest(path: str | Path) -> Manifest:
@@ -247,7 +268,14 @@ def parse_manifest(data: Any, *, path: Path = Path("manifest.yaml")) -> Manifest
         slurm = slurm_config(sections["slurm"])
     except ConfigError as err:
         raise ConfigError(f"slurm{': ' if isinstance(err, UnknownKeyError) else '.'}{err}") from None
-    return Manifest(path.absolute(), run_dir, str(data.get("description") or ""), harvest, train, evaluate, slurm)
+    inspect = None
+    if data.get("inspect") is not None:
+        i = sections["inspect"]
+        i.setdefault("out", run_dir / "inspect")
+        i.setdefault("trust_remote_code", harvest.trust_remote_code)
+        inspect = _make("inspect", InspectConfig, i)
+    m = Manifest(path.absolute(), run_dir, str(data.get("description") or ""), harvest, train, evaluate, slurm)
+    return m._replace(inspect=inspect)
 
 
 def _make(section: str, cls: type, values: dict[str, Any]) -> Any:
@@ -301,6 +329,21 @@ def eval_done(cfg: EvalConfig) -> bool:
     return (Path(cfg.out) / "report.json").is_file()
 
 
+def inspect_configs(m: Manifest) -> list[InspectConfig]:
+    """One `sae inspect` per SAE the inspect stage pages: `inspect.sae_dir` when the manifest sets it, else every
+    SAE of the sweep, each into `inspect.out`/<SAE directory name>."""
+    if m.inspect is None:
+        return []
+    dirs = [Path(m.inspect.sae_dir)] if m.inspect.sae_dir is not None else sae_dirs(m.train)
+    out = Path(m.inspect.out or Path(m.run_dir) / "inspect")
+    return [dataclasses.replace(m.inspect, sae_dir=d, out=out / d.name) for d in dirs]
+
+
+def inspect_done(m: Manifest) -> bool:
+    """Every site of the inspect stage is written (or the manifest has no inspect stage)."""
+    return all((Path(c.out) / "data" / "index.json").is_file() for c in inspect_configs(m))
+
+
 def checkpoint_exists(cfg: TrainConfig) -> bool:
     """A training checkpoint to resume from lies in `cfg.out`."""
     from .saedir import checkpoint_path
@@ -321,6 +364,8 @@ class Stages(NamedTuple):
     """`sae.train.train`."""
     evaluate: Callable[[EvalConfig], Any]
     """`sae.evaluate.evaluate`."""
+    inspect: Callable[[InspectConfig], Any] | None = None
+    """`sae.evaluate.inspect.inspect`."""
 
 
 def run(
@@ -331,7 +376,8 @@ def run(
     shard: str | None = None,
     echo: Callable[[str], Any] = print,
 ) -> None:
-    """Run `stage` of manifest `m` (`all`: harvest, train, eval), skipping what is already complete.
+    """Run `stage` of manifest `m` (`all`: harvest, train, eval, and inspect when the manifest has it), skipping
+    what is already complete.
 
     `shard` (`i/N`) limits the harvest to array task i of N, as a cluster array job does.
     """
@@ -365,10 +411,27 @@ def run(
         else:
             stages.evaluate(m.eval)
 
+    if stage in ("all", "inspect"):
+        if m.inspect is None:
+            if stage == "inspect":
+                raise SaeError(f"{m.path} has no inspect section; add one (`inspect: {{}}` for the defaults)")
+        elif stages.inspect is None:
+            raise SaeError("this runner has no inspect stage")
+        for cfg in inspect_configs(m):
+            if (Path(cfg.out) / "data" / "index.json").is_file():
+                echo(f"inspect: {cfg.out} exists; skipping")
+            else:
+                stages.inspect(cfg)
+
 
 def status(m: Manifest) -> dict[str, bool]:
-    """Which commands of `m` (harvest, train, eval) are complete."""
-    return {"harvest": harvest_done(m.harvest), "train": train_done(m.train), "eval": eval_done(m.eval)}
+    """Which commands of `m` (harvest, train, eval, inspect) are complete."""
+    return {
+        "harvest": harvest_done(m.harvest),
+        "train": train_done(m.train),
+        "eval": eval_done(m.eval),
+        "inspect": inspect_done(m),
+    }
 
 
 def done_stages(m: Manifest) -> set[str]:

@@ -246,6 +246,29 @@ def check_model_name(name: str, *, revision: str | None = None) -> None:
         _check_no_revision(name, revision)
 
 
+def skeleton(name: str, *, revision: str | None = None) -> torch.nn.Module | None:
+    """Model `name` built on the meta device from a config already on this machine (the converted embedded
+    model, a local directory, or a hub config in the local cache): its modules and sizes, no weights, no
+    download, no conversion. None when no such config is here. For checks before the real load."""
+    from transformers import AutoConfig
+
+    try:
+        if name == DEFAULT_MODEL:
+            dirs = sorted((sae_home() / "models").glob(f"{DEFAULT_MODEL}-*/config.json"))
+            if not dirs:
+                return None
+            config = AutoConfig.from_pretrained(dirs[0].parent)
+        else:
+            local = _local_dir(name)
+            config = AutoConfig.from_pretrained(local or name, revision=revision, local_files_only=True)
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config)
+    except SaeError:
+        raise
+    except Exception:  # no usable config here (not cached, custom code, ...): the real load will tell
+        return None
+
+
 def load_tokenizer(
     name: str = DEFAULT_MODEL, *, revision: str | None = None, trust_remote_code: bool = False
 ) -> PreTrainedTokenizerBase:

@@ -506,35 +506,17 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def save_sae(
-    sae_or_weights: SparseAutoencoder | dict[str, Tensor], cfg: SaeConfig | None, path: str | os.PathLike
-) -> Path:
-    """Write an SAE directory at `path` atomically; return `path`.
-
-    `sae_or_weights` is a SparseAutoencoder (its cfg is used when `cfg` is None) or a dict with W_enc, W_dec,
-    b_enc, b_dec (and threshold for jumprelu). Tensors are stored contiguous, on CPU, in `cfg.dtype`.
-    Files in an existing directory at `path` other than the two SAE files are carried over (hard-linked, so
-    no moment exists where they are only in a temporary folder).
-    """
-    if cfg is None:
-        if not isinstance(sae_or_weights, SparseAutoencoder):
-            raise TypeError("save_sae needs a cfg when given a dict of weights")
-        cfg = sae_or_weights.cfg
+def write_sae_files(path: str | os.PathLike, tensors: dict[str, Tensor], cfg_json: dict[str, Any]) -> Path:
+    """Write a SAELens-format directory (cfg.json + sae_weights.safetensors) at `path` atomically: the old
+    directory or the new one, never a mix; return `path`. `tensors` are written as given (CPU, contiguous).
+    Files in an existing directory at `path` other than the two SAE files (a training log) are carried over,
+    hard-linked, so no moment exists where they are only in a temporary folder. SAEs and transcoders
+    (sae.transcoder) both write through this."""
     from safetensors.torch import save_file
 
     path = Path(path)
-    where = str(path)
-    weights = _weights_of(sae_or_weights)
-    _check_weights(weights, cfg, where)
-    try:
-        dtype = getattr(torch, cfg.dtype)
-        assert isinstance(dtype, torch.dtype)
-    except (AttributeError, AssertionError):
-        raise SaeError(f"{where}: dtype {cfg.dtype!r} is not a torch dtype name such as float32") from None
-    cfg_json = cfg.to_dict()
-    tensors = {k: v.to(device="cpu", dtype=dtype).contiguous() for k, v in weights.items()}
     if path.exists() and not path.is_dir():
-        raise SaeError(f"{where} exists and is not a directory")
+        raise SaeError(f"{path} exists and is not a directory")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = atomic.mkdtemp(path.parent, f".{path.name}.tmp-")
     old: Path | None = None
@@ -570,6 +552,30 @@ def save_sae(
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     return path
+
+
+def save_sae(
+    sae_or_weights: SparseAutoencoder | dict[str, Tensor], cfg: SaeConfig | None, path: str | os.PathLike
+) -> Path:
+    """Write an SAE directory at `path` atomically (`write_sae_files`); return `path`.
+
+    `sae_or_weights` is a SparseAutoencoder (its cfg is used when `cfg` is None) or a dict with W_enc, W_dec,
+    b_enc, b_dec (and threshold for jumprelu). Tensors are stored contiguous, on CPU, in `cfg.dtype`.
+    """
+    if cfg is None:
+        if not isinstance(sae_or_weights, SparseAutoencoder):
+            raise TypeError("save_sae needs a cfg when given a dict of weights")
+        cfg = sae_or_weights.cfg
+    where = str(path)
+    weights = _weights_of(sae_or_weights)
+    _check_weights(weights, cfg, where)
+    try:
+        dtype = getattr(torch, cfg.dtype)
+        assert isinstance(dtype, torch.dtype)
+    except (AttributeError, AssertionError):
+        raise SaeError(f"{where}: dtype {cfg.dtype!r} is not a torch dtype name such as float32") from None
+    tensors = {k: v.to(device="cpu", dtype=dtype).contiguous() for k, v in weights.items()}
+    return write_sae_files(path, tensors, cfg.to_dict())
 
 
 def read_cfg(path: str | os.PathLike) -> SaeConfig:
@@ -624,12 +630,16 @@ def load_sae(
 
 
 def is_complete(path: str | os.PathLike) -> bool:
-    """Whether `path` holds a finished SAE of ours: both files, a readable cfg.json with metadata.complete."""
+    """Whether `path` holds a finished SAE (or transcoder, `sae.transcoder`) of ours: both files, a readable
+    cfg.json with metadata.complete."""
+    from .transcoder import is_transcoder_dir, read_transcoder_cfg  # (it imports this module)
+
     path = Path(path)
     if not (path / WEIGHTS_FILE).is_file():
         return False
     try:
-        return read_cfg(path).complete is True
+        cfg = read_transcoder_cfg(path) if is_transcoder_dir(path) else read_cfg(path)
+        return cfg.complete is True
     except SaeError:
         return False
 
@@ -699,6 +709,7 @@ __all__ = [
     "load_sae",
     "read_cfg",
     "save_sae",
+    "write_sae_files",
     "sweep",
     "sweep_names",
 ]

@@ -174,6 +174,22 @@ def parse_site(name: str | Site, model: nn.Module) -> Site:
     return Site(site_name(layer, kind), layer, kind)
 
 
+def check_site_names(names: Sequence[str], model: nn.Module | None = None) -> None:
+    """SaeError for a site name that cannot be right: malformed or an unknown hook without a model; checked
+    against `model` (a meta-device skeleton is enough) when one is given. Run before the model loads."""
+    if not names:
+        raise SaeError(f"no --site given; {describe_sites(model)}" if model is not None else "no --site given")
+    if model is not None:
+        for n in names:
+            parse_site(n, model)
+        return
+    hooks = ", ".join(HOOKS.values())
+    for n in names:
+        m = _SITE_RE.fullmatch(str(n).strip())
+        if m is None or m.group(2) not in _KIND_OF_HOOK:
+            raise SaeError(f"unknown site {n!r}; sites are blocks.<L>.<hook> with hook one of {hooks}")
+
+
 def available_sites(model: nn.Module) -> list[str]:
     """Every site name of `model`, by layer, in computation order inside each block."""
     kinds = _kinds(model)

@@ -1,4 +1,4 @@
-"""`sae submit --scheduler slurm`: a manifest → five sbatch scripts chained by `afterok` dependencies.
+"""`sae submit --scheduler slurm`: a manifest → six sbatch scripts chained by `afterok` dependencies.
 
 ```
 init      pre-allocate the store, write its plan (tokenizes the corpus once)  sae run M --stage init
@@ -6,6 +6,7 @@ harvest   array job; task i of N writes its fixed, shard-aligned slice        sa
 finalize  check every shard marker, write manifest.json                       sae run M --stage finalize
 train     the whole sweep; torchrun, one process per GPU, when several        sae run M --stage train
 eval      splice the SAEs into the model, write the report                    sae run M --stage eval
+inspect   feature pages of the SAEs; submitted only with an inspect section   sae run M --stage inspect
 ```
 Every job re-invokes the CLI on a copy of the manifest kept in run_dir/slurm/, and `sae run` skips finished
 work, so resubmitting a partly finished run (or one array task, `sbatch --array=3 harvest.sbatch`) is safe.
@@ -91,9 +92,13 @@ def scripts(m: Manifest) -> dict[str, tuple[str, str | None]]:
         "train": ("train the sweep (resumes from its checkpoint)", s.train_time, s.gpus, None, train_cmd),
         "eval": ("splice the SAEs into the model, write the report", s.eval_time, one_gpu, None,
                  f"sae run {manifest} --stage eval"),
+        "inspect": ("write the feature pages of the SAEs (only with an inspect section)", s.inspect_time, one_gpu,
+                    None, f"sae run {manifest} --stage inspect"),
     }  # fmt: skip
     out = {}
     for job in STAGES:  # in dependency order: `submit` chains them so
+        if job == "inspect" and m.inspect is None:
+            continue  # the optional stage: no job without the manifest's inspect section
         what, time, gpus, arr, cmd = plan[job]
         text = "\n".join(
             [
@@ -113,7 +118,7 @@ def scripts(m: Manifest) -> dict[str, tuple[str, str | None]]:
 
 
 def write_scripts(m: Manifest) -> list[Job]:
-    """Write the five scripts, a copy of the manifest and the logs folder into run_dir/slurm/."""
+    """Write the six scripts, a copy of the manifest and the logs folder into run_dir/slurm/."""
     d = slurm_dir(m)
     for p in (d, Path.cwd()):
         # sbatch reads #SBATCH lines itself, without a shell: a path with whitespace cannot be written there.

@@ -29,8 +29,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -38,14 +36,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import __version__, architectures, atomic
+from . import __version__, architectures
 from .errors import SaeError
-
-CFG_FILE = "cfg.json"
-"""SAELens' config file name."""
-
-WEIGHTS_FILE = "sae_weights.safetensors"
-"""SAELens' weights file name."""
+from .saedir import CFG_FILE, WEIGHTS_FILE, write_sae_files
 
 ARCHITECTURES = ("transcoder", "skip_transcoder", "jumprelu_transcoder", "jumprelu_skip_transcoder")
 """SAELens' transcoder architectures, all of which `load_transcoder` reads and `save_transcoder` writes."""
@@ -388,27 +381,12 @@ class Transcoder(nn.Module):
 # Saving and loading
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def save_transcoder(
     t_or_weights: Transcoder | dict[str, Tensor], cfg: TranscoderConfig | None, path: str | os.PathLike
 ) -> Path:
-    """Write a transcoder directory at `path` atomically (the old directory or the new one, never a mix);
-    return `path`. Tensors are stored contiguous, on CPU, in `cfg.dtype`. Other files in an existing directory
-    at `path` (a training log) are carried over, hard-linked."""
-    from safetensors.torch import save_file
-
+    """Write a transcoder directory at `path` atomically (`sae.saedir.write_sae_files`: the old directory or the
+    new one, never a mix; other files carried over); return `path`. Tensors are stored contiguous, on CPU, in
+    `cfg.dtype`."""
     if cfg is None:
         if not isinstance(t_or_weights, Transcoder):
             raise TypeError("save_transcoder needs a cfg when given a dict of weights")
@@ -417,50 +395,12 @@ def save_transcoder(
         weights = {k: v.detach() for k, v in t_or_weights.state_dict().items()}
     else:
         weights = {k: (v.detach() if isinstance(v, Tensor) else v) for k, v in t_or_weights.items()}
-    path = Path(path)
     check_weights(weights, cfg, str(path))
     dtype = getattr(torch, cfg.dtype, None)
     if not isinstance(dtype, torch.dtype):
         raise SaeError(f"{path}: dtype {cfg.dtype!r} is not a torch dtype name such as float32")
-    cfg_json = cfg.to_dict()
     tensors = {k: v.to(device="cpu", dtype=dtype).contiguous() for k, v in weights.items()}
-    if path.exists() and not path.is_dir():
-        raise SaeError(f"{path} exists and is not a directory")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = atomic.mkdtemp(path.parent, f".{path.name}.tmp-")
-    old: Path | None = None
-    try:
-        if path.is_dir():
-            for entry in path.iterdir():
-                if entry.name in (CFG_FILE, WEIGHTS_FILE):
-                    continue
-                if entry.is_dir() and not entry.is_symlink():
-                    shutil.copytree(entry, tmp / entry.name, symlinks=True, copy_function=os.link)
-                else:
-                    os.link(entry, tmp / entry.name, follow_symlinks=False)
-        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-        atomic.apply_umask(tmp / WEIGHTS_FILE)  # safetensors creates its file 0600
-        with open(tmp / CFG_FILE, "w") as fh:
-            json.dump(cfg_json, fh, indent=1)
-            fh.write("\n")
-        for name in (WEIGHTS_FILE, CFG_FILE):
-            with open(tmp / name, "rb") as fh:
-                os.fsync(fh.fileno())
-        _fsync_dir(tmp)
-        if path.exists():
-            old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.old-"))
-            os.replace(path, old / "transcoder")
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except BaseException:
-        if old is not None and not path.exists():
-            os.replace(old / "transcoder", path)  # put the previous directory back
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    return path
+    return write_sae_files(path, tensors, cfg.to_dict())
 
 
 def _read_json(path: Path) -> Any:

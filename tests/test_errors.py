@@ -105,6 +105,11 @@ CASES = [
     ("harvest-text-column", [*H[:4], "{jsonl}", *H[5:], "--out", "s.zarr"], ["column 'text'", "body"]),
     ("harvest-unknown-site", [*H[:5], "blocks.9.hook_resid_post", "--out", "s.zarr"], ["blocks.9"]),
     ("harvest-bad-site-name", [*H[:5], "layer9", "--out", "s.zarr"], ["layer9"]),
+    (
+        "harvest-bad-site-hub",
+        [*H[:1], "--model", "no-org/no-model", *H[3:6], "blocks.2.resid", "--out", "s.zarr"],
+        ["blocks.2.resid"],
+    ),
     ("harvest-shard-no-slash", [*H, "--out", "s.zarr", "--shard", "3"], ["--shard", "3"]),
     ("harvest-shard-out-of-range", [*H, "--out", "s.zarr", "--shard", "4/2"], ["4"]),
     ("harvest-shard-words", [*H, "--out", "s.zarr", "--shard", "a/b"], ["a/b"]),
@@ -191,9 +196,16 @@ CASES = [
     # the global option
     ("progress-interval-word", ["--progress-interval", "often", "validate", "{store}"], ["often"]),
     ("unknown-command", ["trian", "{store}"], ["trian"]),
-    # inspect: add its cases here when `sae inspect` exists (a file, a missing path, a folder that is not an SAE
-    # directory or store, an unknown site, a non-numeric option), e.g.
-    # ("inspect-sae-is-file", ["inspect", "{file}"], ["README.md"]),
+    # inspect
+    ("inspect-sae-is-file", ["inspect", "{file}", "--out", "site"], ["README.md"]),
+    ("inspect-sae-missing", ["inspect", "./nosae", "--out", "site"], ["nosae"]),
+    ("inspect-not-sae-dir", ["inspect", "{notstore}", "--out", "site"], ["notstore"]),
+    ("inspect-store-as-sae", ["inspect", "{store}", "--out", "site"], ["store.zarr"]),
+    ("inspect-no-store-recorded", ["inspect", "{sae}", "--out", "site"], ["records no store", "--store"]),
+    ("inspect-store-missing", ["inspect", "{sae}", "--store", "./nostore.zarr", "--out", "site"], ["nostore.zarr"]),
+    ("inspect-unknown-site", ["inspect", "{sae}", "--store", "{store}", "--out", "site"], [SITE]),
+    ("inspect-top-word", ["inspect", "{sae}", "--top", "many"], ["--top", "many"]),
+    ("inspect-latents-outside", ["inspect", "{sae}", "--store", "{store}", "--latents", "0-999"], ["0-999"]),
 ]
 
 
@@ -242,6 +254,10 @@ BEFORE_THE_MODEL = [
     "eval-model-missing",
     "run-dataset-empty",
     "run-dataset-missing",
+    "harvest-unknown-site",
+    "harvest-bad-site-name",
+    "harvest-bad-site-hub",
+    "run-unknown-site",
 ]
 
 

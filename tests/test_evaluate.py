@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -526,3 +527,13 @@ def test_cli(env, tmp_path):
     bad = ["eval", str(tmp_path / "bad"), "--out", str(tmp_path / "rep2"), "--dataset", str(env["heldout"])]
     res = CliRunner().invoke(main, bad)
     assert res.exit_code == 2 and "d_in 32" in res.output
+
+
+def test_report_shows_a_recorded_store_as_the_user_would_type_it(tmp_path, monkeypatch):
+    """An SAE records its store's absolute path; the report shows one under the working directory relative to it
+    (issue 15: no absolute paths the user never typed), and others as they are."""
+    from sae.evaluate.evaluate import _shown
+
+    monkeypatch.chdir(tmp_path)
+    assert _shown(tmp_path / "run" / "store.zarr") == str(Path("run") / "store.zarr")
+    assert _shown("/elsewhere/store.zarr") == "/elsewhere/store.zarr"

@@ -195,7 +195,7 @@ def test_run_skips_complete_stages_and_resumes_training(tmp_path, monkeypatch):
     rec.calls.clear()
     mf.run(m, rec.stages(), echo=said.append)
     assert rec.calls == []
-    assert mf.status(m) == {"harvest": True, "train": True, "eval": True}
+    assert mf.status(m) == {"harvest": True, "train": True, "eval": True, "inspect": True}
 
 
 def test_run_stages_for_array_jobs(tmp_path):
@@ -220,11 +220,12 @@ def test_one_list_of_stages():
     """`sae run --stage`, the local runner and the SLURM chain share sae.manifest.STAGES."""
     from sae import slurm
 
-    assert mf.STAGES == ("init", "harvest", "finalize", "train", "eval")
+    assert mf.STAGES == ("init", "harvest", "finalize", "train", "eval", "inspect")
     assert not hasattr(slurm, "JOBS") and slurm.STAGES is mf.STAGES
     m = mf.parse_manifest(base())
-    assert list(slurm.scripts(m)) == list(mf.STAGES)
-    assert mf.done_stages(m) == set()
+    assert list(slurm.scripts(m)) == list(mf.STAGES[:-1])  # no inspect section: no inspect job
+    assert list(slurm.scripts(mf.parse_manifest(base(inspect={})))) == list(mf.STAGES)
+    assert mf.done_stages(m) == {"inspect"}  # no inspect section: the optional stage has nothing to do
 
 
 def test_manifest_does_not_import_slurm():

@@ -424,7 +424,7 @@ def test_harvest_summary_prints_the_norm_statistics(tmp_path):
     from sae.harvest import summary
 
     planted(tmp_path / "s.zarr", shard_rows=640)
-    text = summary(tmp_path / "s.zarr", 1.0, 0, decode=lambda ids: f"tok{ids[0]}")
+    text = "\n".join(summary(tmp_path / "s.zarr", 1.0, 0, decode=lambda ids: f"tok{ids[0]}"))
     assert f"{SITES[0]}:" in text and "row norms      over 600 non-BOS rows: median" in text
     assert "massive rows   norm > 5 × median" in text and "25 rows (4.17 % of rows)" in text
     assert "at positions 1 (80 %), 7 (20 %)" in text and "'tok5' (#5) ×12" in text

@@ -4,6 +4,7 @@ positions, token ids) are counted exactly and recorded in the SAE's metadata `ex
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import socket
@@ -26,7 +27,7 @@ from sae.saedir import load_sae
 from sae.store import Store
 from sae.train import train as run_train
 from sae.train import trainer
-from sae.train.reader import ChunkReader
+from sae.train.reader import ChunkReader, Rows
 from sae.train.validate import VAL_MAX_ROWS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -184,7 +185,8 @@ def test_exclusion_counts_survive_a_resume(massive_store, tmp_path, monkeypatch)
     """A run stopped after its first step and resumed counts the excluded rows as an uninterrupted run does, and
     ends with the same weights and θ."""
     base = dict(store=massive_store, site=SITE, k=(4,), dict_size=(64,), batch_size=64, tokens=64 * 30)
-    cfg = TrainConfig(**base, exclude_massive=3.0, exclude_positions=(3,), device="cpu")
+    # one decoder for both runs: `auto` times the paths per run, and a busy machine may choose differently
+    cfg = TrainConfig(**base, exclude_massive=3.0, exclude_positions=(3,), decoder="dense", device="cpu")
     (whole,) = run_train(replace(cfg, out=tmp_path / "whole"))
     with monkeypatch.context() as m:
         m.setattr(trainer, "_StopFlag", _StopAtOnce)
@@ -216,3 +218,42 @@ def test_two_ranks_count_the_exclusions_of_one_process(massive_store, tmp_path):
     two = tmp_path / "two" / one.name
     assert load_sae(two).cfg.metadata["exclude"] == load_sae(one).cfg.metadata["exclude"]
     assert load_sae(one).cfg.metadata["exclude"]["n_excluded"] > 0
+
+
+def test_excluded_rows_leave_the_input_scale_and_variance(massive_store, tmp_path, monkeypatch):
+    """With massive rows excluded, the input scale and the loss normaliser σ² are the kept rows' (the sample covers
+    this small store's every training row, so they equal a brute-force pass); without exclusions, the store's."""
+    seen = []
+
+    def spy(cfg, point, d_in, device, input_scale, variance):
+        seen.append((input_scale, variance))
+        return make_run(cfg, point, d_in, device, input_scale, variance)
+
+    make_run = trainer.make_run
+    monkeypatch.setattr(trainer, "make_run", spy)
+    store = Store.open(massive_store)
+    with ChunkReader(store, SITE, batch_size=64, val_chunks=2) as r:
+        x = torch.cat([_training_rows(store, c).x.double() for c in r.train_chunks])
+    norms = torch.linalg.vector_norm(x, dim=1)
+    base = TrainConfig(store=massive_store, site=SITE, k=(4,), dict_size=(64,), batch_size=64, tokens=640,
+                       val_chunks=2, device="cpu")  # fmt: skip
+    for factor in (None, 3.0):
+        if factor:
+            kept = x[norms <= factor * store.norm_stats(SITE)["median"]]
+            mean = kept.mean(0)
+            raw_var = float(kept.square().sum(1).mean() - mean @ mean)
+            scale = math.sqrt(x.shape[1]) / float(torch.linalg.vector_norm(kept, dim=1).mean())
+        else:  # every row: the store's statistics (validation chunks included)
+            stats = store.stats(SITE, skip_bos=True)
+            raw_var, scale = stats.variance, math.sqrt(x.shape[1]) / stats.mean_norm
+        run_train(replace(base, out=tmp_path / f"o{factor}", exclude_massive=factor))
+        got_scale, got_var = seen[-1]
+        assert got_scale == pytest.approx(scale, rel=1e-4) and got_var == pytest.approx(raw_var * scale**2, rel=1e-4)
+    assert seen[1][1] < 0.5 * seen[0][1]  # the planted rows held most of the variance
+
+
+def _training_rows(store, c):
+    """Chunk c's non-BOS rows, as the trainer reads them."""
+    a, b = store.chunk_range(c)
+    keep = torch.from_numpy(np.asarray(store.array("position")[a:b]) != 0)
+    return Rows(store.chunk(SITE, c).float()[keep], torch.arange(a, b)[keep])

@@ -31,8 +31,10 @@ CACHED_CHUNKS = 512
 class RowFilter:
     """Drops the rows an `Exclusion` leaves out of each batch, and counts them."""
 
-    def __init__(self, cfg: TrainConfig, store: Store, site: str):
+    def __init__(self, cfg: TrainConfig, store: Store, site: str, columns: slice | None = None):
         self.store = store
+        self.columns = columns if columns is not None else slice(None)
+        """The columns of a batch row that hold `site` (a transcoder's batch holds its input, then its target)."""
         self.exclusion = Exclusion(
             massive_factor=cfg.exclude_massive,
             positions=tuple(cfg.exclude_positions),
@@ -62,10 +64,11 @@ class RowFilter:
         return self.exclusion.any
 
     def keep(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """Bool [n] on x's device: True for the rows (raw activations `x`, store rows `rows`) training keeps."""
+        """Bool [n] on x's device: True for the rows (raw activations `x`, store rows `rows`) training keeps; a
+        row's norm is that of its `columns`."""
         drop = torch.zeros(len(x), dtype=torch.bool, device=x.device)
         if self.threshold is not None:
-            drop |= row_norms(x) > self.threshold
+            drop |= row_norms(x[:, self.columns]) > self.threshold
         ex = self.exclusion
         if ex.positions or ex.token_ids:
             position, tokens = self._lookup(rows)
@@ -95,6 +98,18 @@ class RowFilter:
             return r
         keep = self.keep(r.x.float(), r.rows).cpu()
         return Rows(r.x[keep], r.rows[keep])
+
+    def kept_stats(self, sample: Rows, columns: slice = slice(None)) -> tuple[float, float]:
+        """(mean norm, σ² = E‖x − x̄‖²) of the kept rows of `sample` (raw units; of their `columns`: one site of a
+        transcoder's rows). Excluding massive rows removes a large part of the store's variance, so the input
+        scale and the loss normaliser come from the rows the SAE trains on, not from the store's statistics over
+        every row."""
+        kept = self.rows(sample)
+        if kept is None or not len(kept.x):
+            raise SaeError(f"every sampled training row is excluded ({self.exclusion.describe()}); exclude fewer rows")
+        x = kept.x[:, columns].double()
+        mean = x.mean(0)
+        return float(x.norm(dim=1).mean()), float(x.square().sum(1).mean() - mean @ mean)
 
     def totals(self, dd: Any) -> tuple[int, int]:
         """(rows seen, rows excluded) over every rank (a collective under DDP: every rank calls it)."""

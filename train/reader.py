@@ -367,18 +367,23 @@ class ChunkReader:
         x, rows = torch.cat([p.x for p in parts]), torch.cat([p.rows for p in parts])
         return Rows(x[:max_rows], rows[:max_rows])
 
-    def sample_rows(self, n: int) -> torch.Tensor:
-        """About `n` training rows (float32, CPU) for initialisation: the first chunks of a seeded order of all
-        training chunks (the same on every rank and for any number of lanes)."""
+    def sample(self, n: int) -> Rows:
+        """About `n` training rows (float32, CPU) with their store rows, for initialisation and the input
+        statistics: the first chunks of a seeded order of all training chunks (the same on every rank and for any
+        number of lanes)."""
         parts, got = [], 0
         order = _rng(self.seed, 0, 0, _ORDER).permutation(len(self.train_chunks))
         for c in (self.train_chunks[i] for i in order):
             r = read_rows(self.store, self.site, c, keep_bos=self.keep_bos)
-            parts.append(r.x)
+            parts.append(r)
             got += len(r.x)
             if got >= n:
                 break
-        return torch.cat(parts)[:n].float()
+        return Rows(torch.cat([r.x for r in parts])[:n].float(), torch.cat([r.rows for r in parts])[:n])
+
+    def sample_rows(self, n: int) -> torch.Tensor:
+        """The activations of `sample(n)`."""
+        return self.sample(n).x
 
     def close(self) -> None:
         """Stop the background threads."""

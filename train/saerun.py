@@ -15,6 +15,7 @@ from sae.config import TrainConfig
 from sae.errors import SaeError
 from sae.saedir import save_sae as write_sae_dir
 from sae.store import Store
+from sae.transcoder import Transcoder, save_transcoder
 
 from .archs import TrainingSae, from_config
 from .calibrate import Theta, apply_theta
@@ -56,14 +57,26 @@ def _make_optimizer(sae: TrainingSae, lr: float) -> torch.optim.Adam:
 
 
 def make_run(
-    cfg: TrainConfig, point: Any, d_in: int, device: torch.device, input_scale: float, variance: float
+    cfg: TrainConfig,
+    point: Any,
+    d_in: int,
+    device: torch.device,
+    input_scale: float,
+    variance: float,
+    *,
+    d_out: int | None = None,
+    target_scale: float | None = None,
 ) -> SaeRun:
     """The SAE of sweep point `point` (sae.saedir.SweepPoint), freshly initialised, with its Adam; `variance` is
-    σ² of the scaled training rows, the fixed normaliser of its reconstruction term."""
-    sae = from_config(cfg, point, d_in, variance=variance, device=device)
+    σ² of the scaled training rows (a transcoder's: of its scaled targets), the fixed normaliser of its
+    reconstruction term. A transcoder of targets of width `d_out` (dataset-level scale `target_scale`) when
+    `d_out` is given."""
+    sae = from_config(cfg, point, d_in, variance=variance, device=device, d_out=d_out)
     if sae.k is not None and sae.k > sae.d_sae:
         raise SaeError(f"{point.name}: k={sae.k} exceeds the dictionary size {sae.d_sae}")
     sae.set_input_scale(input_scale)
+    if d_out is not None:
+        sae.set_target_scale(float(target_scale))
     lr = cfg.lr if cfg.lr is not None else default_lr(sae.d_sae)
     return SaeRun(point.name, sae, _make_optimizer(sae, lr), lr, Path(cfg.out) / point.name)
 
@@ -88,9 +101,11 @@ def save_sae(
     *,
     theta: Theta | None = None,
     exclude: dict[str, Any] | None = None,
+    target: str | None = None,
 ) -> None:
     """Write `r`'s SAELens directory as of `step` (`complete`: the final one), with its log so far; `theta`: the
-    exported θ (sae.train.calibrate), `exclude`: the rows left out (metadata key `exclude`)."""
+    exported θ (sae.train.calibrate), `exclude`: the rows left out (metadata key `exclude`); a transcoder's
+    (`target`, its output site) in SAELens' transcoder format."""
     a = store.attrs
     model = a.get("model") or {}
     metadata = {
@@ -117,10 +132,16 @@ def save_sae(
     # (export adds the architecture's own settings to the metadata)
     if exclude is not None:
         metadata["exclude"] = exclude
+    extra: dict[str, Any] = {}
+    if target is not None:
+        metadata["target_site"] = target
+        metadata["skip"] = r.sae.skip
+        extra["hook_name_out"] = target
     inf = apply_theta(
-        r.sae.export(model_name=model.get("id"), hook_name=site, complete=complete, metadata=metadata), theta
+        r.sae.export(model_name=model.get("id"), hook_name=site, complete=complete, metadata=metadata, **extra),
+        theta,
     )
-    write_sae_dir(inf, None, r.dir)
+    (save_transcoder if isinstance(inf, Transcoder) else write_sae_dir)(inf, None, r.dir)
     if r.log is not None:
         r.log.flush()
         atomic.write_bytes(r.dir / LOG_FILE, r.log_path.read_bytes())

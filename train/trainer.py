@@ -58,14 +58,17 @@ from .exclude import RowFilter
 from .log import progress_figures, summary_line, train_row
 from .plan import Plan, default_lr, make_plan
 from .reader import ChunkReader, Rows, read_rows
-from .rundir import LOG_DIR, LOG_FILE, RUN_FILE, check_out, compare_store, open_store, store_identity
+from .rundir import LOG_DIR, LOG_FILE, RUN_FILE, check_out, compare_store, open_store, store_identity, target_site
 from .saerun import SaeRun, make_run, save_sae, write_log
 from .signals import StopFlag as _StopFlag  # (tests replace trainer._StopFlag to simulate a signal)
 from .signals import TrainingInterrupted
 from .validate import VAL_MAX_ROWS, val_row, validate
 
 GEOMEDIAN_ROWS = 8192
-"""Rows sampled to initialise b_dec (geometric median) before the first step."""
+"""Rows sampled to initialise b_dec (geometric median) before the first step (the kept ones, under --exclude-*)."""
+
+KEPT_STATS_ROWS = 131072
+"""Rows sampled for the input scale and σ² of the kept rows when some are excluded (--exclude-*)."""
 
 STOP_CHECK_STEPS = 8
 """Under DDP the ranks agree on a SIGTERM/SIGINT every this many steps (and at each scheduled checkpoint): a
@@ -90,16 +93,19 @@ def train(cfg: TrainConfig) -> list[Path]:
 def _train(cfg: TrainConfig, dd: Dist, device: torch.device) -> list[Path]:
     # What to do with --out: start, resume from its checkpoint, or nothing (already trained).
     store, site = open_store(cfg)
+    target = target_site(cfg, store, site)  # a transcoder run's output site, None for SAEs
     d = store.d_model
+    d_out = d if target is not None else None
     points = sweep(cfg)
     if not points:
         raise SaeError("the sweep is empty: give at least one --arch and one --k / --dict-size / --expansion")
-    check_config(cfg, points, d)  # each architecture validates its settings before anything is written
+    check_config(cfg, points, d, d_out=d_out)  # each architecture validates its settings before anything is written
     check_theta(cfg, points)
-    rowfilter = RowFilter(cfg, store, site)  # rows left out of training (--exclude-*)
+    # rows left out of training (--exclude-*); a transcoder's are judged by its target (the batch's last columns)
+    rowfilter = RowFilter(cfg, store, target or site, columns=slice(d, None) if target is not None else None)
     names = [p.name for p in points]
     out = Path(cfg.out)
-    identity = store_identity(store, site)
+    identity = store_identity(store, site, target)
     config = to_dict(cfg)
     config["site"] = site
     run_info = {"config": config, "store": identity, "tool_version": __version__}
@@ -112,19 +118,12 @@ def _train(cfg: TrainConfig, dd: Dist, device: torch.device) -> list[Path]:
     if ck is not None:
         compare_store(ck.state["store"], identity, out)
 
-    # The input scale c and the reader (this rank's lanes; a checkpoint's position).
-    stats = store.stats(site, skip_bos=not cfg.keep_bos)
-    if not (math.isfinite(stats.mean_norm) and stats.mean_norm > 0):
-        _find_bad_rows(store, site, cfg.keep_bos)  # raises naming the rows, when some are NaN/Inf
-        raise SaeError(f"store {cfg.store}: site {site} has mean norm {stats.mean_norm}; cannot scale the inputs")
-    scale = math.sqrt(d) / stats.mean_norm
-    if not (math.isfinite(stats.variance) and stats.variance > 0):
-        raise SaeError(f"store {cfg.store}: site {site} has variance {stats.variance}; nothing to reconstruct")
-    variance = stats.variance * scale**2  # σ² of the scaled rows: the fixed normaliser of the reconstruction
+    # The reader (this rank's lanes; a checkpoint's position) and the store statistics of its site(s).
+    stats = {s: _site_stats(cfg, store, s) for s in ([site, target] if target is not None else [site])}
     lanes = cfg.reader_lanes if cfg.reader_lanes is not None else dd.world  # (a checkpoint's state overrides)
     reader = ChunkReader(
         store,
-        site,
+        [site, target] if target is not None else site,
         batch_size=cfg.batch_size,
         seed=cfg.seed,
         buffer_mb=cfg.buffer_mb,
@@ -138,6 +137,20 @@ def _train(cfg: TrainConfig, dd: Dist, device: torch.device) -> list[Path]:
     )
     with contextlib.ExitStack() as stack:
         stack.callback(reader.close)
+        # (E‖x‖, σ²) per site: the store's, or with rows excluded the kept rows' from a seeded sample (the same on
+        # every rank and resume); a transcoder's batch rows hold its input's columns, then its target's.
+        moments = {s: (st.mean_norm, st.variance) for s, st in stats.items()}
+        if rowfilter.active:
+            sample = reader.sample(KEPT_STATS_ROWS)
+            moments = {s: rowfilter.kept_stats(sample, slice(i * d, (i + 1) * d)) for i, s in enumerate(moments)}
+        scale = math.sqrt(d) / moments[site][0]  # the input scale c
+        target_scale = math.sqrt(d) / moments[target][0] if target is not None else None  # the target's own
+        compared = target or site  # what the output is compared with
+        raw_variance = moments[compared][1]
+        if not (math.isfinite(raw_variance) and raw_variance > 0):
+            raise SaeError(f"store {cfg.store}: site {compared} has variance {raw_variance}; nothing to reconstruct")
+        # σ² of the scaled rows (a transcoder's: of its scaled targets): the fixed normaliser of the reconstruction
+        variance = raw_variance * (target_scale if target_scale is not None else scale) ** 2
         plan = make_plan(cfg, reader.train_rows, scale)
         if ck is not None:
             was = {k: v for k, v in ck.state["plan"].items() if k != "checkpoint_steps"}
@@ -150,7 +163,8 @@ def _train(cfg: TrainConfig, dd: Dist, device: torch.device) -> list[Path]:
             out.mkdir(parents=True, exist_ok=True)
         if ck is None and dd.main:
             atomic.write_json(out / RUN_FILE, {**run_info, "plan": plan._asdict(), "started": time.time()})
-        runs = [make_run(cfg, p, d, device, scale, variance) for p in points]
+        tc = {"d_out": d_out, "target_scale": target_scale} if target is not None else {}  # a transcoder's
+        runs = [make_run(cfg, p, d, device, scale, variance, **tc) for p in points]
         if dd.group is not None:
             for r in runs:
                 r.sae.process_group = dd.group
@@ -161,10 +175,11 @@ def _train(cfg: TrainConfig, dd: Dist, device: torch.device) -> list[Path]:
             for r in runs:
                 if dd.main:
                     r.log_path.unlink(missing_ok=True)  # left by a run that died before its first checkpoint
-            sample = reader.sample_rows(GEOMEDIAN_ROWS).to(device) * scale
+            sample = rowfilter.rows(reader.sample(GEOMEDIAN_ROWS)).x.to(device)
+            x0, y0 = sample[:, :d] * scale, (sample[:, d:] * target_scale if target is not None else None)
             for r in runs:
-                r.sae.init_from_sample(sample)
-            del sample
+                r.sae.init_from_sample(x0, y0)
+            del sample, x0, y0
             start = 0
         else:
             checkpoint.restore_run(ck, runs, truncate_logs=dd.main)
@@ -178,6 +193,8 @@ def _train(cfg: TrainConfig, dd: Dist, device: torch.device) -> list[Path]:
         held = reader.validation_rows(2 * VAL_MAX_ROWS) if cfg.val_chunks > 0 and dd.main else None
         # alternate rows for the validation metrics and for calibrating θ (sae.train.calibrate)
         val, cal = split_held_out(rowfilter.rows(held), VAL_MAX_ROWS, VAL_MAX_ROWS)
+        if target is not None and cal is not None:  # θ is calibrated on the encoder's input columns
+            cal = Rows(cal.x[:, :d], cal.rows)
         meta = {"config": config, "store": identity, "plan": plan._asdict()}
         stop = stack.enter_context(_StopFlag())
         # progress lines (or a bar on a terminal) from rank 0 only
@@ -185,7 +202,10 @@ def _train(cfg: TrainConfig, dd: Dist, device: torch.device) -> list[Path]:
         prog = stack.enter_context(Progress("train", plan.tokens, "tok", initial=start * plan.batch_size, file=quiet))
         last: dict[str, dict[str, Any]] = {r.name: {} for r in runs}  # each SAE's last log rows, by split
         try:
-            _loop(cfg, plan, runs, reader, val, device, start, stop, meta, store, site, prog, last, dd, cal, rowfilter)
+            _loop(
+                cfg, plan, runs, reader, val, device, start, stop, meta, store, site, prog, last, dd, cal, rowfilter,
+                target, target_scale,
+            )  # fmt: skip
         except TrainingInterrupted as e:  # a preempted job's log ends with what it got done, too
             prog.close()
             if dd.main:
@@ -196,7 +216,9 @@ def _train(cfg: TrainConfig, dd: Dist, device: torch.device) -> list[Path]:
         if dd.main:
             for r in runs:
                 th, ex = choose_theta(r.sae, cfg.theta, cal, device), rowfilter.metadata(**counts)
-                save_sae(r, cfg, plan, store, site, plan.steps, reader, complete=True, theta=th, exclude=ex)
+                save_sae(
+                    r, cfg, plan, store, site, plan.steps, reader, complete=True, theta=th, exclude=ex, target=target
+                )
     dd.barrier()
     # The SAEs are final, with their logs: the optimizer state and the growing logs are not needed any more.
     if dd.main:
@@ -204,6 +226,16 @@ def _train(cfg: TrainConfig, dd: Dist, device: torch.device) -> list[Path]:
         shutil.rmtree(out / LOG_DIR, ignore_errors=True)
         summary("train", [summary_line(r, last[r.name], plan) for r in runs])
     return [r.dir for r in runs]
+
+
+def _site_stats(cfg: TrainConfig, store: Store, site: str) -> Any:
+    """The store's statistics of `site` over the training rows' BOS handling; SaeError when its rows cannot be
+    scaled (naming the non-finite rows when there are some)."""
+    stats = store.stats(site, skip_bos=not cfg.keep_bos)
+    if not (math.isfinite(stats.mean_norm) and stats.mean_norm > 0):
+        _find_bad_rows(store, site, cfg.keep_bos)  # raises naming the rows, when some are NaN/Inf
+        raise SaeError(f"store {cfg.store}: site {site} has mean norm {stats.mean_norm}; cannot scale the inputs")
+    return stats
 
 
 def _find_bad_rows(store: Store, site: str, keep_bos: bool) -> None:
@@ -229,19 +261,26 @@ def _loop(
     dd: Dist = SINGLE,
     cal: Rows | None = None,
     rowfilter: RowFilter | None = None,
+    target: str | None = None,
+    target_scale: float | None = None,
 ) -> None:
-    """Steps `start`..plan.steps; keeps each SAE's last log rows by split ("train", "val") in `last`."""
+    """Steps `start`..plan.steps; keeps each SAE's last log rows by split ("train", "val") in `last`.
+    Transcoders: a batch holds the input's columns, then the target's (`target_scale` scales the latter)."""
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     out = Path(cfg.out)
     t_last, step_last = time.perf_counter(), start
     for step in range(start, plan.steps):
         batch = reader.next_batch()  # this rank's rows of the global batch, less the excluded ones
-        x = (rowfilter.apply(batch) if rowfilter is not None else batch.x) * plan.input_scale
+        x = rowfilter.apply(batch) if rowfilter is not None else batch.x
+        y = None
+        if target is not None:
+            x, y = x[:, : runs[0].sae.d_in], x[:, runs[0].sae.d_in :] * target_scale
+        x = x * plan.input_scale
         n_rows = global_rows(len(x), dd, varies=rowfilter is not None and rowfilter.active)
         if step == start and step == 0:
             for r in runs:
                 if r.sae.decoder == "auto":
-                    r.sae.choose_decoder(x, autocast=autocast)  # timed as the steps run
+                    r.sae.choose_decoder(x, autocast=autocast, target=y)  # timed as the steps run
                     # the ranks' timings differ: rank 0's choice for all
                     r.sae.sparse_max_density = broadcast_float(r.sae.sparse_max_density, dd)
 
@@ -249,7 +288,7 @@ def _loop(
         lr_f = plan.lr_factor(step)
         outs = []
         for r in runs:
-            outs.append(train_step(r, x, lr_f * r.lr, step, plan, cfg, autocast, dd, n_rows=n_rows))
+            outs.append(train_step(r, x, lr_f * r.lr, step, plan, cfg, autocast, dd, y, n_rows=n_rows))
         done = step + 1
 
         # Log (the only host reads of the step's figures).
@@ -283,7 +322,10 @@ def _loop(
                         write_log(r, val_row(r.sae, val, plan, done, device, theta=thetas[r.name]))
                 for r in runs:
                     ex = rowfilter.metadata(**counts) if rowfilter is not None else None
-                    save_sae(r, cfg, plan, store, site, done, reader, complete=False, theta=thetas[r.name], exclude=ex)
+                    th = thetas[r.name]
+                    save_sae(
+                        r, cfg, plan, store, site, done, reader, complete=False, theta=th, exclude=ex, target=target
+                    )
                 path = checkpoint.save_run(out, done, runs, state, {**meta, "exclude_rows": counts})
             dd.barrier()  # the other ranks wait until rank 0's checkpoint is complete
             if stopped:
@@ -320,10 +362,12 @@ def train_step(
     cfg: TrainConfig,
     autocast: Any,
     dd: Dist = SINGLE,
+    y: torch.Tensor | None = None,
     n_rows: int | None = None,
 ) -> tuple[Any, torch.Tensor]:
     """One optimizer step of one SAE on the scaled batch `x` (in DDP: this rank's slice of the global batch of
-    `n_rows` rows); returns its SaeOutput and the gradient norm (before clipping), both left on the device.
+    `n_rows` rows; `y`: a transcoder's scaled targets); returns its SaeOutput and the gradient norm (before
+    clipping), both left on the device.
 
     Host reads. The step itself reads nothing back: the clip, Adam (its step counters live on the CPU), the
     decoder renormalisation, the dead counters and θ's EMA stay on the device, and the log reads the figures
@@ -338,7 +382,7 @@ def train_step(
     n = n_rows if n_rows is not None else len(x) * dd.world
     sae.before_step(step, plan)
     with autocast:
-        o = sae(x, dead_mask=sae.dead_mask(plan.dead_tokens), n_rows=n)
+        o = sae(x, dead_mask=sae.dead_mask(plan.dead_tokens), target=y, n_rows=n)
     if r.grad_sync is not None:
         r.grad_sync.arm()  # each gradient's all-reduce starts as soon as backward has produced it
     o.loss.backward()

@@ -26,11 +26,15 @@ def validate(
 ) -> dict[str, float]:
     """FVU, NMSE and mean L0 of the exported (raw-unit) SAE on held-out rows, in threshold mode (θ / JumpReLU,
     per-row for topk) and batch mode (batch top-k over batches of `batch_size` rows; BatchTopK only, the same
-    as threshold mode for the others)."""
+    as threshold mode for the others). A transcoder's rows hold its input's columns, then its target's: the
+    metrics are those of its prediction of the target."""
     inf = apply_theta(sae.export(), theta).to(device)  # θ mode at the exported θ
-    acc = {m: ReconstructionAccumulator(inf.d_in, inf.d_sae, device) for m in ("theta", "batch")}
+    d_in, width = inf.d_in, (sae.d_out if sae.transcoder else inf.d_in)
+    acc = {m: ReconstructionAccumulator(width, inf.d_sae, device) for m in ("theta", "batch")}
     for i in range(0, len(val.x), batch_size):
-        x = val.x[i : i + batch_size].to(device).float()
+        x = y = val.x[i : i + batch_size].to(device).float()
+        if sae.transcoder:
+            x, y = x[:, :d_in], x[:, d_in:]
         if inf.batch_topk:  # one encoder pass for both modes
             pre = inf.pre_acts(x)
             by_mode = {"theta": pre.relu() * (pre > inf.threshold)}
@@ -42,7 +46,7 @@ def validate(
             a = inf.encode(x)
             by_mode = {"theta": a, "batch": a}
         for m, a in by_mode.items():
-            acc[m].add(x, _decode(inf, a), a)
+            acc[m].add(y, inf.decode(a, x) if sae.transcoder else _decode(inf, a), a)
     out = {}
     for m, a in acc.items():
         res = a.result()

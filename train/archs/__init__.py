@@ -36,15 +36,23 @@ def make_sae(arch: str, d_in: int, d_sae: int, **kw: Any) -> TrainingSae:
 
 
 def from_config(
-    cfg: Any, point: Any, d_in: int, *, variance: float, device: str | torch.device | None = None
+    cfg: Any,
+    point: Any,
+    d_in: int,
+    *,
+    variance: float,
+    device: str | torch.device | None = None,
+    d_out: int | None = None,
 ) -> TrainingSae:
     """The SAE of sweep point `point` (sae.saedir.SweepPoint) of TrainConfig `cfg`; `variance` is σ² of the
-    scaled training rows (see `TrainingSae.variance`)."""
+    scaled training rows, a transcoder's (`d_out` given) of its scaled targets (see `TrainingSae.variance`)."""
     cls = sae_class(point.arch)
     return cls(
         d_in,
         point_size(point, d_in),
         variance=variance,
+        d_out=d_out,
+        skip=bool(getattr(cfg, "skip", False)) and d_out is not None,
         k_aux=cfg.k_aux,
         aux_alpha=cfg.aux_alpha,
         decoder=cfg.decoder,
@@ -54,10 +62,11 @@ def from_config(
     )
 
 
-def check_config(cfg: Any, points: list[Any], d_in: int) -> None:
-    """Let each point's architecture validate its settings, before a run writes anything."""
+def check_config(cfg: Any, points: list[Any], d_in: int, d_out: int | None = None) -> None:
+    """Let each point's architecture validate its settings (as a transcoder's when `d_out` is given), before a
+    run writes anything."""
     for p in points:
-        sae_class(p.arch).check(cfg, p, d_in)
+        sae_class(p.arch).check(cfg, p, d_in, d_out=d_out)
 
 
 ARCHS = architectures.NAMES

@@ -23,6 +23,14 @@ matrix of the N entries (`sparse`); `auto` picks by timing both once at the real
 AuxK works densely on the dead columns only. Pre-activations, selection, thresholds and both decoders run in
 fp32 with autocast off (see sae.train.kernels), so a bf16 autocast around the step changes no selection.
 
+Transcoders (`d_out` given): the same architectures predict a target y [B, d_out] (another site of the same rows)
+from x instead of reconstructing x. Then W_dec is [F, d_out] and b_dec [d_out]; the input is not centred (pre =
+x·W_enc + b_enc, as SAELens' transcoders compute it: `centre` is a zero vector); the reconstruction term, the FVU
+and AuxK (which fits the residual y − ŷ) are taken against y, with σ² the target's variance; y has its own
+dataset-level scale (`target_scale`), folded back on export like the input's. With `skip`, ŷ gains an affine
+skip connection x·W_skipᵀ, W_skip [d_out, d_in] initialised at zero. W_enc is drawn independently of W_dec (the
+tied init W_enc = W_decᵀ is a reconstruction trick). The export is a `sae.transcoder.Transcoder`.
+
 Per step, the trainer:
     sae.before_step(step, plan)          # schedules that depend on the step (relu: λ warm-up)
     out = sae(x * sae.input_scale, dead_mask=sae.dead_mask(dead_tokens))
@@ -46,6 +54,7 @@ from torch import Tensor, nn
 from sae import architectures
 from sae.errors import SaeError
 from sae.saedir import SaeConfig, SparseAutoencoder, flat_nonzero, save_sae
+from sae.transcoder import Transcoder, TranscoderConfig, fold_scales, save_transcoder, transcoder_architecture
 
 from ..kernels import AuxDecode, SparseDecode, SparseEncode, SparsePattern, dense_decode, no_autocast
 
@@ -94,7 +103,8 @@ class SaeOutput(NamedTuple):
     shares: their sums over the ranks are the global-batch values; `fired` and `min_act` are already global."""
 
     x_hat: Tensor
-    """Reconstruction [B, d_in] in training (scaled) units (Matryoshka: the whole dictionary's)."""
+    """Reconstruction [B, d_in] (a transcoder's prediction [B, d_out]) in training (scaled) units (Matryoshka: the
+    whole dictionary's)."""
     rows: Tensor
     """Row of each stored latent activation, int64 [N], ascending."""
     cols: Tensor
@@ -154,7 +164,8 @@ class Terms(NamedTuple):
 class TrainingSae(nn.Module):
     """One SAE being trained. Parameters: W_enc [d_in, F], b_enc [F], W_dec [F, d_in], b_dec [d_in] (and what
     an architecture adds). Buffers (checkpointed with `state_dict`): input_scale, theta, theta_updates,
-    tokens_since_fired."""
+    tokens_since_fired. A transcoder (`d_out`): W_dec [F, d_out], b_dec [d_out], W_skip [d_out, d_in] with
+    `skip`, and the buffer target_scale."""
 
     arch: ClassVar[str] = ""
     """Name of the architecture's entry in `sae.architectures`."""
@@ -183,16 +194,26 @@ class TrainingSae(nn.Module):
         decoder: str = "auto",
         device: str | torch.device | None = None,
         seed: int | None = 0,
+        d_out: int | None = None,
+        skip: bool = False,
     ):
         super().__init__()
         if decoder not in DECODERS:
             raise SaeError(f"decoder {decoder!r} is not one of {', '.join(DECODERS)}")
-        if d_in < 1 or d_sae < 1:
-            raise SaeError(f"d_in and d_sae must be positive, got {d_in} and {d_sae}")
+        if d_in < 1 or d_sae < 1 or (d_out is not None and d_out < 1):
+            raise SaeError(f"d_in, d_sae and d_out must be positive, got {d_in}, {d_sae} and {d_out}")
+        if skip and d_out is None:
+            raise SaeError("a skip connection needs a transcoder (a target site, d_out)")
         if not (math.isfinite(variance) and variance > 0):
             raise SaeError(f"the dataset variance must be a positive number, got {variance}")
         self.info = architectures.get(self.arch)
         self.d_in, self.d_sae = d_in, d_sae
+        self.transcoder = d_out is not None
+        """Predicts a target [B, d_out] instead of reconstructing its input."""
+        self.d_out = d_out if d_out is not None else d_in
+        self.skip = bool(skip)
+        if self.transcoder:
+            transcoder_architecture(self.info.exports_as, skip=self.skip)  # one SAELens can load, or SaeError
         self.k: float | None = None
         """Mean latents per row for the architectures that select a fixed number (set by them)."""
         self.variance = float(variance)
@@ -213,8 +234,13 @@ class TrainingSae(nn.Module):
         kw: dict[str, Any] = dict(device=device, dtype=torch.float32)
         self.W_enc = nn.Parameter(torch.empty(d_in, d_sae, **kw))
         self.b_enc = nn.Parameter(torch.zeros(d_sae, **kw))
-        self.W_dec = nn.Parameter(torch.empty(d_sae, d_in, **kw))
-        self.b_dec = nn.Parameter(torch.zeros(d_in, **kw))
+        self.W_dec = nn.Parameter(torch.empty(d_sae, self.d_out, **kw))
+        self.b_dec = nn.Parameter(torch.zeros(self.d_out, **kw))
+        if self.skip:
+            self.W_skip = nn.Parameter(torch.zeros(self.d_out, d_in, **kw))
+        if self.transcoder:
+            self.register_buffer("target_scale", torch.ones((), **kw))
+            self.register_buffer("_zero_centre", torch.zeros(d_in, **kw), persistent=False)
         self.register_buffer("input_scale", torch.ones((), **kw))
         self.register_buffer("theta", torch.zeros((), **kw))
         self.register_buffer("theta_updates", torch.zeros((), dtype=torch.long, device=device))
@@ -227,33 +253,58 @@ class TrainingSae(nn.Module):
         return {}
 
     @classmethod
-    def check(cls, cfg: Any, point: Any, d_in: int) -> None:
+    def check(cls, cfg: Any, point: Any, d_in: int, d_out: int | None = None) -> None:
         """Raise SaeError when `cfg` cannot train sweep point `point` (before anything is written)."""
-        cls(d_in, point_size(point, d_in), variance=1.0, device="meta", **cls.options(cfg, point))
+        skip = bool(getattr(cfg, "skip", False)) and d_out is not None
+        kw = dict(variance=1.0, device="meta", d_out=d_out, skip=skip)
+        cls(d_in, point_size(point, d_in), **kw, **cls.options(cfg, point))
+
+    @property
+    def centre(self) -> Tensor:
+        """What is subtracted from the input before encoding: b_dec for an SAE, zeros for a transcoder."""
+        return self._zero_centre if self.transcoder else self.b_dec
 
     @torch.no_grad()
     def reset_parameters(self, seed: int | None = 0) -> None:
-        """Random decoder rows of norm `init_decoder_norm()`, W_enc = W_decᵀ, zero biases."""
+        """Random decoder rows of norm `init_decoder_norm()`, W_enc = W_decᵀ (a transcoder: W_enc columns of the
+        same norm drawn independently), zero biases (and W_skip)."""
         if self.W_dec.device.type == "meta":
             return
         gen = None
         if seed is not None:
             gen = torch.Generator(device="cpu").manual_seed(seed)
-        w = torch.randn(self.d_sae, self.d_in, generator=gen, dtype=torch.float32)
+        w = torch.randn(self.d_sae, self.d_out, generator=gen, dtype=torch.float32)
         w *= self.init_decoder_norm() / w.norm(dim=1, keepdim=True)
         self.W_dec.copy_(w)
-        self.W_enc.copy_(w.t())
+        if self.transcoder:
+            e = torch.randn(self.d_sae, self.d_in, generator=gen, dtype=torch.float32)
+            self.W_enc.copy_((e * (self.init_decoder_norm() / e.norm(dim=1, keepdim=True))).t())
+        else:
+            self.W_enc.copy_(w.t())
         self.b_enc.zero_()
         self.b_dec.zero_()
+        if self.skip:
+            self.W_skip.zero_()
 
     def init_decoder_norm(self) -> float:
         """Norm of the initial decoder rows."""
         return 1.0
 
     @torch.no_grad()
-    def init_from_sample(self, x: Tensor) -> None:
-        """b_dec ← geometric median of a sample of (scaled) training rows [n, d_in]."""
-        self.b_dec.copy_(geometric_median(x.to(self.b_dec.device).float()))
+    def init_from_sample(self, x: Tensor, target: Tensor | None = None) -> None:
+        """b_dec ← geometric median of a sample of (scaled) training rows [n, d_in]; a transcoder's: of their
+        (scaled) targets [n, d_out]."""
+        rows = target if self.transcoder else x
+        if rows is None:
+            raise SaeError("a transcoder's b_dec is initialised from a sample of its targets; pass target=")
+        self.b_dec.copy_(geometric_median(rows.to(self.b_dec.device).float()))
+
+    @torch.no_grad()
+    def set_target_scale(self, scale: float) -> None:
+        """A transcoder's dataset-level target scale c_out (y_train = c_out·y_raw), folded back by `export`."""
+        if not self.transcoder:
+            raise SaeError("only a transcoder has a target scale")
+        self.target_scale.fill_(float(scale))
 
     @torch.no_grad()
     def set_input_scale(self, scale: float) -> None:
@@ -343,7 +394,7 @@ class TrainingSae(nn.Module):
         """Dense pre-activations without a graph, fp32 with autocast off (selection, θ and the STE windows see
         fp32 values); on CPU into a reused buffer (a fresh 75 MB tensor per step costs ~20 ms of page faults)."""
         with no_autocast(x.device):
-            xc = x.float() - self.b_dec
+            xc = x.float() - self.centre
             if x.device.type == "cpu":
                 shape = (x.shape[0], self.d_sae)
                 if self._pre_buf is None or self._pre_buf.shape != shape or self._pre_buf.device != x.device:
@@ -371,37 +422,64 @@ class TrainingSae(nn.Module):
             return (sq - total.pow(2).sum() / n).float().clamp_min(1e-12)
 
     def forward(
-        self, x: Tensor, dead_mask: Tensor | None = None, *, decoder: str | None = None, n_rows: int | None = None
+        self,
+        x: Tensor,
+        dead_mask: Tensor | None = None,
+        *,
+        target: Tensor | None = None,
+        decoder: str | None = None,
+        n_rows: int | None = None,
     ) -> SaeOutput:
-        """Training forward on scaled rows x [B, d_in]. `dead_mask` [F] bool marks dead latents for AuxK;
-        `decoder` overrides the module's decoder choice ("dense" or "sparse"); `n_rows`: rows of the global batch
-        when the caller knows them (else, with a `process_group`, a collective and a host read find them)."""
+        """Training forward on scaled rows x [B, d_in] (a transcoder's: with their scaled targets `target`
+        [B, d_out]). `dead_mask` [F] bool marks dead latents for AuxK; `decoder` overrides the module's decoder
+        choice ("dense" or "sparse"); `n_rows`: rows of the global batch when the caller knows them (else, with a
+        `process_group`, a collective and a host read find them)."""
         if x.dim() != 2 or x.shape[1] != self.d_in:
             raise SaeError(f"expected input rows [B, {self.d_in}], got {list(x.shape)}")
+        y = self._target(x, target)
         b, f = x.shape[0], self.d_sae
         # the loss normaliser: b in one process, the global batch in DDP
         n = int(n_rows) if n_rows is not None else self._global_rows(b, x.device)
         sparse = self._use_sparse(decoder, x.device)
         if self.dense_forward and not sparse:
-            return self._forward_dense(x, n)
+            return self._forward_dense(x, n, y)
         with torch.no_grad():
             pre = self._pre(x)
             rows, cols = self.select(pre, n)
         pat = SparsePattern(rows, cols, b, f)
-        vals = SparseEncode.apply(x, self.W_enc, self.b_enc, self.b_dec, pre, pat).float()
+        vals = SparseEncode.apply(x, self.W_enc, self.b_enc, self.centre, pre, pat).float()
         acts, active, sparsity = self.activate(vals, cols, n)
         with no_autocast(x.device):
-            recon = self.reconstruct(pat, acts, sparse)
+            recon = self._with_skip(self.reconstruct(pat, acts, sparse), x)
         self._density = pat.nnz / (b * f)
         x_hat = recon if recon.dim() == 2 else recon[:, -1]
         aux, n_dead = x.new_zeros((), dtype=torch.float32), 0
         if self.uses_aux and dead_mask is not None and self.aux_alpha > 0:
-            aux, n_dead = self._aux(x, x_hat, pre, dead_mask)
-        return self._finish(x, recon, rows, cols, acts, active, aux, n_dead, sparsity, sparse, n)
+            aux, n_dead = self._aux(x, y, x_hat, pre, dead_mask)
+        return self._finish(y, recon, rows, cols, acts, active, aux, n_dead, sparsity, sparse, n)
 
-    def _aux(self, x: Tensor, x_hat: Tensor, pre: Tensor, dead_mask: Tensor) -> tuple[Tensor, int]:
-        """AuxK: reconstruct the detached residual e = x − x̂ from the top k_aux pre-activations of the dead
-        latents (no b_dec), ‖ê − e‖² / ‖e − ē‖², times min(n_dead / k_aux, 1) as in sparsify/SAELens."""
+    def _target(self, x: Tensor, target: Tensor | None) -> Tensor:
+        """What the output is compared with: x for an SAE, the given target rows for a transcoder."""
+        if not self.transcoder:
+            if target is not None:
+                raise SaeError("an SAE reconstructs its input; target= is for transcoders")
+            return x
+        if target is None or target.dim() != 2 or tuple(target.shape) != (x.shape[0], self.d_out):
+            shape = None if target is None else list(target.shape)
+            raise SaeError(f"a transcoder needs target rows [{x.shape[0]}, {self.d_out}], got {shape}")
+        return target
+
+    def _with_skip(self, recon: Tensor, x: Tensor) -> Tensor:
+        """Add the skip connection x·W_skipᵀ (to every prefix of a [B, P, d_out] reconstruction)."""
+        if not self.skip:
+            return recon
+        s = x.float() @ self.W_skip.float().t()
+        return recon + (s if recon.dim() == 2 else s[:, None])
+
+    def _aux(self, x: Tensor, y: Tensor, x_hat: Tensor, pre: Tensor, dead_mask: Tensor) -> tuple[Tensor, int]:
+        """AuxK: reconstruct the detached residual e = y − ŷ (y = x for an SAE) from the top k_aux
+        pre-activations of the dead latents (no b_dec), ‖ê − e‖² / ‖e − ē‖², times min(n_dead / k_aux, 1) as in
+        sparsify/SAELens."""
         dead = dead_mask.to(pre.device).nonzero().squeeze(1)
         n_dead = dead.numel()
         zero = x.new_zeros((), dtype=torch.float32)
@@ -417,28 +495,29 @@ class TrainingSae(nn.Module):
                 acts = torch.where(keep & (sub > 0), sub, 0.0)
             else:
                 acts = sub.relu_()
-        e_hat = AuxDecode.apply(acts, x, self.W_enc, self.b_enc, self.b_dec, self.W_dec, dead)
-        e = (x.float() - x_hat.float()).detach()
+        e_hat = AuxDecode.apply(acts, x, self.W_enc, self.b_enc, self.centre, self.W_dec, dead)
+        e = (y.float() - x_hat.float()).detach()
         var = self._sum_var(e)
         return scale * (e_hat - e).pow(2).sum() / var, n_dead
 
-    def _forward_dense(self, x: Tensor, n: int) -> SaeOutput:
+    def _forward_dense(self, x: Tensor, n: int, y: Tensor) -> SaeOutput:
         """`dense_forward` architectures with dense tensors and ordinary autograd (high densities, GPUs)."""
         b = x.shape[0]
         with no_autocast(x.device):
-            pre = torch.addmm(self.b_enc, x.float() - self.b_dec, self.W_enc)
+            pre = torch.addmm(self.b_enc, x.float() - self.centre, self.W_enc)
             a, sparsity = self.activate_dense(pre, n)
-            x_hat = a @ self.W_dec + self.b_dec
+            x_hat = self._with_skip(a @ self.W_dec + self.b_dec, x)
         with torch.no_grad():
             idx = flat_nonzero(a > 0)
         rows, cols = idx // self.d_sae, idx % self.d_sae
         acts = a.reshape(-1)[idx]
         self._density = rows.numel() / (b * self.d_sae)
         zero = x.new_zeros((), dtype=torch.float32)
-        return self._finish(x, x_hat, rows, cols, acts, None, zero, 0, sparsity, False, n)
+        return self._finish(y, x_hat, rows, cols, acts, None, zero, 0, sparsity, False, n)
 
     def _finish(self, x, recon, rows, cols, acts, active, aux, n_dead, sparsity, sparse, n) -> SaeOutput:
-        # n: rows of the global batch (DDP: each rank's losses are its share of the global ones)
+        # x: what the output is compared with (a transcoder's target); n: rows of the global batch (DDP: each
+        # rank's losses are its share of the global ones)
         x32 = x.float()
         x_hat = recon if recon.dim() == 2 else recon[:, -1]
         sse = (x_hat.float() - x32).pow(2).sum()
@@ -524,7 +603,13 @@ class TrainingSae(nn.Module):
     # Decoder choice
 
     def choose_decoder(
-        self, x: Tensor, dead_mask: Tensor | None = None, repeats: int = 2, autocast: Any = None
+        self,
+        x: Tensor,
+        dead_mask: Tensor | None = None,
+        repeats: int = 2,
+        autocast: Any = None,
+        *,
+        target: Tensor | None = None,
     ) -> dict[str, float]:
         """Time one forward+backward with the dense and with the sparse decoder on the real batch `x` (scaled),
         the forward under `autocast` (the training step's context; none by default), and keep the faster for
@@ -541,7 +626,7 @@ class TrainingSae(nn.Module):
             for _ in range(repeats + 1):  # the first run warms up and is not counted
                 t0 = time.perf_counter()
                 with autocast if autocast is not None else contextlib.nullcontext():
-                    out = self.forward(x, dead_mask, decoder=mode)
+                    out = self.forward(x, dead_mask, target=target, decoder=mode)
                 out.loss.backward()
                 if x.device.type == "cuda":
                     torch.cuda.synchronize(x.device)
@@ -584,12 +669,17 @@ class TrainingSae(nn.Module):
         *,
         model_name: str | None = None,
         hook_name: str | None = None,
+        hook_name_out: str | None = None,
         complete: bool = False,
         metadata: dict[str, Any] | None = None,
-    ) -> SparseAutoencoder:
+    ) -> SparseAutoencoder | Transcoder:
         """The inference SAE in raw activation units: with x_train = c·x, W_enc' = c·W_enc, W_dec' = W_dec/c,
         b_dec' = b_dec/c; b_enc and thresholds unchanged. The SAELens architecture is the table's `exports_as`;
-        `metadata` gains σ² (`recon_variance`, scaled units) and the architecture's own keys."""
+        `metadata` gains σ² (`recon_variance`, scaled units) and the architecture's own keys. A transcoder is
+        exported as a `sae.transcoder.Transcoder` (`fold_scales` with its own input and target scales), with
+        `hook_name_out` its target site."""
+        if self.transcoder:
+            return self._export_transcoder(model_name, hook_name, hook_name_out, complete, metadata)
         c = float(self.input_scale)
         threshold = self.export_threshold()
         cfg = SaeConfig(
@@ -614,12 +704,54 @@ class TrainingSae(nn.Module):
             sae.threshold.copy_(threshold)
         return sae
 
+    def _export_transcoder(
+        self,
+        model_name: str | None,
+        hook_name: str | None,
+        hook_name_out: str | None,
+        complete: bool,
+        metadata: dict[str, Any] | None,
+    ) -> Transcoder:
+        c_in, c_out = float(self.input_scale), float(self.target_scale)
+        cfg = TranscoderConfig(
+            architecture=transcoder_architecture(self.info.exports_as, skip=self.skip),
+            d_in=self.d_in,
+            d_sae=self.d_sae,
+            d_out=self.d_out,
+            k=self.export_k(),
+            model_name=model_name,
+            hook_name=hook_name,
+            hook_name_out=hook_name_out,
+            training_architecture=self.arch,
+            theta=float(self.theta) if self.info.has_theta else None,
+            input_scale=c_in,
+            target_scale=c_out,
+            complete=complete,
+            metadata={**(metadata or {}), "recon_variance": self.variance, **self.metadata()},
+        )
+        w = {"W_enc": self.W_enc, "b_enc": self.b_enc, "W_dec": self.W_dec, "b_dec": self.b_dec}
+        if self.skip:
+            w["W_skip"] = self.W_skip
+        threshold = self.export_threshold()
+        if threshold is not None:
+            w["threshold"] = threshold
+        t = Transcoder(cfg, device=self.W_enc.device)
+        raw = fold_scales(w, input_scale=c_in, target_scale=c_out)
+        t.load_state_dict({k: v.detach().float() for k, v in raw.items()})
+        return t
+
     def save(self, path: Any, **export_kw: Any) -> Any:
-        """`export` then `sae.saedir.save_sae` to `path` (atomic)."""
-        return save_sae(self.export(**export_kw), None, path)
+        """`export` then `sae.saedir.save_sae` (a transcoder: `sae.transcoder.save_transcoder`) to `path`
+        (atomic)."""
+        out = self.export(**export_kw)
+        if isinstance(out, Transcoder):
+            return save_transcoder(out, None, path)
+        return save_sae(out, None, path)
 
     def extra_repr(self) -> str:
         extra = f", k={self.k}" if self.k is not None else ""
+        if self.transcoder:
+            extra += f", d_out={self.d_out}" + (", skip" if self.skip else "")
         return f"{self.arch}, d_in={self.d_in}, d_sae={self.d_sae}{extra}, decoder={self.decoder}"
 
 

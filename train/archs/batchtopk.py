@@ -72,7 +72,7 @@ class BatchTopK(TrainingSae):
         l0 = None
         if self.theta_ready():
             with no_autocast(x.device):  # not through `_pre`: its reused buffer has the batch's shape
-                pre = torch.addmm(self.b_enc, x[:THETA_L0_ROWS].float() - self.b_dec, self.W_enc)
+                pre = torch.addmm(self.b_enc, x[:THETA_L0_ROWS].float() - self.centre, self.W_enc)
             l0 = float(((pre > self.theta) & (pre > 0)).sum()) / len(pre)
         return {"theta": float(self.theta), "l0_theta": l0}
 

@@ -68,12 +68,12 @@ class Matryoshka(BatchTopK):
         return {**super().options(cfg, point), "widths": cfg.matryoshka_widths}
 
     def reconstruct(self, pat: SparsePattern, acts: Tensor, sparse: bool) -> Tensor:
-        """Every prefix's reconstruction [B, P, d_in] (the last: the whole dictionary's)."""
+        """Every prefix's reconstruction [B, P, d_out] (the last: the whole dictionary's)."""
         b, p = pat.n_rows, len(self.widths)
         if sparse:
             group = torch.bucketize(pat.cols, self._inner_widths(pat.cols), right=True)
             grouped = pat.with_rows(pat.rows * p + group, b * p)  # a column's rows keep their order
-            parts = SparseDecode.apply(acts, self.W_dec, grouped).view(b, p, self.d_in)
+            parts = SparseDecode.apply(acts, self.W_dec, grouped).view(b, p, self.d_out)
         else:
             a = dense_acts(pat, acts)
             bounds = [0, *self.widths]
