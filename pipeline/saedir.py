@@ -273,6 +273,22 @@ class _Ranks:
         self.dist.all_reduce(t, group=self.group)
         return int(t)
 
+    def sum_tensor(self, t: Tensor) -> Tensor:
+        """The sum of a 0-dim tensor over the ranks, left on the device."""
+        if self.group is None:
+            return t
+        t = t.reshape(1).clone()
+        self.dist.all_reduce(t, group=self.group)
+        return t[0]
+
+    def before(self, t: Tensor) -> Tensor | int:
+        """The sum of a 0-dim tensor over the lower ranks, on the device (0 without a group)."""
+        if self.group is None:
+            return 0
+        parts = [torch.empty_like(t.reshape(1)) for _ in range(self.world)]
+        self.dist.all_gather(parts, t.reshape(1).contiguous(), group=self.group)
+        return torch.cat(parts)[: self.rank].sum()
+
     def counts(self, n: int, device: torch.device) -> list[int]:
         """Every rank's `n`, in rank order."""
         if self.group is None:
@@ -293,7 +309,7 @@ class _Ranks:
         return torch.cat([p[:n] for p, n in zip(parts, sizes, strict=True)])
 
 
-def batch_topk_indices(pre: Tensor, k_total: int, group: Any = None) -> Tensor:
+def batch_topk_indices(pre: Tensor, k_total: int, group: Any = None, n_total: int | None = None) -> Tensor:
     """Flat indices, ascending, of the `k_total` largest *positive* entries of `pre` (any shape).
 
     Exact: the same set as `torch.topk(pre.flatten().relu(), k_total)` restricted to positive values, with
@@ -308,10 +324,14 @@ def batch_topk_indices(pre: Tensor, k_total: int, group: Any = None) -> Tensor:
     sample gives a lower bound t of the cut, one comparison pass collects the ~1.1·k_total entries above t,
     and `kthvalue` over those finds the exact cut. A sample that misses (too few candidates) lowers t and
     retries, so the result never depends on the sample, only the time does.
+
+    `n_total`: pre's element count over the ranks when the caller knows it (saves a collective). In one
+    process the only host read is the candidates' count (a data-dependent size); a second comes only when the
+    sample missed.
     """
     flat = pre.detach().reshape(-1)
     ranks = _Ranks(group)
-    n = ranks.sum(flat.numel(), flat.device)
+    n = ranks.sum(flat.numel(), flat.device) if n_total is None else int(n_total)
     if k_total <= 0 or n == 0:
         return torch.empty(0, dtype=torch.long, device=pre.device)
     row = pre.shape[-1] if pre.dim() > 0 else 1
@@ -323,13 +343,13 @@ def batch_topk_indices(pre: Tensor, k_total: int, group: Any = None) -> Tensor:
         expect = sample.numel() * k_total / n
         rank = int(expect * 1.1 + 5 * math.sqrt(expect) + 8)
     while True:
-        if rank is None or rank >= sample.numel():
-            thr = 0.0
-        else:
-            thr = max(float(torch.topk(sample, rank, sorted=False).values.min()), 0.0)
-        idx = flat_nonzero(flat > thr)
+        # the bound stays on the device: the candidates' count (the nonzero below) is the one host read
+        thr: Tensor | None = None  # None: 0, every positive entry
+        if rank is not None and rank < sample.numel():
+            thr = torch.topk(sample, rank, sorted=False).values.min().clamp_min(0.0)
+        idx = flat_nonzero(flat > (0.0 if thr is None else thr))
         count = ranks.sum(idx.numel(), flat.device)
-        if count >= k_total or thr == 0.0:
+        if count >= k_total or thr is None or float(thr) == 0.0:  # (read only when the sample missed)
             break
         rank = 4 * rank  # type: ignore[operator]  # the sample's bound was above the cut: lower it
     if count <= k_total:
@@ -339,10 +359,14 @@ def batch_topk_indices(pre: Tensor, k_total: int, group: Any = None) -> Tensor:
     kth = torch.kthvalue(every.float(), every.numel() - k_total + 1).values.to(vals.dtype)
     keep = vals > kth
     ties = vals == kth
-    n_ties = k_total - ranks.sum(keep.sum(), flat.device)  # how many entries equal to the cut to keep
-    before = sum(ranks.counts(int(ties.sum()), flat.device)[: ranks.rank]) if group is not None else 0
+    n_ties = k_total - ranks.sum_tensor(keep.sum())  # how many entries equal to the cut to keep (on the device)
+    before = ranks.before(ties.sum())  # ties on the lower ranks
     keep |= ties & (ties.cumsum(0) + before <= n_ties)
-    return idx[keep]
+    if group is not None:  # this rank's share of the k_total: its size is known only here
+        return idx[keep]
+    # exactly k_total entries are kept: compact them without reading their count back (idx[keep] would)
+    dest = torch.where(keep, keep.cumsum(0) - 1, k_total)  # slot k_total collects the dropped ones
+    return idx.new_empty(k_total + 1).scatter_(0, dest, idx)[:k_total]
 
 
 # --------------------------------------------------------------------------------------------------

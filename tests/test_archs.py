@@ -280,6 +280,8 @@ def test_theta_update_runs_through_after_step():
 def _ddp_worker(rank: int, world: int, init_file: str, x: torch.Tensor, out_dir: str) -> None:
     import torch.distributed as dist
 
+    from sae.train.ddp import destroy_process_group
+
     torch.set_num_threads(1)  # a forked child must not enter the parent's OpenMP pool
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
@@ -291,7 +293,7 @@ def _ddp_worker(rank: int, world: int, init_file: str, x: torch.Tensor, out_dir:
         out.loss.backward()
         torch.save({"loss": out.loss.detach(), "grads": grads(sae), "fired": out.fired}, f"{out_dir}/{rank}.pt")
     finally:
-        dist.destroy_process_group()
+        destroy_process_group()  # (right after a collective: torch < 2.8 could hang here)
 
 
 def test_matryoshka_under_ddp_sums_to_one_process(tmp_path):

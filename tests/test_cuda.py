@@ -412,6 +412,7 @@ def test_tiny_evaluate(eval_env, tmp_path, device):
 GROUP_SCRIPT = """
 import sys, torch, torch.distributed as dist
 from sae.saedir import batch_topk_indices
+from sae.train.ddp import destroy_process_group
 backend, device, init = sys.argv[1:4]
 dev = torch.device("cuda", 0) if device == "cuda" else torch.device(device)
 if dev.type == "cuda":
@@ -438,7 +439,7 @@ try:
         torch.cuda.synchronize()
     print("group ok", dist.get_backend())
 finally:
-    dist.destroy_process_group()
+    destroy_process_group()
 """
 
 

@@ -77,6 +77,7 @@ def test_sharded_weights_hash(tiny_model_dir, tmp_path):
 def test_hub_model_records_commit(tmp_path, tiny_tokenizer, monkeypatch):
     """A hub id is loaded from the Hugging Face cache (offline here); the revision is the snapshot's commit."""
     import huggingface_hub.constants
+    import transformers.utils.hub
 
     commit = "0123456789abcdef0123456789abcdef01234567"
     repo = tmp_path / "models--tiny-org--tiny-gpt2"
@@ -85,6 +86,8 @@ def test_hub_model_records_commit(tmp_path, tiny_tokenizer, monkeypatch):
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(commit)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    # transformers < 5 copies the cache path into its own module when imported (a user's HF_HUB_CACHE is read then)
+    monkeypatch.setattr(transformers.utils.hub, "TRANSFORMERS_CACHE", str(tmp_path), raising=False)
     model, tok, info = load_model("tiny-org/tiny-gpt2", device="cpu")
     assert info == ModelInfo("tiny-org/tiny-gpt2", commit, None, "float32", "gpt2", 4, 64)
     assert not model.training and tok(TEXT).input_ids == tiny_tokenizer(TEXT).input_ids

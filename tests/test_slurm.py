@@ -201,6 +201,9 @@ def test_stand_in_sbatch_run_equals_sae_run(tmp_path, monkeypatch, model_dir):
     bin_dir.mkdir()
     (bin_dir / "sbatch").write_text(SBATCH.replace("PYTHON", sys.executable))
     (bin_dir / "sbatch").chmod(0o755)
+    # the jobs' `sae` is this interpreter's (a `sae` found on PATH may belong to another environment)
+    (bin_dir / "sae").write_text(f'#!/bin/sh\nexec "{sys.executable}" -m sae.cli "$@"\n')
+    (bin_dir / "sae").chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.setenv("FAKE_SLURM_STATE", str(tmp_path / "slurm-state.json"))
 

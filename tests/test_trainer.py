@@ -387,6 +387,7 @@ def test_checkpoint_holds_no_cuda_rng(store, tmp_path, monkeypatch):
     """Only the RNGs a run draws from are saved: none of the 11 GPUs' CUDA RNGs (their keys would sort as
     strings, cuda/10 before cuda/2) and a resume does not touch them."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)  # Adam asks (CUDA build, no GPU)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 11)
     monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [torch.zeros(8, dtype=torch.uint8)] * 11)
 

@@ -14,6 +14,7 @@ per-step stop flag is a host value that needs no device sync. Both groups wait a
 from __future__ import annotations
 
 import os
+import time
 from datetime import timedelta
 from typing import Any, NamedTuple
 
@@ -103,6 +104,14 @@ def init_distributed(cfg: TrainConfig) -> tuple[Dist, torch.device, bool]:
     # every rank makes the gloo group (new_group is collective); a gloo world serves as its own
     cpu_group = world_group if dist.get_backend() == "gloo" else dist.new_group(backend="gloo", timeout=timeout)
     return Dist(dist.get_rank(), dist.get_world_size(), world_group, cpu_group), device, created
+
+
+def destroy_process_group() -> None:
+    """`dist.destroy_process_group()`, after a moment for the backends' worker threads to drop their last references
+    to tensors: before torch 2.8 a group's destructor holds the GIL while it joins those threads, and a thread that
+    needs the GIL to free a tensor of the last collective then waits forever (pytorch/pytorch#154976)."""
+    time.sleep(0.05)  # (releases the GIL)
+    dist.destroy_process_group()
 
 
 def broadcast_state(modules: list[torch.nn.Module], d: Dist) -> None:
@@ -204,6 +213,7 @@ __all__ = [
     "any_rank",
     "broadcast_float",
     "broadcast_state",
+    "destroy_process_group",
     "dist_timeout",
     "init_distributed",
     "reader_state",

@@ -37,15 +37,20 @@ def _csr(crow: Tensor, col: Tensor, values: Tensor, size: tuple[int, int]) -> Te
         return torch.sparse_csr_tensor(crow, col, values, size, check_invariants=False)
 
 
+def _row_pointers(rows: Tensor, n_rows: int) -> Tensor:
+    """CSR row pointers [n_rows + 1] of ascending row indices `rows`: where each row's entries start. By binary
+    search, not bincount + cumsum: CUDA's bincount reads the largest index back to the host (a sync per step)."""
+    bounds = torch.arange(n_rows + 1, dtype=rows.dtype, device=rows.device)
+    return torch.searchsorted(rows, bounds)
+
+
 class SparsePattern:
     """Positions of N non-zeros of a [B, F] matrix, rows ascending (and columns ascending within a row),
     with the CSR structure of the matrix and, built on first use, of its transpose."""
 
     def __init__(self, rows: Tensor, cols: Tensor, n_rows: int, n_cols: int):
         self.rows, self.cols, self.n_rows, self.n_cols = rows, cols, n_rows, n_cols
-        counts = torch.bincount(rows, minlength=n_rows)
-        self.crow = torch.zeros(n_rows + 1, dtype=torch.long, device=rows.device)
-        torch.cumsum(counts, 0, out=self.crow[1:])
+        self.crow = _row_pointers(rows, n_rows)
         self._t: tuple[Tensor, Tensor, Tensor] | None = None
 
     @property
@@ -61,9 +66,7 @@ class SparsePattern:
         if self._t is None:
             # int32 keys: torch's int64 sort is ~50x slower on CPU; stable keeps rows ascending per column
             perm = torch.argsort(self.cols.to(torch.int32), stable=True)
-            counts = torch.bincount(self.cols, minlength=self.n_cols)
-            crow_t = torch.zeros(self.n_cols + 1, dtype=torch.long, device=self.rows.device)
-            torch.cumsum(counts, 0, out=crow_t[1:])
+            crow_t = _row_pointers(self.cols[perm], self.n_cols)
             self._t = (perm, crow_t, self.rows[perm])
         return self._t
 

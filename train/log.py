@@ -1,6 +1,7 @@
 """What training reports: the log's rows (one `split: "train"` row every `--log-every` steps per SAE,
-global-batch figures under DDP, read on the host only then, so the steps in between queue on the device without
-waiting), the per-SAE figures of the progress lines, and the end-of-run summary line of each SAE."""
+global-batch figures under DDP, read on the host only then: the steps in between wait for the device only where a
+size depends on the data, see sae.train.trainer.train_step), the per-SAE figures of the progress lines, and the
+end-of-run summary line of each SAE."""
 
 from __future__ import annotations
 

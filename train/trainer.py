@@ -10,6 +10,10 @@ The parts live beside this file, one concern each: `plan` (run length, schedules
 start/resume/skip), `saerun` (one SAE with its Adam, directory and log), `checkpoint`, `ddp` (torchrun),
 `signals` (SIGTERM/SIGINT), `log` (train rows, progress figures, the summary), `validate` (held-out rows,
 sae.metrics). Progress goes to stderr (sae.progress): a bar on a terminal, plain lines in batch logs.
+
+On a GPU the host queues the steps without waiting for the device, except where it must: the data-dependent
+sizes inside each SAE's forward (`train_step` lists them), the figures of a log step (every --log-every steps),
+checkpoints, and under DDP the stop-flag agreement every STOP_CHECK_STEPS steps (on gloo, a host value).
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ from .ddp import (
     any_rank,
     broadcast_float,
     broadcast_state,
+    destroy_process_group,
     init_distributed,
     reader_state,
     reduce_output,
@@ -65,6 +70,10 @@ GEOMEDIAN_ROWS = 8192
 KEPT_STATS_ROWS = 131072
 """Rows sampled for the input scale and σ² of the kept rows when some are excluded (--exclude-*)."""
 
+STOP_CHECK_STEPS = 8
+"""Under DDP the ranks agree on a SIGTERM/SIGINT every this many steps (and at each scheduled checkpoint): a
+collective every step would hold every rank's host at every step. One process checks after each step."""
+
 
 def train(cfg: TrainConfig) -> list[Path]:
     """Train every SAE of the sweep in `cfg` from one read of the store; return their directories.
@@ -78,7 +87,7 @@ def train(cfg: TrainConfig) -> list[Path]:
         return _train(cfg, d, device)
     finally:
         if created:
-            dist.destroy_process_group()
+            destroy_process_group()
 
 
 def _train(cfg: TrainConfig, dd: Dist, device: torch.device) -> list[Path]:
@@ -267,6 +276,7 @@ def _loop(
         if target is not None:
             x, y = x[:, : runs[0].sae.d_in], x[:, runs[0].sae.d_in :] * target_scale
         x = x * plan.input_scale
+        n_rows = global_rows(len(x), dd, varies=rowfilter is not None and rowfilter.active)
         if step == start and step == 0:
             for r in runs:
                 if r.sae.decoder == "auto":
@@ -278,7 +288,7 @@ def _loop(
         lr_f = plan.lr_factor(step)
         outs = []
         for r in runs:
-            outs.append(train_step(r, x, lr_f * r.lr, step, plan, cfg, autocast, dd, y))
+            outs.append(train_step(r, x, lr_f * r.lr, step, plan, cfg, autocast, dd, y, n_rows=n_rows))
         done = step + 1
 
         # Log (the only host reads of the step's figures).
@@ -295,9 +305,10 @@ def _loop(
         prog.update(plan.batch_size)
 
         # Checkpoint when scheduled or stopped by a signal; the ranks must agree on stopping (a signal may reach
-        # them a step apart).
+        # them a step apart), so under DDP they ask each other at the same steps.
         scheduled = done % plan.checkpoint_steps == 0
-        stopped = any_rank(stop.signum is not None, dd)
+        ask = dd.group is None or scheduled or done % STOP_CHECK_STEPS == 0
+        stopped = ask and any_rank(stop.signum is not None, dd)
         if stopped and stop.signum is None:
             stop.signum = signal.SIGTERM
         if done < plan.steps and (scheduled or stopped):
@@ -330,6 +341,18 @@ def _loop(
             write_log(r, row)
 
 
+def global_rows(n: int, dd: Dist, varies: bool) -> int:
+    """Rows of the global batch from this rank's `n`: known on the host unless the ranks' counts `vary` (rows
+    left out by --exclude-*), then summed over the gloo group (host values: no wait for the device)."""
+    if dd.group is None:
+        return n
+    if not varies:
+        return n * dd.world  # every rank reads batch_size / world rows
+    t = torch.tensor([n])
+    dist.all_reduce(t, group=dd.cpu_group)
+    return int(t)
+
+
 def train_step(
     r: SaeRun,
     x: torch.Tensor,
@@ -340,17 +363,26 @@ def train_step(
     autocast: Any,
     dd: Dist = SINGLE,
     y: torch.Tensor | None = None,
+    n_rows: int | None = None,
 ) -> tuple[Any, torch.Tensor]:
-    """One optimizer step of one SAE on the scaled batch `x` (in DDP: this rank's slice of the global batch);
-    returns its SaeOutput and the gradient norm (before clipping), both left on the device: the step reads
-    nothing back to the host itself (what the SAE's forward may read is sae.train.archs' business). `y`: a
-    transcoder's scaled targets."""
+    """One optimizer step of one SAE on the scaled batch `x` (in DDP: this rank's slice of the global batch of
+    `n_rows` rows; `y`: a transcoder's scaled targets); returns its SaeOutput and the gradient norm (before
+    clipping), both left on the device.
+
+    Host reads. The step itself reads nothing back: the clip, Adam (its step counters live on the CPU), the
+    decoder renormalisation, the dead counters and θ's EMA stay on the device, and the log reads the figures
+    only every --log-every steps. What remains is in the SAE's forward, where a size depends on the data: the
+    selected entries' count (BatchTopK: one `nonzero` over the candidates above a sampled bound; TopK: the
+    entries > 0 of the per-row top k; relu/jumprelu: the active entries) and AuxK's dead latents. Under DDP the
+    global selection also gathers the ranks' candidate counts; with --exclude-* the batch's kept rows are one
+    more (sae.train.exclude)."""
     sae = r.sae
     if dd.group is not None and r.grad_sync is None:
         r.grad_sync = GradSync(sae, dd)
+    n = n_rows if n_rows is not None else len(x) * dd.world
     sae.before_step(step, plan)
     with autocast:
-        o = sae(x, dead_mask=sae.dead_mask(plan.dead_tokens), target=y)
+        o = sae(x, dead_mask=sae.dead_mask(plan.dead_tokens), target=y, n_rows=n)
     if r.grad_sync is not None:
         r.grad_sync.arm()  # each gradient's all-reduce starts as soon as backward has produced it
     o.loss.backward()
@@ -362,7 +394,7 @@ def train_step(
         g["lr"] = lr * g.get("lr_scale", 1.0)
     r.opt.step()
     r.opt.zero_grad(set_to_none=True)
-    sae.after_step(o, len(x) * dd.world, step, plan)  # renormalise, dead counters (`fired` is global), θ, ...
+    sae.after_step(o, n, step, plan)  # renormalise, dead counters (`fired` is global), θ, ...
     return o, gn
 
 
@@ -374,6 +406,7 @@ __all__ = [
     "SaeRun",
     "TrainingInterrupted",
     "default_lr",
+    "global_rows",
     "make_plan",
     "make_run",
     "resolve_device",

@@ -422,16 +422,24 @@ class TrainingSae(nn.Module):
             return (sq - total.pow(2).sum() / n).float().clamp_min(1e-12)
 
     def forward(
-        self, x: Tensor, dead_mask: Tensor | None = None, *, target: Tensor | None = None, decoder: str | None = None
+        self,
+        x: Tensor,
+        dead_mask: Tensor | None = None,
+        *,
+        target: Tensor | None = None,
+        decoder: str | None = None,
+        n_rows: int | None = None,
     ) -> SaeOutput:
         """Training forward on scaled rows x [B, d_in] (a transcoder's: with their scaled targets `target`
         [B, d_out]). `dead_mask` [F] bool marks dead latents for AuxK; `decoder` overrides the module's decoder
-        choice ("dense" or "sparse")."""
+        choice ("dense" or "sparse"); `n_rows`: rows of the global batch when the caller knows them (else, with a
+        `process_group`, a collective and a host read find them)."""
         if x.dim() != 2 or x.shape[1] != self.d_in:
             raise SaeError(f"expected input rows [B, {self.d_in}], got {list(x.shape)}")
         y = self._target(x, target)
         b, f = x.shape[0], self.d_sae
-        n = self._global_rows(b, x.device)  # the loss normaliser: b in one process, the global batch in DDP
+        # the loss normaliser: b in one process, the global batch in DDP
+        n = int(n_rows) if n_rows is not None else self._global_rows(b, x.device)
         sparse = self._use_sparse(decoder, x.device)
         if self.dense_forward and not sparse:
             return self._forward_dense(x, n, y)
@@ -521,12 +529,19 @@ class TrainingSae(nn.Module):
         fvu = sse.detach() / self._sum_var(x32)
         loss = self.loss(Terms(mse, recon_loss, aux, sparsity))
         with torch.no_grad():
-            # `active` None: every stored entry is > 0 by construction (no boolean indexing needed)
-            a = acts.detach() if active is None else acts.detach()[active]
-            fired = torch.zeros(self.d_sae, dtype=torch.bool, device=x.device)
-            fired[cols if active is None else cols[active]] = True
-            min_act = a.min().float() if a.numel() else torch.full((), math.inf, device=x.device)
-            n_active = torch.tensor(float(a.numel()), device=x.device)
+            # On the device, without boolean indexing (its size would be read back to the host every step).
+            # `active` None: every stored entry is > 0 by construction.
+            a = acts.detach().float()
+            if active is None:
+                fired = torch.zeros(self.d_sae, dtype=torch.bool, device=x.device)
+                fired[cols] = True
+                n_active = torch.full((), float(a.numel()), device=x.device)
+            else:
+                hits = torch.zeros(self.d_sae, dtype=torch.int32, device=x.device)
+                fired = hits.index_add_(0, cols, active.to(torch.int32)) > 0
+                a = torch.where(active, a, math.inf)
+                n_active = active.sum().float()
+            min_act = a.min() if a.numel() else torch.full((), math.inf, device=x.device)
             if self.process_group is not None:
                 dist = torch.distributed
                 fired_u8 = fired.to(torch.uint8)

@@ -40,7 +40,8 @@ class BatchTopK(TrainingSae):
 
     def select(self, pre: Tensor, n_rows: int) -> tuple[Tensor, Tensor]:
         f = pre.shape[1]
-        idx = batch_topk_indices(pre, round(float(self.k) * n_rows), group=self.process_group)
+        k_total = round(float(self.k) * n_rows)
+        idx = batch_topk_indices(pre, k_total, group=self.process_group, n_total=n_rows * f)
         return idx // f, idx % f
 
     def loss(self, t: Terms) -> Tensor:

@@ -71,8 +71,7 @@ class Matryoshka(BatchTopK):
         """Every prefix's reconstruction [B, P, d_out] (the last: the whole dictionary's)."""
         b, p = pat.n_rows, len(self.widths)
         if sparse:
-            inner = torch.tensor(self.widths[:-1], dtype=pat.cols.dtype, device=pat.cols.device)
-            group = torch.bucketize(pat.cols, inner, right=True)
+            group = torch.bucketize(pat.cols, self._inner_widths(pat.cols), right=True)
             grouped = pat.with_rows(pat.rows * p + group, b * p)  # a column's rows keep their order
             parts = SparseDecode.apply(acts, self.W_dec, grouped).view(b, p, self.d_out)
         else:
@@ -82,6 +81,13 @@ class Matryoshka(BatchTopK):
                 [a[:, lo:hi] @ self.W_dec[lo:hi] for lo, hi in zip(bounds, bounds[1:], strict=False)], dim=1
             )
         return parts.cumsum(1) + self.b_dec
+
+    def _inner_widths(self, like: Tensor) -> Tensor:
+        """m_1 … m_{P−1} on `like`'s device, made once (a host→device copy per step would wait for the device)."""
+        t = getattr(self, "_inner", None)
+        if t is None or t.device != like.device or t.dtype != like.dtype:
+            t = self._inner = torch.tensor(self.widths[:-1], dtype=like.dtype, device=like.device)
+        return t
 
     def loss(self, t: Terms) -> Tensor:
         return t.recon + self.aux_alpha * t.aux

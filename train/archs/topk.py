@@ -30,9 +30,8 @@ class TopK(TrainingSae):
     def select(self, pre: Tensor, n_rows: int) -> tuple[Tensor, Tensor]:
         top = torch.topk(pre, int(self.k), dim=1, sorted=False)
         cols, order = torch.sort(top.indices, dim=1)
-        keep = top.values.gather(1, order) > 0
-        rows = torch.arange(pre.shape[0], device=pre.device)[:, None].expand_as(cols)
-        return rows[keep], cols[keep]
+        keep = (top.values.gather(1, order) > 0).reshape(-1).nonzero().squeeze(1)  # one host read: the count
+        return torch.div(keep, cols.shape[1], rounding_mode="floor"), cols.reshape(-1)[keep]
 
     def loss(self, t: Terms) -> Tensor:
         return t.recon + self.aux_alpha * t.aux
