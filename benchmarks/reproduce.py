@@ -80,6 +80,8 @@ def run(cmd: list[str]) -> dict[str, float]:
     """Run a CLI command, streaming its output; its wall time, the CPU time (user + system) it used, and the
     5-minute load average at its end (the machine is shared: how busy it was)."""
     print("$", shlex.join(cmd), flush=True)
+    if cmd[0] == "sae" and Path(sys.executable).with_name("sae").exists():
+        cmd = [str(Path(sys.executable).with_name("sae")), *cmd[1:]]  # this interpreter's CLI, not PATH's
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True)
