@@ -57,7 +57,11 @@ ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "results.md"
 IMG = ROOT / "docs" / "img"
 HEADING = "Reproduction: BatchTopK vs TopK vs JumpReLU vs Matryoshka on SmolLM2-135M-Instruct"
-CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus"
+# ../shared/corpus beside the checkout (a worktree under <work>/wt/ sits one level deeper)
+CORPUS = next(
+    (c for c in (ROOT.parent / "shared" / "corpus", ROOT.parents[1] / "shared" / "corpus") if c.exists()),
+    ROOT.parent / "shared" / "corpus",
+)
 K_MAIN = 32
 SIDE_KS = (16, 64)
 MAIN_ARCHS = ("batchtopk", "topk", "matryoshka", "jumprelu")
