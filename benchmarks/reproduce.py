@@ -785,9 +785,11 @@ def main() -> None:
     p.add_argument("--smoke", action="store_true", help="a tiny configuration of the same pipeline")
     p.add_argument("--write", action="store_true", help=f"replace the section in {DOC.relative_to(ROOT)}")
     args = p.parse_args()
-    if args.smoke:
+    if args.smoke:  # tiny, and its doc, README section and figures go under --out, not into the checkout
+        global DOC, README, IMG
         for k, v in SMOKE.items():
             setattr(args, k, v)
+        DOC, README, IMG = args.out / "results.md", args.out / "README-results.md", args.out / "img"
     args.train_tokens -= args.train_tokens % args.seq_len  # whole contexts, as harvest rounds down
     args.heldout_tokens -= args.heldout_tokens % args.seq_len
 
