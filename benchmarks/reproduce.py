@@ -767,6 +767,7 @@ def reading(groups: dict[Key, list[dict]], plain: dict[tuple[str, str, str, str]
 
 
 def main() -> None:
+    global DOC, README, IMG  # --smoke points them under --out
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--train-tokens", type=int, default=327680, help="tokens harvested for training")
     p.add_argument("--steps", type=int, default=2000, help="optimizer steps of every SAE (and of the pilot)")
@@ -786,7 +787,6 @@ def main() -> None:
     p.add_argument("--write", action="store_true", help=f"replace the section in {DOC.relative_to(ROOT)}")
     args = p.parse_args()
     if args.smoke:  # tiny, and its doc, README section and figures go under --out, not into the checkout
-        global DOC, README, IMG
         for k, v in SMOKE.items():
             setattr(args, k, v)
         DOC, README, IMG = args.out / "results.md", args.out / "README-results.md", args.out / "img"
