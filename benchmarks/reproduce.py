@@ -498,7 +498,7 @@ def frontier_plot(groups: dict[Key, list[dict]], path: Path) -> None:
                 label = f"{ARCH_NAMES[arch]}{' (batch)' if mode == 'batch' else ''}, {SET_NAMES[rows]}"
                 color = f"C{i}"
                 ax.plot(xs, ys, ls, marker=marker, color=color, ms=5, lw=1.4, label=label)
-                spread = [[p[1].mean - p[1].lo for p in pts], [p[1].hi - p[1].mean for p in pts]]
+                spread = [[max(p[1].mean - p[1].lo, 0.0) for p in pts], [max(p[1].hi - p[1].mean, 0.0) for p in pts]]
                 ax.errorbar(xs, ys, yerr=spread, fmt="none", ecolor=color, elinewidth=3, alpha=0.5)
                 cis = [p[1].ci or 0.0 for p in pts]
                 ax.errorbar(xs, ys, yerr=cis, fmt="none", ecolor=color, elinewidth=0.8, capsize=3)
