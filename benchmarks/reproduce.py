@@ -364,6 +364,25 @@ def side_table(groups: dict[Key, list[dict]]) -> list[str]:
     return lines
 
 
+def side_verdicts(groups: dict[Key, list[dict]]) -> list[str]:
+    """k = 16 and 64, one seed: BatchTopK (θ and batch) against TopK by the CI part of the rule only."""
+    out = []
+    for k in SIDE_KS:
+        t = groups.get(Key("topk", k, "keep", "threshold"))
+        if not t:
+            continue
+        parts = []
+        for label, key, _, lower in METRICS:
+            if key not in ("fvu", "delta_ce", "kl_score"):
+                continue
+            for mode, enc in (("threshold", "θ"), ("batch", "batch")):
+                b = groups.get(Key("batchtopk", k, "keep", mode))
+                if b:
+                    parts.append(f"{label} ({enc}) {verdict(cell(b, key, 'all'), cell(t, key, 'all'), lower, 1)}")
+        out.append(f"- k = {k}, BatchTopK against TopK (one seed, CI rule only): " + "; ".join(parts) + ".")
+    return out
+
+
 def verdict_table(groups: dict[Key, list[dict]], seeds: int) -> tuple[list[str], dict[tuple[str, str, str, str], str]]:
     """BatchTopK (θ and batch mode) against TopK at k = 32, per metric, per row set and view; and the same
     verdicts of Matryoshka and JumpReLU against BatchTopK (θ)."""
@@ -678,6 +697,8 @@ def section(args: argparse.Namespace, info: dict[str, Any], entries: dict[str, d
         f"**k = {SIDE_KS[0]}, {K_MAIN}, {SIDE_KS[1]}** (seed 0, every row; ± the 95 % CI half-width over contexts):",
         "",
         *side_table(groups),
+        "",
+        *side_verdicts(groups),
         "",
         "![FVU and ΔCE against L0 with error bars](img/reproduce-frontier.png)",
         "",
