@@ -58,6 +58,7 @@ DOC = ROOT / "docs" / "results.md"
 README = ROOT / "README.md"
 IMG = ROOT / "docs" / "img"
 HEADING = "Reproduction: BatchTopK vs TopK vs JumpReLU vs Matryoshka on SmolLM2-135M-Instruct"
+OLD_HEADING = "Reproduction: BatchTopK vs TopK vs JumpReLU on SmolLM2-135M-Instruct"  # the one-seed, layer-15 run
 # ../shared/corpus beside the checkout (a worktree under <work>/wt/ sits one level deeper)
 CORPUS = next(
     (c for c in (ROOT.parent / "shared" / "corpus", ROOT.parents[1] / "shared" / "corpus") if c.exists()),
@@ -962,6 +963,8 @@ def main() -> None:
     readme = readme_results(args, info, groups)
     print(readme)
     if args.write:
+        if DOC.exists():  # the previous comparison's section is replaced where it stands
+            DOC.write_text(DOC.read_text().replace(f"## {OLD_HEADING}\n", f"## {HEADING}\n"))
         write_section(DOC, HEADING, text, title="Results")
         print(f"wrote {DOC}")
         write_section(README, "Results", readme)
