@@ -468,6 +468,14 @@ def budget_lines(groups: dict[Key, list[dict]]) -> list[str]:
                 ms = [(e.get("row_types") or {}).get("massive") or {} for e in es]
                 ts = [(e.get("row_types") or {}).get("typical") or {} for e in es]
 
+                if rows == "excl" and not any(m.get("n_rows") for m in ms):
+                    enc = "θ" if mode == "threshold" else "batch"
+                    lines.append(
+                        f"| {ARCH_NAMES[arch]} | {enc} | {SET_NAMES[rows]} | unspliced | – | "
+                        f"{statistics.fmean(float(t.get('l0') or 0) for t in ts):.1f} | – |"
+                    )
+                    continue
+
                 def mean(xs: list[dict], k: str) -> str:
                     v = [float(x[k]) for x in xs if x.get(k) is not None]
                     return (
@@ -655,8 +663,9 @@ def section(args: argparse.Namespace, info: dict[str, Any], entries: dict[str, d
         "spliced rows and over typical rows (eval's row types).",
         "",
         f"**Machine and time.** {info['machine']}; measured {info['date']}; no GPU was lent to this session, so "
-        "there is no ≥ 100× GPU run. The 2 cores were shared with several other engineers' jobs (load averages "
-        "of 4–14), the run went at `nice 10`, so wall times are inflated; CPU time is what a quiet box needs. "
+        "there is no ≥ 100× GPU run. The 2 cores were shared with several other engineers' jobs (5-minute load "
+        f"averages of {info['loads']} at the stages' ends), the run went at `nice 10`, so wall times are "
+        "inflated; CPU time is what a quiet box needs. "
         f"Sizing: {info['sizing']}",
         "",
         *timing_lines(info["timings"]),
@@ -939,7 +948,7 @@ def main() -> None:
         "harvest_cmd": [rel(a) for a in hcmd],
         "pilot_cmd": [rel(a) for a in pcmd],
         "train_cmd": [rel(a) for a in commands["s0-excl"]],
-        "eval_cmd": [rel(a) for a in ecmd[:2]] + ["…"] + [rel(a) for a in ecmd[1 + len(all_dirs) :]],
+        "eval_cmd": [rel(a) for a in ecmd],
         "pilot": {fmt_coeff(c): v for c, v in pilot.items()},
         "chosen": chosen,
         "where": where,
@@ -953,6 +962,7 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d"),
         "load": f"{load_start:.1f}",
         "timings": timings,
+        "loads": "{:.1f}–{:.1f}".format(*(f(v.get("load_5min", 0) for v in timings.values()) for f in (min, max))),
     }
     groups = group_entries(entries, info)
     _, plain = verdict_table(groups, args.seeds)
