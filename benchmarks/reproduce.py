@@ -19,7 +19,7 @@ site, F = 8·d, through the real CLI:
 Then writes the "Reproduction" section of docs/results.md from the numbers (tables over seeds with their
 spread beside the CIs, verdicts, frontier plots with error bars, per-token L0 by row type, latent budget).
 
-    python benchmarks/reproduce.py --write            # the full run (about 2 CPU-hours, see the doc)
+    python benchmarks/reproduce.py --write            # the full run (about 4 CPU-hours; the doc has the timings)
     python benchmarks/reproduce.py --smoke --out /tmp/smoke   # the same pipeline, tiny: checks the script
 
 Rerunning reuses every finished stage under --out (store, pilot, sweeps, eval report); each stage's wall and
