@@ -38,6 +38,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -997,6 +998,18 @@ def headline(groups: dict[Key, list[dict]], key: str, rows: str, view: str, seed
     return f"{s}: {verdict(b, t, lower, seeds)} (θ), {verdict(bb, t, lower, seeds) if bb else '–'} (batch)"
 
 
+def wrap(lines: list[str], width: int = 115) -> list[str]:
+    """The README's line width: paragraphs and list items wrapped, images and blank lines kept."""
+    out = []
+    for line in lines:
+        if not line or line.startswith(("!", "#")):
+            out.append(line)
+        else:
+            indent = "  " if line.startswith("- ") else ""
+            out.extend(textwrap.wrap(line, width, subsequent_indent=indent, break_on_hyphens=False))
+    return out
+
+
 def readme_results(args: argparse.Namespace, info: dict[str, Any], groups: dict[Key, list[dict]]) -> str:
     """The README's Results section: the setup in one sentence, the headline verdicts, the frontier plot."""
     seeds = args.seeds
@@ -1032,12 +1045,13 @@ def readme_results(args: argparse.Namespace, info: dict[str, Any], groups: dict[
     lines += [
         "",
         "Matryoshka, JumpReLU, KL, CE recovered, dead fractions, the per-token L0 by row type and the time spent "
-        "are in the doc.",
+        "are in the doc. The GPT-2 small paper setting ships as `manifests/gpt2-small-L8-paper.yaml`. Throughput "
+        "figures are in [docs/benchmarks.md](docs/benchmarks.md) (the table above).",
         "",
         "![FVU and ΔCE against L0, seeds' range and CIs as error bars](docs/img/reproduce-frontier.png)",
         "",
     ]
-    return "\n".join(lines)
+    return "\n".join(wrap(lines))
 
 
 # How the run was sized (measured on this machine before it, under a load average of 10-14 on its 2 cores).
