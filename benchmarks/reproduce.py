@@ -756,7 +756,7 @@ def section(args: argparse.Namespace, info: dict[str, Any], entries: dict[str, d
 def reading(groups: dict[Key, list[dict]], plain: dict[tuple[str, str, str, str], str]) -> list[str]:
     """Plain sentences from the numbers: the verdicts counted per row set, and the mechanism (where BatchTopK's
     latent budget goes)."""
-    out = ["**Reading.**"]
+    out = ["**Reading.**", ""]
     for rows, view, what in (
         ("keep", "all", "Trained and measured on all rows"),
         ("keep", "typical", "The same SAEs measured on typical rows (FVU, NMSE)"),
@@ -770,7 +770,7 @@ def reading(groups: dict[Key, list[dict]], plain: dict[tuple[str, str, str, str]
             for m, v in vs.items():
                 by.setdefault(v, []).append(m)
             parts = [f"{v} on {', '.join(ms)}" for v, ms in sorted(by.items())]
-            out.append(f"{what}, BatchTopK in {enc} against TopK: " + "; ".join(parts) + ".")
+            out.append(f"- {what}, BatchTopK in {enc} against TopK: " + "; ".join(parts) + ".")
     b = groups.get(Key("batchtopk", K_MAIN, "keep", "threshold")) or []
     t = groups.get(Key("topk", K_MAIN, "keep", "threshold")) or []
 
@@ -781,7 +781,7 @@ def reading(groups: dict[Key, list[dict]], plain: dict[tuple[str, str, str, str]
         tb = cell(b, "l0", "typical")
         mr, mb, mt = massive(b, "share_rows"), massive(b, "share_budget"), massive(t, "share_budget")
         text = (
-            f"Where the budget goes: trained on every row, BatchTopK (θ) gives the massive rows ({mr:.1%} of the "
+            f"- Where the budget goes: trained on every row, BatchTopK (θ) gives the massive rows ({mr:.1%} of the "
             f"spliced rows) {mb:.1%} of its active latents (TopK: {mt:.1%}), and the typical rows an L0 of "
             f"{tb.mean if tb else float('nan'):.1f} against k = {K_MAIN}."
         )
@@ -1065,7 +1065,8 @@ SIZING = (
     "≈ 1.1 CPU-hours, the eval's ≈ 54 forwards of 32,768 tokens ≈ 1.9 CPU-hours, the pilot (128 rows) and the "
     "harvest (327,680 tokens at layer 6) ≈ 0.2 CPU-hours: ≈ 3.2 CPU-hours, 1.6 hours on 2 quiet cores. So: 256 "
     "rows per step, the smallest store giving well over one epoch, and 32,768 eval tokens, the minimum asked. "
-    "The eval (one forward per spliced SAE and mode) costs more than the training."
+    "The eval (one forward per spliced SAE and mode) costs more than the training. The table gives what each "
+    "stage used; on the loaded machine CPU time itself ran above these quiet-box rates."
 )
 
 
