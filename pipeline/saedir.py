@@ -578,8 +578,8 @@ def save_sae(
     return write_sae_files(path, tensors, cfg.to_dict())
 
 
-def read_cfg(path: str | os.PathLike) -> SaeConfig:
-    """The SaeConfig of the SAE directory `path` (cfg.json only; SaeError when missing or invalid)."""
+def read_cfg_json(path: str | os.PathLike) -> Any:
+    """The parsed cfg.json of the SAE or transcoder directory `path` (SaeError when missing or not JSON)."""
     path = Path(path)
     f = path / CFG_FILE
     if not path.is_dir():
@@ -587,10 +587,14 @@ def read_cfg(path: str | os.PathLike) -> SaeConfig:
     if not f.is_file():
         raise SaeError(f"{path} is not an SAE directory: {CFG_FILE} is missing")
     try:
-        d = json.loads(f.read_text())
+        return json.loads(f.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise SaeError(f"{f}: not valid JSON ({e})") from None
-    return SaeConfig.from_dict(d, where=str(f))
+
+
+def read_cfg(path: str | os.PathLike) -> SaeConfig:
+    """The SaeConfig of the SAE directory `path` (cfg.json only; SaeError when missing or invalid)."""
+    return SaeConfig.from_dict(read_cfg_json(path), where=str(Path(path) / CFG_FILE))
 
 
 def load_sae(

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from . import __version__, architectures
 from .errors import SaeError
-from .saedir import CFG_FILE, WEIGHTS_FILE, write_sae_files
+from .saedir import CFG_FILE, WEIGHTS_FILE, read_cfg_json, write_sae_files
 
 ARCHITECTURES = ("transcoder", "skip_transcoder", "jumprelu_transcoder", "jumprelu_skip_transcoder")
 """SAELens' transcoder architectures, all of which `load_transcoder` reads and `save_transcoder` writes."""
@@ -236,10 +236,6 @@ class TranscoderConfig:
         values.update(changes)
         return TranscoderConfig(**values)
 
-    def as_dict(self) -> dict[str, Any]:
-        """The dataclass as a plain dict (for logs and reports)."""
-        return asdict(self)
-
 
 def weight_shapes(cfg: TranscoderConfig) -> dict[str, tuple[int, ...]]:
     """Every tensor of the weights file and its shape, for `cfg`."""
@@ -403,27 +399,15 @@ def save_transcoder(
     return write_sae_files(path, tensors, cfg.to_dict())
 
 
-def _read_json(path: Path) -> Any:
-    f = path / CFG_FILE
-    if not path.is_dir():
-        raise SaeError(f"transcoder directory {str(path)!r} does not exist")
-    if not f.is_file():
-        raise SaeError(f"{path} is not an SAE directory: {CFG_FILE} is missing")
-    try:
-        return json.loads(f.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise SaeError(f"{f}: not valid JSON ({e})") from None
-
-
 def is_transcoder_dir(path: str | os.PathLike) -> bool:
     """Whether `path` holds a cfg.json naming a transcoder architecture (SaeError if cfg.json is unreadable)."""
-    return is_transcoder_cfg(_read_json(Path(path)))
+    return is_transcoder_cfg(read_cfg_json(path))
 
 
 def read_transcoder_cfg(path: str | os.PathLike) -> TranscoderConfig:
     """The TranscoderConfig of the transcoder directory `path` (cfg.json only)."""
     path = Path(path)
-    return TranscoderConfig.from_dict(_read_json(path), where=str(path / CFG_FILE))
+    return TranscoderConfig.from_dict(read_cfg_json(path), where=str(path / CFG_FILE))
 
 
 def load_transcoder(
