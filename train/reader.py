@@ -52,6 +52,7 @@ from sae.store import Store
 STATE_VERSION = 2
 MIN_BUFFER_CHUNKS = 32
 AHEAD = 4  # batches each lane prepares ahead of the trainer
+ARENA_GROUPS = 4  # groups of a lane the arena holds: the most that are alive at once
 _SPLIT, _PHASE, _ORDER, _LANES = 0, 1, 2, 3  # RNG stream tags
 _GATHER, _READ = 0, 1  # worker job priorities: a batch gather runs before a chunk read
 _CHECK_BLOCK = 1024  # rows per block of the non-finite scan (a block stays in cache)
@@ -136,9 +137,9 @@ def read_rows(
     """Chunk i of `site` with BOS rows dropped (unless `keep_bos`); SaeError naming the store row of any
     non-finite value among the kept rows (unless `check` is False: a chunk already checked).
 
-    With `whole`, nothing is copied: `x` is the whole chunk (a view of the mapped shard file for a raw store, or
-    `out`, a [chunk_rows, d_model] buffer of the stored dtype, for a compressed one) and `rows` names the kept
-    rows.
+    With `whole`, the BOS rows stay: `x` is the whole chunk and `rows` names the kept rows. `x` lies in `out`
+    ([chunk_rows, d_model] of the stored dtype: decoded into it, or a raw chunk copied into it) when given,
+    otherwise it is a view of the mapped shard file (raw) or a new array.
 
     Several sites (a transcoder's input and target, written by one forward at the same rows): their chunks side
     by side, [rows, d_model · n_sites], in `out` ([chunk_rows, d_model · n_sites]) when given."""
@@ -148,6 +149,9 @@ def read_rows(
     try:
         if len(sites) == 1:
             a = store.read_chunk(sites[0], i, out)
+            if out is not None and not np.may_share_memory(a, out):  # a raw chunk, a view of the map
+                np.copyto(out[: len(a)], a)
+                a = out[: len(a)]
         else:
             parts = [store.read_chunk(s, i) for s in sites]
             a = np.concatenate(parts, axis=1, out=None if out is None else out[: len(parts[0])])
@@ -276,18 +280,26 @@ class ChunkReader:
         # Open the arrays and their shard maps once here: the worker threads then only read.
         for s in sites:
             store.array(s)
-            mapped = store.mapped(s)
+            store.mapped(s)
         store.array("position")
         store.mapped("position")
-        # chunks need buffers (raw ones of one site are views of the map; several sites are put side by side)
-        self._decode = len(sites) > 1 or mapped is None or not mapped.raw
-        self._free: list[np.ndarray] = []  # decode buffers no group uses any more
+        # Every chunk a lane reads lands in a slot of one arena (decoded, or copied from the map for a raw store),
+        # so a batch is one gather from one array: a gather across separate chunk arrays needs a second copy to
+        # put the rows in drawn order, and costs more than copying a raw chunk in once (docs/benchmarks.md,
+        # "Reader"). Up to four groups of a lane are alive at once (two in the phase being drawn, one queued
+        # batches may still use, one being read: ARENA_GROUPS); past that a chunk gets a buffer of its own.
+        self._arena: np.ndarray | None = None  # allocated at the first read: untouched pages cost no memory
+        self._arena_bits: np.ndarray | None = None
+        self._slots: list[int] = []  # free arena slots, the most recently freed last (its pages are resident)
+        self._free: list[np.ndarray] = []  # overflow buffers no group uses any more
         self._checked: set[int] = set()  # chunks found free of NaN/Inf: not scanned again in later epochs
         self._free_lock = threading.Lock()
         self._pool = _Pool(max(1, threads) if threads is not None else default_threads())
         self._feed: CudaFeed | None = None
         # The lanes under this rank's rows [lo, hi) of the global batch, with the part of each lane batch it uses.
         per_lane, lo, hi = batch_size // self.lanes, rank * batch_size // world, (rank + 1) * batch_size // world
+        local_lanes = sum(max(lo, i * per_lane) < min(hi, (i + 1) * per_lane) for i in range(self.lanes))
+        self._slots = list(range(ARENA_GROUPS * self.group_chunks * local_lanes - 1, -1, -1))
         self._lanes: dict[int, _Lane] = {}
         self._pos: dict[int, tuple[int, int, int]] = {}
         try:
@@ -414,21 +426,32 @@ class ChunkReader:
         out = torch.empty(sum(len(x) for x in xs), xs[0].shape[1], dtype=xs[0].dtype, pin_memory=xs[0].is_pinned())
         return torch.cat(xs, out=out), torch.cat(ids), pos
 
-    def _buffer(self) -> np.ndarray | None:
-        """A decode buffer for one chunk (None for raw stores: their chunks are views of the mapped file)."""
-        if not self._decode:
-            return None
-        with self._free_lock:
-            if self._free:
-                return self._free.pop()
-        storage = np.uint16 if _itemsize(self.store.dtype) == 2 else np.float32
+    def _buffer(self) -> tuple[np.ndarray, int]:
+        """A buffer for one chunk and its first row in the arena: a free arena slot, or (none free) a buffer of
+        its own with -1."""
+        rows = self.store.chunk_rows
+        storage = np.dtype(np.uint16 if _itemsize(self.store.dtype) == 2 else np.float32)
         if self.store.dtype == "float16":
-            storage = np.float16
-        return np.empty((self.store.chunk_rows, self.width), storage)
-
-    def _recycle(self, buffers: list[np.ndarray]) -> None:
+            storage = np.dtype(np.float16)
         with self._free_lock:
-            self._free.extend(buffers)
+            if self._slots:
+                if self._arena is None:
+                    n = max(self._slots) + 1
+                    self._arena = np.empty((n * rows, self.width), storage)
+                    self._arena_bits = self._arena.view(_BITS[self.store.dtype][0])  # what gathers read
+                s = self._slots.pop()
+                return self._arena[s * rows : (s + 1) * rows], s * rows
+            if self._free:
+                return self._free.pop(), -1
+        return np.empty((rows, self.width), storage), -1
+
+    def _recycle(self, buffers: list[tuple[np.ndarray, int]]) -> None:
+        with self._free_lock:
+            for buf, start in buffers:
+                if start >= 0:
+                    self._slots.append(start // self.store.chunk_rows)
+                else:
+                    self._free.append(buf)
 
     def _count_train_rows(self) -> int:
         if self.keep_bos or not self.train_chunks:
@@ -521,6 +544,9 @@ class _Pool:
             else:
                 f.set_result(result)
                 del result
+            # drop the job's arguments now, not at the next job: a finished gather must not keep its plan's
+            # groups (and their arena slots) alive while this worker waits
+            del fn, args, kwargs, f
 
     def shutdown(self) -> None:
         """Cancel the jobs not started; wait for the running ones."""
@@ -546,13 +572,23 @@ class _Pool:
 class _Group:
     """The chunks of one group, read, and its rows in group numbering (the chunks' kept rows, in group order)."""
 
-    __slots__ = ("chunks", "which", "local", "rows", "__weakref__")
+    __slots__ = ("chunks", "which", "local", "rows", "arena", "at", "__weakref__")
 
-    def __init__(self, chunks: list[np.ndarray], which: np.ndarray, local: np.ndarray, rows: np.ndarray):
+    def __init__(
+        self,
+        chunks: list[np.ndarray],
+        which: np.ndarray,
+        local: np.ndarray,
+        rows: np.ndarray,
+        arena: np.ndarray | None,
+        starts: np.ndarray,
+    ):
         self.chunks = chunks  # stored bits of each chunk, [rows, d]
         self.which = which  # chunk (index into `chunks`) of each group row
         self.local = local  # its row inside that chunk
         self.rows = rows  # its store row
+        self.arena = arena  # the arena all its chunks lie in (None: some chunk has a buffer of its own)
+        self.at = starts[which] + local if arena is not None else None  # each group row's arena row
 
 
 class _Plan(NamedTuple):
@@ -565,6 +601,8 @@ class _Plan(NamedTuple):
     local: np.ndarray
     rows: np.ndarray
     groups: tuple[_Group, ...]  # kept alive (their buffers unrecycled) while batches are cut from the plan
+    arena: np.ndarray | None  # the one array every source lies in, if there is one (then `at` is set)
+    at: np.ndarray | None  # each row's row in `arena`
 
 
 class _Stopped(Exception):
@@ -588,7 +626,7 @@ class _Lane:
         self.per_lane, self.part = per_lane, part
         self._ready: queue.Queue = queue.Queue(maxsize=AHEAD)
         self._stop = threading.Event()
-        self._reads: dict[tuple[int, int], list[tuple[Future, np.ndarray | None]]] = {}
+        self._reads: dict[tuple[int, int], list[tuple[Future, tuple[np.ndarray, int]]]] = {}
         self._group_cache: dict[int, list[list[int]]] = {}
         self._assembler = threading.Thread(target=self._assemble, args=position, name="sae-assemble", daemon=True)
         self._assembler.start()
@@ -643,10 +681,10 @@ class _Lane:
         r = self.r
         reads = []
         for c in gs[j] if j < len(gs) else []:
-            buf = r._buffer()
+            buf, start = r._buffer()
             kw = {"keep_bos": r.keep_bos, "whole": True, "out": buf, "check": c not in r._checked}
             # (`read_rows` is looked up at call time, so tests can wrap it)
-            reads.append((r._pool.submit(_READ, read_rows, r.store, r.site, c, **kw), buf))
+            reads.append((r._pool.submit(_READ, read_rows, r.store, r.site, c, **kw), (buf, start)))
         self._reads[(epoch, j)] = reads
 
     def _wait(self, f: Future) -> Any:
@@ -670,10 +708,11 @@ class _Lane:
         rows = np.concatenate([p.rows.numpy() for p in parts])
         first = [self.r.store.chunk_range(c)[0] for c in self._groups(epoch)[j]]
         local = rows - np.repeat(np.asarray(first, dtype=np.int64), sizes)
-        group = _Group([_bits(p.x) for p in parts], which, local, rows)
-        buffers = [b for _, b in reads if b is not None]
-        if buffers:  # back to the reader once no plan or gather uses the group
-            weakref.finalize(group, self.r._recycle, buffers)
+        starts = np.asarray([start for _, (_, start) in reads], np.int64)
+        arena = self.r._arena_bits if (starts >= 0).all() else None
+        group = _Group([_bits(p.x) for p in parts], which, local, rows, arena, starts)
+        # the buffers go back to the reader once no plan or gather uses the group
+        weakref.finalize(group, self.r._recycle, [b for _, b in reads])
         return group
 
     def _split(self, epoch: int, j: int, g: _Group) -> tuple[np.ndarray, np.ndarray]:
@@ -692,16 +731,26 @@ class _Lane:
             first, second = (g, h1), (g, h2)
         halves = [h for h in (leftover, first) if h is not None]
         sources: list[np.ndarray] = []
-        which, local, rows = [], [], []
+        which, local, rows, at = [], [], [], []
         for grp, idx in halves:
             which.append(grp.which[idx] + len(sources))
             local.append(grp.local[idx])
             rows.append(grp.rows[idx])
+            at.append(grp.at[idx] if grp.at is not None else None)
             sources.extend(grp.chunks)
         n = sum(len(idx) for _, idx in halves)
         perm = self._rng(epoch, j, _PHASE).permutation(n) if n else np.zeros(0, np.int64)
         cat = [np.concatenate(a)[perm] if a else np.zeros(0, np.int64) for a in (which, local, rows)]
-        plan = _Plan(epoch, j, sources, *cat, tuple(h[0] for h in halves))
+        one = halves[0][0].arena if halves and all(h[0].arena is not None for h in halves) else None
+        plan = _Plan(
+            epoch,
+            j,
+            sources,
+            *cat,
+            tuple(h[0] for h in halves),
+            one,
+            np.concatenate(at)[perm] if one is not None else None,
+        )
         return plan, second
 
     # -- background work -------------------------------------------------------------------------------------
@@ -757,6 +806,29 @@ class _Lane:
 
 
 _scratch = threading.local()
+_spare: dict[tuple[int, int, str], list[np.ndarray]] = {}  # batch memory no tensor uses any more, by shape
+_spare_lock = threading.Lock()
+
+
+def _batch_tensor(n: int, d: int, dtype: torch.dtype) -> torch.Tensor:
+    """An [n, d] CPU tensor on recycled memory: a fresh allocation of a batch's size is new pages, and faulting
+    them in costs about as much as filling them. The tensor wraps a numpy view of a spare block; the view lives
+    as long as any tensor on its memory does (torch keeps it), and its end returns the block."""
+    np_dtype = np.dtype(np.float32 if dtype == torch.float32 else np.uint16)
+    key = (n, d, np_dtype.str)
+    with _spare_lock:
+        spare = _spare.setdefault(key, [])
+        block = spare.pop() if spare else np.empty((n, d), np_dtype)
+    view = block[:]
+    weakref.finalize(view, _return_block, key, block)
+    t = torch.from_numpy(view)
+    return t if dtype == torch.float32 else t.view(dtype)
+
+
+def _return_block(key: tuple[int, int, str], block: np.ndarray) -> None:
+    with _spare_lock:
+        if len(_spare[key]) < 2 * AHEAD:
+            _spare[key].append(block)
 
 
 def _scratch_rows(name: str, n: int, d: int, dtype: np.dtype) -> np.ndarray:
@@ -777,10 +849,13 @@ def _gather(
     d = segments[0][0].sources[0].shape[1]
     bits_dtype = np.dtype(_BITS[dtype][0])
     if not to_float:  # in the store's dtype (pinned for a GPU: the copy thread moves it, the device converts it)
-        x = torch.empty(n, d, dtype=getattr(torch, dtype), pin_memory=device.type == "cuda")
+        if device.type == "cuda":  # (torch's pinned-memory allocator recycles its blocks itself)
+            x = torch.empty(n, d, dtype=getattr(torch, dtype), pin_memory=True)
+        else:
+            x = _batch_tensor(n, d, getattr(torch, dtype))
         out = _bits(x)
     else:
-        x = torch.empty(n, d, dtype=torch.float32)
+        x = _batch_tensor(n, d, torch.float32)
         out = _scratch_rows("out", n, d, bits_dtype) if dtype != "float32" else _bits(x)
     stage = _scratch_rows("stage", max(b - a for _, a, b in segments), d, bits_dtype)
     rows = np.empty(n, np.int64)
@@ -789,6 +864,10 @@ def _gather(
         m = b - a
         which, local = plan.which[a:b], plan.local[a:b]
         rows[o : o + m] = plan.rows[a:b]
+        if plan.arena is not None:  # one copy, straight into drawn order
+            np.take(plan.arena, plan.at[a:b], axis=0, out=out[o : o + m], mode="clip")
+            o += m
+            continue
         order = np.argsort(which, kind="stable")
         counts = np.bincount(which, minlength=len(plan.sources))
         local = local[order]
