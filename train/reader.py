@@ -137,9 +137,9 @@ def read_rows(
     """Chunk i of `site` with BOS rows dropped (unless `keep_bos`); SaeError naming the store row of any
     non-finite value among the kept rows (unless `check` is False: a chunk already checked).
 
-    With `whole`, the BOS rows stay: `x` is the whole chunk and `rows` names the kept rows. `x` lies in `out`
-    ([chunk_rows, d_model] of the stored dtype: decoded into it, or a raw chunk copied into it) when given,
-    otherwise it is a view of the mapped shard file (raw) or a new array.
+    With `whole`, nothing is copied: `x` is the whole chunk (a view of the mapped shard file for a raw store, or
+    `out`, a [chunk_rows, d_model] buffer of the stored dtype, for a compressed one) and `rows` names the kept
+    rows.
 
     Several sites (a transcoder's input and target, written by one forward at the same rows): their chunks side
     by side, [rows, d_model · n_sites], in `out` ([chunk_rows, d_model · n_sites]) when given."""
@@ -149,9 +149,6 @@ def read_rows(
     try:
         if len(sites) == 1:
             a = store.read_chunk(sites[0], i, out)
-            if out is not None and not np.may_share_memory(a, out):  # a raw chunk, a view of the map
-                np.copyto(out[: len(a)], a)
-                a = out[: len(a)]
         else:
             parts = [store.read_chunk(s, i) for s in sites]
             a = np.concatenate(parts, axis=1, out=None if out is None else out[: len(parts[0])])
@@ -280,14 +277,16 @@ class ChunkReader:
         # Open the arrays and their shard maps once here: the worker threads then only read.
         for s in sites:
             store.array(s)
-            store.mapped(s)
+            mapped = store.mapped(s)
         store.array("position")
         store.mapped("position")
-        # Every chunk a lane reads lands in a slot of one arena (decoded, or copied from the map for a raw store),
-        # so a batch is one gather from one array: a gather across separate chunk arrays needs a second copy to
-        # put the rows in drawn order, and costs more than copying a raw chunk in once (docs/benchmarks.md,
-        # "Reader"). Up to four groups of a lane are alive at once (two in the phase being drawn, one queued
-        # batches may still use, one being read: ARENA_GROUPS); past that a chunk gets a buffer of its own.
+        # Raw chunks of one site are zero-copy views of the map, shared with every process on the node. Other
+        # chunks are decoded (or put side by side) into slots of one arena, so a batch is one gather from one
+        # array; across separate chunk arrays a gather needs a second copy to put the rows in drawn order
+        # (docs/benchmarks.md, "Reader profile"). Up to four groups of a lane are alive at once (two in the phase
+        # being drawn, one that queued batches may still use, one being read: ARENA_GROUPS); past that a chunk
+        # gets a buffer of its own.
+        self._decode = len(sites) > 1 or mapped is None or not mapped.raw
         self._arena: np.ndarray | None = None  # allocated at the first read: untouched pages cost no memory
         self._arena_bits: np.ndarray | None = None
         self._slots: list[int] = []  # free arena slots, the most recently freed last (its pages are resident)
@@ -426,9 +425,11 @@ class ChunkReader:
         out = torch.empty(sum(len(x) for x in xs), xs[0].shape[1], dtype=xs[0].dtype, pin_memory=xs[0].is_pinned())
         return torch.cat(xs, out=out), torch.cat(ids), pos
 
-    def _buffer(self) -> tuple[np.ndarray, int]:
-        """A buffer for one chunk and its first row in the arena: a free arena slot, or (none free) a buffer of
-        its own with -1."""
+    def _buffer(self) -> tuple[np.ndarray | None, int]:
+        """A buffer to decode one chunk into and its first row in the arena: a free arena slot, or (none free) a
+        buffer of its own with -1; (None, -1) for raw chunks, views of the mapped file."""
+        if not self._decode:
+            return None, -1
         rows = self.store.chunk_rows
         storage = np.dtype(np.uint16 if _itemsize(self.store.dtype) == 2 else np.float32)
         if self.store.dtype == "float16":
@@ -445,12 +446,12 @@ class ChunkReader:
                 return self._free.pop(), -1
         return np.empty((rows, self.width), storage), -1
 
-    def _recycle(self, buffers: list[tuple[np.ndarray, int]]) -> None:
+    def _recycle(self, buffers: list[tuple[np.ndarray | None, int]]) -> None:
         with self._free_lock:
             for buf, start in buffers:
                 if start >= 0:
                     self._slots.append(start // self.store.chunk_rows)
-                else:
+                elif buf is not None:
                     self._free.append(buf)
 
     def _count_train_rows(self) -> int:
@@ -626,7 +627,7 @@ class _Lane:
         self.per_lane, self.part = per_lane, part
         self._ready: queue.Queue = queue.Queue(maxsize=AHEAD)
         self._stop = threading.Event()
-        self._reads: dict[tuple[int, int], list[tuple[Future, tuple[np.ndarray, int]]]] = {}
+        self._reads: dict[tuple[int, int], list[tuple[Future, tuple[np.ndarray | None, int]]]] = {}
         self._group_cache: dict[int, list[list[int]]] = {}
         self._assembler = threading.Thread(target=self._assemble, args=position, name="sae-assemble", daemon=True)
         self._assembler.start()
