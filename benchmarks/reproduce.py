@@ -388,11 +388,8 @@ def side_verdicts(groups: dict[Key, list[dict]]) -> list[str]:
 def verdict_table(groups: dict[Key, list[dict]], seeds: int) -> tuple[list[str], dict[tuple[str, str, str, str], str]]:
     """BatchTopK (θ and batch mode) against TopK at k = 32, per metric, per row set and view; and the same
     verdicts of Matryoshka and JumpReLU against BatchTopK (θ)."""
-    cols = [
-        ("keep", "all", "all rows"),
-        ("keep", "typical", "typical rows"),
-        ("excl", "all", "massive excluded"),
-    ]  # fmt: skip  (the `excl` SAEs are spliced on typical rows only: their 'all rows' are the typical rows)
+    # (no typical-rows column for `excl`: those SAEs are spliced on typical rows only, so 'all rows' are those)
+    cols = [("keep", "all", "all rows"), ("keep", "typical", "typical rows"), ("excl", "all", "massive excluded")]
     lines = [
         "| metric | BatchTopK encoder | " + " | ".join(c[2] for c in cols) + " |",
         "|" + "---|" * (2 + len(cols)),
@@ -405,8 +402,7 @@ def verdict_table(groups: dict[Key, list[dict]], seeds: int) -> tuple[list[str],
             cells = []
             for rows, view, _ in cols:
                 if kind == "ce" and view == "typical":
-                    # CE over typical rows: the `excl` SAEs splice only there already; for `keep`, the seed-0
-                    # copies spliced on typical rows (`typ`) against TopK's
+                    # CE over typical rows: the seed-0 copies spliced on typical rows only (`typ`) against TopK's
                     a, b = (
                         groups.get(Key("batchtopk", K_MAIN, "typ", mode)),
                         groups.get(Key("topk", K_MAIN, "typ", "threshold")),
@@ -938,6 +934,7 @@ def main() -> None:
     def rel(a: str) -> str:
         return os.path.relpath(a, ROOT) if a.startswith(str(ROOT)) else a
 
+    nice = max((v.get("nice", 0) for v in timings.values()), default=0)  # as the stages recorded it
     info = {
         "command": "python benchmarks/reproduce.py " + shlex.join(sys.argv[1:]),
         "d": store.d_model,
@@ -965,9 +962,7 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d"),
         "load": f"{load_start:.1f}",
         "timings": timings,
-        "nice": "".join(
-            sorted({f", the run went at `nice {v['nice']}`" for v in timings.values() if v.get("nice")})[:1]
-        ),
+        "nice": f", the run went at `nice {nice}`" if nice else "",
         "loads": "{:.1f}–{:.1f}".format(*(f(v.get("load_5min", 0) for v in timings.values()) for f in (min, max))),
     }
     groups = group_entries(entries, info)
