@@ -1087,4 +1087,11 @@ def massive_text(entries: dict[str, dict], where: dict[str, dict]) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except subprocess.CalledProcessError as exc:  # the stage printed its own one-line error above
+        print(f"reproduce: `{shlex.join(map(str, exc.cmd))}` failed with exit status {exc.returncode}", file=sys.stderr)
+        sys.exit(exc.returncode)
+    except SaeError as exc:
+        print(f"reproduce: {exc}", file=sys.stderr)
+        sys.exit(2)
