@@ -1,4 +1,5 @@
-"""Shared by the benchmark scripts: a one-line description of the machine, and writing one section of a doc."""
+"""Shared by the benchmark scripts: a one-line description of the machine, writing one section of a doc, and the
+host's share of a GPU reader measured on the CPU."""
 
 from __future__ import annotations
 
@@ -7,8 +8,12 @@ import os
 import platform
 import re
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
+
+from sae.train.reader import ChunkReader
 
 
 def machine() -> str:
@@ -30,3 +35,17 @@ def write_section(doc: Path, heading: str, section: str, title: str = "Benchmark
     pattern = re.compile(rf"^## {re.escape(heading)}\n.*?(?=^## |\Z)", re.S | re.M)
     text = pattern.sub(lambda _: section + "\n", text) if pattern.search(text) else text.rstrip() + "\n\n" + section
     doc.write_text(text.rstrip() + "\n")
+
+
+class DeviceArenaHost(ChunkReader):
+    """The host's share of a GPU reader with a device arena, run on the CPU: chunks decoded into staging and copied
+    into the arena (here a memcpy, standing in for the DMA, which costs the host no cycles) and batches planned.
+    The gather from the arena, the GPU's work, is left out: a batch is the arena rows it would gather."""
+
+    _device_arena, _host_float32 = True, False
+
+    def _to_device(self, part: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        if any(plan.at is None for plan, _, _ in part):
+            raise RuntimeError("a chunk fell outside the arena: this timing would leave out its gather")
+        at = np.concatenate([plan.at[a:b] for plan, a, b in part])
+        return torch.from_numpy(at), torch.from_numpy(np.concatenate([plan.rows[a:b] for plan, a, b in part]))

@@ -6,9 +6,11 @@ B=4,096 by default).
 On the device it measures, in interleaved rounds:
   gemm        the encoder GEMM ([B, d] × [d, F]) alone in fp32, TF32 and bf16: the FLOP limit of each mode
   step        our BatchTopK training step on batches already on the device, in fp32, TF32 and bf16 autocast
-  reader      the shuffled reader alone, bf16 batches into pinned memory and onto the device (Blosc and
-              `--codec none` stores of the same Gaussian rows), with as many worker threads as the machine has cores
-  train       step + reader together: tokens/s, and the fraction of the step time spent waiting for data
+  reader      the shuffled reader alone onto the device (a `--codec none` store: bf16 batches gathered into
+              pinned memory and copied; a Blosc store of the same Gaussian rows: chunks decoded, copied whole to
+              an arena on the device and gathered there), with as many worker threads as the machine has cores
+  train       step + reader together, from each store: tokens/s, and the fraction of the step time spent
+              waiting for data
 and writes the "GPU" section of docs/benchmarks.md. Without CUDA it says so and exits (status 1), measuring nothing.
 
     python benchmarks/gpu.py --projection --write
@@ -31,7 +33,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import machine, write_section
+from common import DeviceArenaHost, machine, write_section
 
 from sae.config import TrainConfig
 from sae.saedir import sweep
@@ -155,18 +157,20 @@ def gpu_main(args: argparse.Namespace) -> None:
                     out[f"gemm/{mode}"] = 2 * b * d * f / cuda_time(lambda: torch.mm(a, w), 20)
                 it = iter(range(10**9))
                 out[f"step/{mode}"] = b / cuda_time(lambda m=mode, it=it: step(m, batches[next(it) % 4]), args.steps)
-                # step + reader: the trainer's loop as it runs (reader on the cores, copies on a side stream)
-                with Bf16Reader(Store.open(paths["none"]), site, batch_size=b, device="cuda", seed=rnd,
-                                threads=threads) as r:  # fmt: skip
-                    r.next_batch()
-                    torch.cuda.synchronize()
-                    waited, t0 = r.wait_seconds, time.perf_counter()
-                    for _ in range(args.steps):
-                        step(mode, r.next_batch().x * scale)
-                    torch.cuda.synchronize()
-                    total = time.perf_counter() - t0
-                    out[f"train/{mode}"] = args.steps * b / total
-                    out[f"wait/{mode}"] = (r.wait_seconds - waited) / total
+                # step + reader: the trainer's loop as it runs (reader on the cores, copies and, from Blosc, the
+                # gathers from the device arena on a side stream)
+                for codec, p in paths.items():
+                    with Bf16Reader(Store.open(p), site, batch_size=b, device="cuda", seed=rnd,
+                                    threads=threads) as r:  # fmt: skip
+                        r.next_batch()
+                        torch.cuda.synchronize()
+                        waited, t0 = r.wait_seconds, time.perf_counter()
+                        for _ in range(args.steps):
+                            step(mode, r.next_batch().x * scale)
+                        torch.cuda.synchronize()
+                        total = time.perf_counter() - t0
+                        out[f"train/{codec}/{mode}"] = args.steps * b / total
+                        out[f"wait/{codec}/{mode}"] = (r.wait_seconds - waited) / total
             for codec, p in paths.items():
                 out[f"reader/{codec}"] = reader_rate(
                     Store.open(p), Bf16Reader, b, args.reader_batches, threads, "cuda"
@@ -185,11 +189,12 @@ def gpu_main(args: argparse.Namespace) -> None:
             (f"trainer step, {mode}" + (" autocast" if mode == "bf16" else ""), med[f"step/{mode}"],
              f"{gemm / 1e12:,.1f}", f"{med[f'step/{mode}'] / limit:.2f}× the encoder-GEMM limit ({limit:,.0f})")
         )  # fmt: skip
-        rows.append(
-            (f"trainer + reader ({threads} threads, `--codec none`), {mode}", med[f"train/{mode}"], "",
-             f"{med[f'wait/{mode}']:.1%} of the time waiting for data; "
-             f"{med[f'train/{mode}'] / med[f'step/{mode}']:.2f}× the step alone")
-        )  # fmt: skip
+        for codec in paths:
+            rows.append(
+                (f"trainer + reader ({threads} threads, {codec} store), {mode}", med[f"train/{codec}/{mode}"], "",
+                 f"{med[f'wait/{codec}/{mode}']:.1%} of the time waiting for data; "
+                 f"{med[f'train/{codec}/{mode}'] / med[f'step/{mode}']:.2f}× the step alone")
+            )  # fmt: skip
     for codec in paths:
         rows.append((f"reader alone, {codec} store, {threads} threads, to the device", med[f"reader/{codec}"], "",
                      f"{med[f'reader/{codec}'] / cores:,.0f} rows/s per core"))  # fmt: skip
@@ -225,8 +230,10 @@ def projection_main(args: argparse.Namespace) -> None:
         for rnd in range(args.rounds + 1):
             print(f"round {rnd}/{args.rounds}", file=sys.stderr)
             for codec, p in paths.items():
-                # one worker thread: the rows/s one core gives (bf16 batches, as a GPU receives them)
-                wall, cpu = reader_rate(Store.open(p), Bf16Reader, b, args.reader_batches, 1, "cpu")
+                # one worker thread: the rows/s one core gives (the host's work for a GPU: bf16 batches gathered on
+                # the host from `--codec none`; decode and upload to the device arena from Blosc)
+                cls = DeviceArenaHost if codec == "blosc-zstd" else Bf16Reader
+                wall, cpu = reader_rate(Store.open(p), cls, b, args.reader_batches, 1, "cpu")
                 if rnd:
                     res.setdefault(codec, []).append(cpu)
                     res.setdefault(f"{codec}/wall", []).append(wall)
@@ -242,7 +249,9 @@ def projection_main(args: argparse.Namespace) -> None:
         "datasheet dense peak would consume peak / FLOP-per-row rows per second: an upper bound (the GEMM reaches "
         "perhaps 60-80 % of peak, and top-k, Adam and the sparse products add time). Reader rows/s per core: "
         "rows per CPU second (all threads of the process) of the reader with one worker thread on this machine, "
-        "bf16 batches as a GPU receives them, from a freshly opened store (every chunk scanned for NaN/Inf), medians "
+        "doing the host's work for a GPU (`--codec none`: bf16 batches gathered on the host; Blosc: chunks decoded "
+        "and copied to the device arena, here a memcpy, the gather there left out), from a freshly opened store "
+        "(every chunk scanned for NaN/Inf), medians "
         f"of {args.rounds} rounds of {args.reader_batches} batches after the first; CPU time, not wall time, because "
         f"this box is shared: {machine()}; 1-min load average {load:.1f}.",
         "",

@@ -1,11 +1,12 @@
 """Where one reader worker's time goes: thread CPU time in chunk decode, chunk reads, batch gathers and plans.
 
-    python benchmarks/reader_profile.py [--codec blosc-zstd|none] [--threads 1] [--float32]
+    python benchmarks/reader_profile.py [--codec blosc-zstd|none] [--threads 1] [--float32] [--device-arena]
 
 Gaussian store as in `benchmarks/train.py --reader` (32 chunks of 8192 rows, d = 576, bfloat16). The reader's
 functions are wrapped to sum their thread CPU time; each round opens the store afresh, draws `--warm` batches of
 4096 rows (the first epoch: arena filled, chunks scanned), then times `--batches` batches. Each figure is that
-function's CPU time over the wall time (decode is part of read).
+function's CPU time over the wall time (decode is part of read). `--device-arena`: the host's share of a GPU
+reader with a device arena (see `DeviceArenaHost` in common.py: decode and upload, no host gather).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from common import machine
+from common import DeviceArenaHost, machine
 
 import sae.store as store_mod
 import sae.train.reader as reader_mod
@@ -43,6 +44,7 @@ def main() -> None:
     ap.add_argument("--codec", default="blosc-zstd", choices=("blosc-zstd", "none"))
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--float32", action="store_true", help="float32 batches (the CPU trainer's), not bf16")
+    ap.add_argument("--device-arena", action="store_true", help="the host's share with a device arena")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--warm", type=int, default=70)
     ap.add_argument("--batches", type=int, default=120)
@@ -51,8 +53,10 @@ def main() -> None:
     reader_mod.read_rows = timed("read", reader_mod.read_rows)
     reader_mod._Lane._plan = timed("plan", reader_mod._Lane._plan)
     store_mod.MappedArray.chunk = timed("decode", store_mod.MappedArray.chunk)
-    cls = type("Reader", (reader_mod.ChunkReader,), {"_host_float32": args.float32})
-    print(f"{machine()}; {args.codec}, {'float32' if args.float32 else 'bf16'} batches, {args.threads} thread(s)")
+    base = DeviceArenaHost if args.device_arena else reader_mod.ChunkReader
+    cls = type("Reader", (base,), {"_host_float32": args.float32})
+    what = "device arena (host share)" if args.device_arena else f"{'float32' if args.float32 else 'bf16'} batches"
+    print(f"{machine()}; {args.codec}, {what}, {args.threads} thread(s)")
     with tempfile.TemporaryDirectory() as tmp:
         path = gaussian_store(Path(tmp) / "s.zarr", 576, 32 * 8192, codec=args.codec)
         for rnd in range(args.rounds):

@@ -26,10 +26,10 @@ def store(tmp_path_factory):
     return Store.open(path)
 
 
-def _reader(store, **kw):
+def _reader(store, site=SITE, cls=ChunkReader, **kw):
     kw.setdefault("batch_size", 50)
     kw.setdefault("buffer_mb", 0)
-    return ChunkReader(store, SITE, **kw)
+    return cls(store, site, **kw)
 
 
 def _take(reader, n):
@@ -306,3 +306,76 @@ def test_arena_gathers_and_own_buffers_give_one_stream(tmp_path, monkeypatch, co
         x2, rows2 = _stream(st, threads=2)
         assert torch.equal(rows1, rows2) and torch.equal(x1, x2)
         assert not any(fast) if groups == 0 or codec == "none" else (any(fast) and not all(fast))
+
+
+class _DeviceArena(ChunkReader):
+    _device_arena = True  # what a GPU reader does with decoded chunks, here on the CPU
+
+
+@pytest.mark.parametrize("case", ["bfloat16", "float16", "float32", "two raw sites"])
+def test_device_arena_gives_the_host_stream(tmp_path, monkeypatch, case):
+    # For a GPU, decoded chunks are copied whole into an arena on the device and each batch is gathered there
+    # (tests/test_cuda.py runs it on CUDA); here that path runs on the CPU. It gives the host gather's stream: the
+    # same rows in the same order, from the arena, from chunks outside it (no free slot), in lanes, after a restore.
+    sites = ("blocks.0.ln2.hook_normalized", "blocks.0.hook_mlp_out") if case == "two raw sites" else (SITE,)
+    kw = dict(n_contexts=60, chunk_rows=16, shard_chunks=4, sites=sites)
+    if case == "two raw sites":
+        kw["codec"] = "none"
+    else:
+        kw["dtype"] = case
+    st = Store.open(make_store(tmp_path / "s.zarr", **kw))
+    site = list(sites) if len(sites) > 1 else SITE
+    real = reader_mod._device_gather
+    fast = []
+
+    def spy(segments):
+        fast.extend(plan.arena is not None for plan, _, _ in segments)
+        return real(segments)
+
+    monkeypatch.setattr(reader_mod, "_device_gather", spy)
+    refs = {}
+    for lanes in (1, 2):
+        opts = dict(site=site, seed=7, batch_size=40, lanes=lanes, threads=2)
+        with _reader(st, **opts) as r:
+            x1, rows1 = _take(r, 60)  # > 2 epochs
+            assert not r._on_device
+        refs[lanes] = x1, rows1
+        with _reader(st, cls=_DeviceArena, **opts) as r:
+            x2, rows2 = _take(r, 25)
+            state = json.loads(json.dumps(r.state_dict()))
+            assert r._on_device and isinstance(r._arena, torch.Tensor) and x2.dtype == torch.float32
+        with _reader(st, cls=_DeviceArena, state=state, **opts) as r:
+            x3, rows3 = _take(r, 35)
+        assert torch.equal(torch.cat([rows2, rows3]), rows1) and torch.equal(torch.cat([x2, x3]), x1)
+        # mostly one gather from the arena (queued batches hold their groups until gathered: in these phases of a
+        # few batches a chunk may find no free slot)
+        assert sum(fast) > len(fast) / 2
+        fast.clear()
+    for groups in (0, 1):  # no arena; room for one group: plans with chunks outside it are gathered chunk by chunk
+        fast.clear()
+        monkeypatch.setattr(reader_mod, "ARENA_GROUPS", groups)
+        with _reader(st, cls=_DeviceArena, site=site, seed=7, batch_size=40, threads=2) as r:
+            x4, rows4 = _take(r, 60)
+        assert torch.equal(rows4, refs[1][1]) and torch.equal(x4, refs[1][0])
+        assert not any(fast) if groups == 0 else (any(fast) and not all(fast))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("codec", ["blosc-zstd", "none"])
+def test_cuda_batches_are_the_cpu_stream(tmp_path, monkeypatch, codec):
+    # On CUDA, Blosc chunks are copied whole to an arena on the GPU and batches are gathered there, on the side
+    # stream that also carries the uploads; raw chunks are gathered on the host into pinned memory and copied.
+    # Either way the batches are the CPU reader's, bit for bit and in order, as float32 on the GPU. Over 3 epochs
+    # every slot is rewritten many times, so a gather that ran after its slot's next upload would show.
+    st = Store.open(make_store(tmp_path / "s.zarr", codec=codec, n_contexts=100, chunk_rows=32, shard_chunks=4))
+    for groups, lanes in ((reader_mod.ARENA_GROUPS, 1), (reader_mod.ARENA_GROUPS, 2), (1, 1)):
+        monkeypatch.setattr(reader_mod, "ARENA_GROUPS", groups)  # 1: plans with chunks outside the arena
+        kw = dict(seed=5, batch_size=64, lanes=lanes, threads=3)
+        with _reader(st, **kw) as r:
+            x1, rows1 = _take(r, 70)
+        with _reader(st, device="cuda", **kw) as r:
+            batches = [r.next_batch() for _ in range(70)]
+            assert r._on_device == (codec != "none")
+        assert all(b.x.is_cuda and b.x.dtype == torch.float32 for b in batches)
+        assert torch.equal(torch.cat([b.rows for b in batches]), rows1)
+        assert torch.equal(torch.cat([b.x for b in batches]).cpu(), x1)

@@ -33,6 +33,7 @@ batches ahead of the step), where they become float32.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import queue
@@ -208,6 +209,8 @@ class ChunkReader:
 
     _host_float32 = True  # CPU batches become float32 in the workers (benchmarks/train.py turns it off to time
     # the bf16 batches a GPU receives)
+    _device_arena: bool | None = None  # None: decoded chunks go to an arena on the device when it is a GPU (see
+    # `_on_device`); True also on the CPU (the tests' check of that path, benchmarks' timing of its host work)
 
     def __init__(
         self,
@@ -244,6 +247,8 @@ class ChunkReader:
         self.width = store.d_model * len(sites)
         """Columns of a batch: d_model per site."""
         self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:  # worker threads select it by index
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.wait_seconds = 0.0
         """Seconds `next_batch` has spent waiting for a batch that was not ready yet."""
         complete = store.complete_chunks()
@@ -287,8 +292,20 @@ class ChunkReader:
         # being drawn, one that queued batches may still use, one being read: ARENA_GROUPS); past that a chunk
         # gets a buffer of its own.
         self._decode = len(sites) > 1 or mapped is None or not mapped.raw
-        self._arena: np.ndarray | None = None  # allocated at the first read: untouched pages cost no memory
-        self._arena_bits: np.ndarray | None = None
+        # On a GPU the decoded chunks themselves go to the device (a worker decodes into pinned staging and a DMA
+        # copies the whole chunk), and each batch is one gather there: the host's cores only decode. The arena
+        # then takes GPU memory: ARENA_GROUPS groups, i.e. twice `buffer_mb` per lane. Raw chunks stay views of
+        # the page cache, gathered on the host (a gather is as cheap as the copy to pinned memory they would need).
+        auto = self.device.type == "cuda"
+        self._on_device = self._decode and (auto if self._device_arena is None else self._device_arena)
+        # The side stream of chunk uploads and batch gathers: its order keeps a slot's rewrite after the gathers
+        # that read its last chunk (a slot is freed only once those are enqueued).
+        self._stream = torch.cuda.Stream(self.device) if self._on_device and auto else None
+        self._storage = np.dtype(np.uint16 if _itemsize(store.dtype) == 2 else np.float32)  # stored numpy dtype
+        if store.dtype == "float16":
+            self._storage = np.dtype(np.float16)
+        self._arena: Any = None  # allocated at the first read (host: untouched pages cost no memory)
+        self._arena_bits: Any = None  # what gathers read: the arena's bits on the host, the tensor on the device
         self._slots: list[int] = []  # free arena slots, the most recently freed last (its pages are resident)
         self._free: list[np.ndarray] = []  # overflow buffers no group uses any more
         self._checked: set[int] = set()  # chunks found free of NaN/Inf: not scanned again in later epochs
@@ -314,7 +331,7 @@ class ChunkReader:
                 part = slice(a - i * per_lane, b - i * per_lane)
                 self._lanes[i] = _Lane(self, self.lane_chunks(i), key, (epoch, phase, offset), per_lane, part)
             if self.device.type == "cuda":
-                self._feed = CudaFeed(self._host_batch, self.device)
+                self._feed = CudaFeed(self._host_batch, self._to_device, self.device, self._stream)
         except BaseException:
             self.close()
             raise
@@ -345,7 +362,13 @@ class ChunkReader:
         device."""
         t0 = time.perf_counter()
         try:
-            x, rows, pos = self._feed.next() if self._feed is not None else self._host_batch()
+            if self._feed is not None:
+                x, rows, pos = self._feed.next()
+            else:
+                payload, pos = self._host_batch()
+                x, rows = self._to_device(payload)
+                if self._host_float32:  # (a device arena on the CPU gathers in the store's dtype)
+                    x = x.float()
         except BaseException:
             self.close()
             raise
@@ -412,39 +435,76 @@ class ChunkReader:
 
     # -- internals -------------------------------------------------------------------------------------------
 
-    def _host_batch(self) -> tuple[torch.Tensor, torch.Tensor, dict[int, tuple[int, int, int]]]:
-        """This rank's rows of the next global batch on the host (float32 on CPU; pinned, in the store's dtype, for
-        a GPU), and the lanes' positions after it."""
-        xs, ids, pos = [], [], {}
+    def _host_batch(self) -> tuple[Any, dict[int, tuple[int, int, int]]]:
+        """This rank's part of the next global batch as the host prepares it, and the lanes' positions after it.
+        The part is (rows on the host, their store rows): float32 on CPU; pinned, in the store's dtype, for a GPU.
+        With a device arena it is the lanes' segments instead, which `_to_device` gathers there (they keep their
+        groups, so the arena slots they read, in use until the gather is enqueued)."""
+        parts, pos = [], {}
         for i, lane in self._lanes.items():
-            x, rows, pos[i] = lane.next()
-            xs.append(x)
-            ids.append(rows)
-        if len(xs) == 1:
-            return xs[0], ids[0], pos
+            part, pos[i] = lane.next()
+            parts.append(part)
+        if self._on_device:
+            return [s for segments in parts for s in segments], pos
+        if len(parts) == 1:
+            return parts[0], pos
+        xs, ids = [x for x, _ in parts], [rows for _, rows in parts]
         out = torch.empty(sum(len(x) for x in xs), xs[0].shape[1], dtype=xs[0].dtype, pin_memory=xs[0].is_pinned())
-        return torch.cat(xs, out=out), torch.cat(ids), pos
+        return (torch.cat(xs, out=out), torch.cat(ids)), pos
 
-    def _buffer(self) -> tuple[np.ndarray | None, int]:
-        """A buffer to decode one chunk into and its first row in the arena: a free arena slot, or (none free) a
-        buffer of its own with -1; (None, -1) for raw chunks, views of the mapped file."""
+    def _to_device(self, part: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """A `_host_batch` part as rows on the device (on a GPU: called on the side stream) and their store rows."""
+        if self._on_device:
+            return _device_gather(part)
+        x, rows = part
+        return (x.to(self.device, non_blocking=True) if self.device.type == "cuda" else x), rows
+
+    def _side_stream(self) -> contextlib.AbstractContextManager:
+        """The context for work on the device arena: the device and the side stream (nothing on the CPU)."""
+        if self._stream is None:
+            return contextlib.nullcontext()
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch.cuda.device(self.device))
+        stack.enter_context(torch.cuda.stream(self._stream))
+        return stack
+
+    def _read_to_device(self, c: int, dest: torch.Tensor, **kw: Any) -> Rows:
+        """`read_rows` of chunk c into this worker's staging buffer, then the whole chunk copied to `dest` on the
+        device (non_blocking on the side stream from pinned memory on a GPU); `x` is `dest`."""
+        stage, done = _staging(self.store.chunk_rows, self.width, self.store.dtype, self._stream is not None)
+        got = read_rows(self.store, self.site, c, whole=True, out=_bits(stage).view(self._storage), **kw)
+        n = len(got.x)
+        with self._side_stream():
+            dest[:n].copy_(stage[:n], non_blocking=self._stream is not None)
+            if self._stream is not None:
+                done.record(self._stream)
+        return Rows(dest[:n], got.rows)
+
+    def _buffer(self) -> tuple[Any, int]:
+        """A buffer to decode one chunk into (a tensor on the device with a device arena) and its first row in the
+        arena: a free arena slot, or (none free) a buffer of its own with -1; (None, -1) for raw chunks, views of
+        the mapped file."""
         if not self._decode:
             return None, -1
         rows = self.store.chunk_rows
-        storage = np.dtype(np.uint16 if _itemsize(self.store.dtype) == 2 else np.float32)
-        if self.store.dtype == "float16":
-            storage = np.dtype(np.float16)
         with self._free_lock:
             if self._slots:
                 if self._arena is None:
-                    n = max(self._slots) + 1
-                    self._arena = np.empty((n * rows, self.width), storage)
-                    self._arena_bits = self._arena.view(_BITS[self.store.dtype][0])  # what gathers read
+                    self._arena = self._new_rows((max(self._slots) + 1) * rows)
+                    self._arena_bits = self._arena if self._on_device else self._arena.view(_BITS[self.store.dtype][0])
                 s = self._slots.pop()
                 return self._arena[s * rows : (s + 1) * rows], s * rows
             if self._free:
                 return self._free.pop(), -1
-        return np.empty((rows, self.width), storage), -1
+        return self._new_rows(rows), -1
+
+    def _new_rows(self, n: int) -> Any:
+        """Uninitialised rows for chunks: on the device (in the logical dtype, allocated on the side stream, which
+        uses them) with a device arena, else on the host in the stored dtype."""
+        if not self._on_device:
+            return np.empty((n, self.width), self._storage)
+        with self._side_stream():
+            return torch.empty(n, self.width, dtype=getattr(torch, self.store.dtype), device=self.device)
 
     def _recycle(self, buffers: list[tuple[np.ndarray | None, int]]) -> None:
         with self._free_lock:
@@ -584,7 +644,7 @@ class _Group:
         arena: np.ndarray | None,
         starts: np.ndarray,
     ):
-        self.chunks = chunks  # stored bits of each chunk, [rows, d]
+        self.chunks = chunks  # stored bits of each chunk, [rows, d] (with a device arena: its rows there)
         self.which = which  # chunk (index into `chunks`) of each group row
         self.local = local  # its row inside that chunk
         self.rows = rows  # its store row
@@ -632,9 +692,10 @@ class _Lane:
         self._assembler = threading.Thread(target=self._assemble, args=position, name="sae-assemble", daemon=True)
         self._assembler.start()
 
-    def next(self) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int, int]]:
-        """This rank's part of the lane's next batch (float32 on CPU, or pinned in the store's dtype), its store
-        rows, and the lane's (epoch, phase, offset) after it."""
+    def next(self) -> tuple[Any, tuple[int, int, int]]:
+        """This rank's part of the lane's next batch, and the lane's (epoch, phase, offset) after it. The part is
+        (its rows: float32 on CPU, or pinned in the store's dtype; their store rows), or with a device arena the
+        segments of plans it is cut from."""
         while True:
             try:
                 item = self._ready.get(timeout=0.1)
@@ -644,9 +705,8 @@ class _Lane:
                     raise SaeError("the reader was closed") from None
         if isinstance(item, BaseException):
             raise item
-        future, pos = item
-        x, rows = future.result()
-        return x, rows, pos
+        job, pos = item
+        return (job.result() if isinstance(job, Future) else job), pos
 
     def stop(self) -> None:
         self._stop.set()
@@ -683,9 +743,12 @@ class _Lane:
         reads = []
         for c in gs[j] if j < len(gs) else []:
             buf, start = r._buffer()
-            kw = {"keep_bos": r.keep_bos, "whole": True, "out": buf, "check": c not in r._checked}
-            # (`read_rows` is looked up at call time, so tests can wrap it)
-            reads.append((r._pool.submit(_READ, read_rows, r.store, r.site, c, **kw), (buf, start)))
+            kw = {"keep_bos": r.keep_bos, "check": c not in r._checked}
+            if r._on_device:
+                job = r._pool.submit(_READ, r._read_to_device, c, buf, **kw)
+            else:  # (`read_rows` is looked up at call time, so tests can wrap it)
+                job = r._pool.submit(_READ, read_rows, r.store, r.site, c, whole=True, out=buf, **kw)
+            reads.append((job, (buf, start)))
         self._reads[(epoch, j)] = reads
 
     def _wait(self, f: Future) -> Any:
@@ -711,7 +774,7 @@ class _Lane:
         local = rows - np.repeat(np.asarray(first, dtype=np.int64), sizes)
         starts = np.asarray([start for _, (_, start) in reads], np.int64)
         arena = self.r._arena_bits if (starts >= 0).all() else None
-        group = _Group([_bits(p.x) for p in parts], which, local, rows, arena, starts)
+        group = _Group([p.x if self.r._on_device else _bits(p.x) for p in parts], which, local, rows, arena, starts)
         # the buffers go back to the reader once no plan or gather uses the group
         weakref.finalize(group, self.r._recycle, [b for _, b in reads])
         return group
@@ -785,11 +848,14 @@ class _Lane:
                     o += take
                     w += take
                 pos = (plan.epoch, plan.phase, o) if o < len(plan.rows) else (*self._advance(plan.epoch, plan.phase), 0)
-                to_float = self.r._host_float32 and self.r.device.type != "cuda"
-                future = self.r._pool.submit(
-                    _GATHER, _gather, segments, pe - ps, self.r.store.dtype, to_float, self.r.device
-                )
-                if not self._put((future, pos)):
+                if self.r._on_device:
+                    job: Any = segments  # gathered on the device (`ChunkReader._to_device`)
+                else:
+                    to_float = self.r._host_float32 and self.r.device.type != "cuda"
+                    job = self.r._pool.submit(
+                        _GATHER, _gather, segments, pe - ps, self.r.store.dtype, to_float, self.r.device
+                    )
+                if not self._put((job, pos)):
                     return
         except _Stopped:
             return
@@ -839,6 +905,23 @@ def _scratch_rows(name: str, n: int, d: int, dtype: np.dtype) -> np.ndarray:
         buf = np.empty((n, d), dtype)
         setattr(_scratch, name, buf)
     return buf[:n]
+
+
+def _staging(rows: int, d: int, dtype: str, pinned: bool) -> tuple[torch.Tensor, Any]:
+    """This worker thread's next staging buffer for chunk uploads ([rows, d] of `dtype`, pinned for a GPU) and its
+    copy event. Two per thread take turns, so a decode overlaps the previous chunk's copy; a buffer is reused
+    only once its last copy is done."""
+    ring = getattr(_scratch, "staging", None)
+    if ring is None or ring[0][0].shape != (rows, d) or ring[0][0].dtype != getattr(torch, dtype):
+        ring = [[torch.empty(rows, d, dtype=getattr(torch, dtype), pin_memory=pinned), None] for _ in range(2)]
+        _scratch.staging, _scratch.turn = ring, 0
+    slot = ring[_scratch.turn]
+    _scratch.turn ^= 1
+    if slot[1] is None:
+        slot[1] = torch.cuda.Event() if pinned else None
+    elif pinned:
+        slot[1].synchronize()  # (releases the GIL)
+    return slot[0], slot[1]
 
 
 def _gather(
@@ -891,35 +974,67 @@ def _gather(
     return x, torch.from_numpy(rows)
 
 
+def _device_gather(segments: list[tuple[_Plan, int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows [a, b) of each segment's plan, in order, gathered from the chunks on the device (in the store's
+    dtype), and their store rows. One `index_select` from the arena (indices sent from pinned memory); plans with
+    a chunk outside it (no free slot) are gathered chunk by chunk."""
+    rows = torch.from_numpy(np.concatenate([plan.rows[a:b] for plan, a, b in segments]))
+    first = segments[0][0].sources[0]
+    if all(plan.arena is not None for plan, _, _ in segments):
+        arena = segments[0][0].arena
+        at = torch.from_numpy(np.concatenate([plan.at[a:b] for plan, a, b in segments]))
+        if arena.is_cuda:
+            at = at.pin_memory().to(arena.device, non_blocking=True)
+        return arena.index_select(0, at), rows
+    x = torch.empty(len(rows), first.shape[1], dtype=first.dtype, device=first.device)
+    o = 0
+    for plan, a, b in segments:
+        which, local = plan.which[a:b], plan.local[a:b]
+        for k in np.unique(which):
+            sel = np.flatnonzero(which == k)
+            to = torch.from_numpy(sel + o).to(first.device)
+            x.index_copy_(0, to, plan.sources[k].index_select(0, torch.from_numpy(local[sel]).to(first.device)))
+        o += b - a
+    return x, rows
+
+
 # -- to the GPU ----------------------------------------------------------------------------------------------
 
 
 class CudaFeed:
-    """Host batches to a GPU ahead of the step. A thread copies each pinned batch to the device with a
-    non_blocking copy on a side stream, `depth` batches ahead (double-buffered at the default 2), so copies
-    overlap the step; the consumer's stream waits for a copy through its event (no host synchronisation) and
-    converts the batch to float32 on the device."""
+    """Batches to a GPU ahead of the step. A thread takes each batch the host prepared (`source`: a part and
+    what to hand on with it) and has `move` put it on the device on a side stream: a non_blocking copy of a
+    pinned batch, or a gather from chunks already there. It runs `depth` batches ahead (double-buffered at the
+    default 2), so this overlaps the step; the consumer's stream waits for it through its event (no host
+    synchronisation) and converts the batch to float32 on the device."""
 
     def __init__(
-        self, source: Callable[[], tuple[torch.Tensor, torch.Tensor, Any]], device: torch.device, depth: int = 2
+        self,
+        source: Callable[[], tuple[Any, Any]],
+        move: Callable[[Any], tuple[torch.Tensor, torch.Tensor]],
+        device: torch.device,
+        stream: torch.cuda.Stream | None = None,
+        depth: int = 2,
     ):
         # an explicit index: the copy thread selects the device, and set_device refuses a bare "cuda"
         self.device = torch.device("cuda", device.index if device.index is not None else torch.cuda.current_device())
-        self._stream = torch.cuda.Stream(self.device)
+        self._move = move
+        self._stream = stream if stream is not None else torch.cuda.Stream(self.device)
         self._q: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(source,), name="sae-h2d", daemon=True)
         self._thread.start()
 
-    def _run(self, source: Callable[[], tuple[torch.Tensor, torch.Tensor, Any]]) -> None:
+    def _run(self, source: Callable[[], tuple[Any, Any]]) -> None:
         try:
             torch.cuda.set_device(self.device)
             while not self._stop.is_set():
-                x, rows, pos = source()
+                part, pos = source()
                 with torch.cuda.stream(self._stream):
-                    xd = x.to(self.device, non_blocking=True)
+                    xd, rows = self._move(part)
                     done = torch.cuda.Event()
                     done.record(self._stream)
+                del part  # (a gathered part's arena slots may be reused now: later work on the stream follows it)
                 if not self._put((xd, rows, pos, done)):
                     return
         except BaseException as exc:
