@@ -6,9 +6,9 @@ B=4,096 by default).
 On the device it measures, in interleaved rounds:
   gemm        the encoder GEMM ([B, d] × [d, F]) alone in fp32, TF32 and bf16: the FLOP limit of each mode
   step        our BatchTopK training step on batches already on the device, in fp32, TF32 and bf16 autocast
-  reader      the shuffled reader alone onto the device (a `--codec none` store: bf16 batches gathered into
-              pinned memory and copied; a Blosc store of the same Gaussian rows: chunks decoded, copied whole to
-              an arena on the device and gathered there), with as many worker threads as the machine has cores
+  reader      the shuffled reader alone onto the device (Blosc and `--codec none` stores of the same Gaussian
+              rows: chunks decoded or copied, copied whole to an arena on the device and gathered there), with as
+              many worker threads as the machine has cores
   train       step + reader together, from each store: tokens/s, and the fraction of the step time spent
               waiting for data
 and writes the "GPU" section of docs/benchmarks.md. Without CUDA it says so and exits (status 1), measuring nothing.
@@ -49,12 +49,6 @@ PEAKS = {
     "A100 SXM": {"fp32": 19.5e12, "tf32": 156e12, "bf16": 312e12},
 }
 MODES = ("fp32", "tf32", "bf16")
-
-
-class Bf16Reader(ChunkReader):
-    """The reader as the GPU trainer uses it, kept in the store's dtype on the host (see `_host_float32`)."""
-
-    _host_float32 = False
 
 
 def per_row_flops(d: int, f: int, k: int, b: int) -> float:
@@ -134,7 +128,7 @@ def gpu_main(args: argparse.Namespace) -> None:
             torch.manual_seed(0)
             runs[mode] = make_run(cfg, point, d, device, scale, stats.variance * scale**2)
         lr = runs["fp32"].lr
-        with Bf16Reader(store, site, batch_size=b, device="cuda", seed=1, threads=threads) as feed:
+        with ChunkReader(store, site, batch_size=b, device="cuda", seed=1, threads=threads) as feed:
             x0 = feed.next_batch().x * scale
             for r in runs.values():
                 r.sae.init_from_sample(x0)
@@ -157,10 +151,10 @@ def gpu_main(args: argparse.Namespace) -> None:
                     out[f"gemm/{mode}"] = 2 * b * d * f / cuda_time(lambda: torch.mm(a, w), 20)
                 it = iter(range(10**9))
                 out[f"step/{mode}"] = b / cuda_time(lambda m=mode, it=it: step(m, batches[next(it) % 4]), args.steps)
-                # step + reader: the trainer's loop as it runs (reader on the cores, copies and, from Blosc, the
-                # gathers from the device arena on a side stream)
+                # step + reader: the trainer's loop as it runs (reader on the cores; uploads and the gathers from
+                # the device arena on a side stream)
                 for codec, p in paths.items():
-                    with Bf16Reader(Store.open(p), site, batch_size=b, device="cuda", seed=rnd,
+                    with ChunkReader(Store.open(p), site, batch_size=b, device="cuda", seed=rnd,
                                     threads=threads) as r:  # fmt: skip
                         r.next_batch()
                         torch.cuda.synchronize()
@@ -173,7 +167,7 @@ def gpu_main(args: argparse.Namespace) -> None:
                         out[f"wait/{codec}/{mode}"] = (r.wait_seconds - waited) / total
             for codec, p in paths.items():
                 out[f"reader/{codec}"] = reader_rate(
-                    Store.open(p), Bf16Reader, b, args.reader_batches, threads, "cuda"
+                    Store.open(p), ChunkReader, b, args.reader_batches, threads, "cuda"
                 )[0]
             if rnd:
                 for key, v in out.items():
@@ -230,10 +224,9 @@ def projection_main(args: argparse.Namespace) -> None:
         for rnd in range(args.rounds + 1):
             print(f"round {rnd}/{args.rounds}", file=sys.stderr)
             for codec, p in paths.items():
-                # one worker thread: the rows/s one core gives (the host's work for a GPU: bf16 batches gathered on
-                # the host from `--codec none`; decode and upload to the device arena from Blosc)
-                cls = DeviceArenaHost if codec == "blosc-zstd" else Bf16Reader
-                wall, cpu = reader_rate(Store.open(p), cls, b, args.reader_batches, 1, "cpu")
+                # one worker thread: the rows/s one core gives, doing the host's work for a GPU (chunks decoded or
+                # copied, and uploaded to the device arena)
+                wall, cpu = reader_rate(Store.open(p), DeviceArenaHost, b, args.reader_batches, 1, "cpu")
                 if rnd:
                     res.setdefault(codec, []).append(cpu)
                     res.setdefault(f"{codec}/wall", []).append(wall)
@@ -249,9 +242,9 @@ def projection_main(args: argparse.Namespace) -> None:
         "datasheet dense peak would consume peak / FLOP-per-row rows per second: an upper bound (the GEMM reaches "
         "perhaps 60-80 % of peak, and top-k, Adam and the sparse products add time). Reader rows/s per core: "
         "rows per CPU second (all threads of the process) of the reader with one worker thread on this machine, "
-        "doing the host's work for a GPU (`--codec none`: bf16 batches gathered on the host; Blosc: chunks decoded "
-        "and copied to the device arena, here a memcpy, the gather there left out), from a freshly opened store "
-        "(every chunk scanned for NaN/Inf), medians "
+        "doing the host's work for a GPU (each chunk decoded, or copied from the mapped file if raw, then copied "
+        "to the device arena: here a memcpy standing in for the DMA; the gather there left out), from a freshly "
+        "opened store (every chunk scanned for NaN/Inf), medians "
         f"of {args.rounds} rounds of {args.reader_batches} batches after the first; CPU time, not wall time, because "
         f"this box is shared: {machine()}; 1-min load average {load:.1f}.",
         "",

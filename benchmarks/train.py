@@ -20,7 +20,7 @@ Without --store it writes a small store of Gaussian rows with SmolLM2-like norms
 measures the reader alone instead ("Reader" section): the same Gaussian rows stored with Blosc and with
 `--codec none`, the reader at 1, 2, 4 (and up to the core count) threads beside the raw limits, Blosc decode of
 the mapped chunks on as many threads and memcpy, interleaved in the same rounds, and the host's share of a GPU
-reader from the Blosc store (decode and upload to its device arena; the gather there is left out).
+reader from each store (decode or copy, and upload to its device arena; the gather there is left out).
 """
 
 from __future__ import annotations
@@ -380,7 +380,7 @@ def reader_main(args: argparse.Namespace) -> None:
     threads = [int(t) for t in args.reader_threads.split(",")] if args.reader_threads else sorted({1, 2, 4, cores})
     d, b, n_rows = args.d, args.batch_size, 32 * 8192
     variants = [("blosc-zstd", ChunkReader), ("blosc-zstd", Bf16Reader), ("blosc-zstd", DeviceArenaHost)]
-    variants += [("none", ChunkReader), ("none", Bf16Reader)]
+    variants += [("none", ChunkReader), ("none", Bf16Reader), ("none", DeviceArenaHost)]
     with tempfile.TemporaryDirectory() as tmp:
         print("writing two Gaussian stores ...", file=sys.stderr)
         paths = {c: gaussian_store(Path(tmp) / f"{c}.zarr", d, n_rows, codec=c) for c in ("blosc-zstd", "none")}
@@ -455,7 +455,7 @@ def reader_main(args: argparse.Namespace) -> None:
     ]  # fmt: skip
     for codec, cls in variants:
         out = {ChunkReader: "float32 batches", Bf16Reader: "bf16 batches gathered on the host"}.get(
-            cls, "the host's share with a device arena (GPU: decode and upload; the gather is the GPU's)"
+            cls, "the host's share of a GPU reader (chunks to a device arena, gathered there)"
         )
         for n in threads:
             key = f"{codec}/{cls.__name__}/{n}"
@@ -489,15 +489,15 @@ def reader_main(args: argparse.Namespace) -> None:
             "every chunk scanned for NaN/Inf, the reader's arena of chunk slots faulted in), then "
             f"{args.reader_batches} batches of the later epochs (the *rows/s* column, which the ratios use). A "
             "store many times the buffer behaves like the later epochs plus the scan. Float32 batches are what "
-            "the CPU trainer gets (the bf16→fp32 "
-            "conversion happens in the reader's workers); bf16 batches gathered on the host are what goes to a "
-            "GPU from a `--codec none` store (pinned there), converted on the device. From a Blosc store a GPU "
-            "reader instead copies each decoded chunk whole into an arena on the device and gathers the batches "
-            "there: its rows run that path on the CPU (`DeviceArenaHost` in benchmarks/common.py), with a memcpy "
-            "into the arena standing in for the DMA and the gather (the GPU's work) left out, so they are the "
-            "host's share of feeding a GPU. The raw limits run in the same rounds: Blosc decoding whole chunks "
-            "from the mapped shard bytes into preallocated buffers on n threads at once, and a memcpy of the raw "
-            f"store's chunks. Medians of {args.rounds} interleaved rounds. Machine: {machine()}; 1-min load "
+            "the CPU trainer gets (the bf16→fp32 conversion happens in the reader's workers); bf16 batches "
+            "gathered on the host are the host gather alone. A GPU reader instead copies each chunk whole "
+            "(decoded, or copied from the mapped file if raw) into an arena on the device and gathers the "
+            "batches there: the *host's share* rows run that path on the CPU (`DeviceArenaHost` in "
+            "benchmarks/common.py), with a memcpy into the arena standing in for the DMA (which costs the host "
+            "no cycles) and the gather (the GPU's work) left out. The raw limits run in the same rounds: Blosc "
+            "decoding whole chunks from the mapped shard bytes into preallocated buffers on n threads at once, "
+            f"and a memcpy of the raw store's chunks. Medians of {args.rounds} interleaved rounds. Machine: "
+            f"{machine()}; 1-min load "
             f"average at the end {load:.1f}.",
             "",
             "| what | threads | rows/s | first epoch rows/s | rows per CPU s | ratio |",

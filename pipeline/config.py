@@ -213,7 +213,8 @@ class TrainConfig:
     """Gradient-norm clipping."""
 
     buffer_mb: int = 1024
-    """Shuffle buffer size in MB of stored activations, per reader lane (at least 32 chunks are held)."""
+    """Shuffle buffer size in MB of stored activations, per reader lane (at least 32 chunks are held). On a GPU the
+    chunks live in an arena on the device: twice this in GPU memory."""
 
     reader_lanes: int | None = None
     """Seeded read streams over disjoint sets of chunks; each global batch takes equal parts from all of them.

@@ -312,14 +312,15 @@ class _DeviceArena(ChunkReader):
     _device_arena = True  # what a GPU reader does with decoded chunks, here on the CPU
 
 
-@pytest.mark.parametrize("case", ["bfloat16", "float16", "float32", "two raw sites"])
+@pytest.mark.parametrize("case", ["bfloat16", "float16", "float32", "raw", "two raw sites"])
 def test_device_arena_gives_the_host_stream(tmp_path, monkeypatch, case):
-    # For a GPU, decoded chunks are copied whole into an arena on the device and each batch is gathered there
-    # (tests/test_cuda.py runs it on CUDA); here that path runs on the CPU. It gives the host gather's stream: the
+    # For a GPU, chunks (decoded, or raw ones copied from the mapped file) go whole into an arena on the device and
+    # each batch is gathered there (test_cuda_batches_are_the_cpu_stream runs it on CUDA); here that path runs on
+    # the CPU. It gives the host gather's stream: the
     # same rows in the same order, from the arena, from chunks outside it (no free slot), in lanes, after a restore.
     sites = ("blocks.0.ln2.hook_normalized", "blocks.0.hook_mlp_out") if case == "two raw sites" else (SITE,)
     kw = dict(n_contexts=60, chunk_rows=16, shard_chunks=4, sites=sites)
-    if case == "two raw sites":
+    if case in ("raw", "two raw sites"):
         kw["codec"] = "none"
     else:
         kw["dtype"] = case
@@ -363,9 +364,9 @@ def test_device_arena_gives_the_host_stream(tmp_path, monkeypatch, case):
 @pytest.mark.cuda
 @pytest.mark.parametrize("codec", ["blosc-zstd", "none"])
 def test_cuda_batches_are_the_cpu_stream(tmp_path, monkeypatch, codec):
-    # On CUDA, Blosc chunks are copied whole to an arena on the GPU and batches are gathered there, on the side
-    # stream that also carries the uploads; raw chunks are gathered on the host into pinned memory and copied.
-    # Either way the batches are the CPU reader's, bit for bit and in order, as float32 on the GPU. Over 3 epochs
+    # On CUDA, chunks (decoded, or raw ones copied from the mapped file) go whole to an arena on the GPU and the
+    # batches are gathered there, on the side stream that also carries the uploads. The batches are the CPU
+    # reader's, bit for bit and in order, as float32 on the GPU. Over 3 epochs
     # every slot is rewritten many times, so a gather that ran after its slot's next upload would show.
     st = Store.open(make_store(tmp_path / "s.zarr", codec=codec, n_contexts=100, chunk_rows=32, shard_chunks=4))
     for groups, lanes in ((reader_mod.ARENA_GROUPS, 1), (reader_mod.ARENA_GROUPS, 2), (1, 1)):
@@ -375,7 +376,7 @@ def test_cuda_batches_are_the_cpu_stream(tmp_path, monkeypatch, codec):
             x1, rows1 = _take(r, 70)
         with _reader(st, device="cuda", **kw) as r:
             batches = [r.next_batch() for _ in range(70)]
-            assert r._on_device == (codec != "none")
+            assert r._on_device
         assert all(b.x.is_cuda and b.x.dtype == torch.float32 for b in batches)
         assert torch.equal(torch.cat([b.rows for b in batches]), rows1)
         assert torch.equal(torch.cat([b.x for b in batches]).cpu(), x1)

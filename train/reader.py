@@ -26,9 +26,10 @@ buffers. A pool of `threads` workers does the heavy work in numpy and Blosc, wit
 (decoding, dropping BOS rows, rejecting non-finite rows) and gathering each batch's rows straight from the chunks
 (no phase buffer between the chunks and the batch). A gather runs before any chunk read, so prepared batches stay
 ahead of the trainer while the next group is read. A lane's assembler thread only plans: which chunks to read and
-the permutations that say which row goes where. On CPU the workers deliver float32 batches; for a GPU they fill
-pinned buffers in the store's dtype, which a copy thread moves to the device on a side stream (non_blocking, two
-batches ahead of the step), where they become float32.
+the permutations that say which row goes where. On CPU the workers deliver float32 batches. For a GPU the chunks
+go whole to an arena on the device instead (decoded, or copied if raw, into pinned staging, then copied
+non_blocking on a side stream), and a copy thread gathers each batch there, two batches ahead of the step, where
+it becomes float32: the host's cores only decode or copy sequentially.
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ AHEAD = 4  # batches each lane prepares ahead of the trainer
 ARENA_GROUPS = 4  # groups of a lane the arena holds: the most that are alive at once
 _SPLIT, _PHASE, _ORDER, _LANES = 0, 1, 2, 3  # RNG stream tags
 _GATHER, _READ = 0, 1  # worker job priorities: a batch gather runs before a chunk read
+_NONE = np.zeros(0, np.int64)
 _CHECK_BLOCK = 1024  # rows per block of the non-finite scan (a block stays in cache)
 # The stored bits of each dtype: the unsigned view, the exponent mask (all ones = Inf/NaN), the magnitude mask.
 _BITS = {
@@ -203,14 +205,15 @@ class ChunkReader:
 
     The buffer is `buffer_mb` of stored activations per lane, at least 32 chunks. With the next group being read,
     each lane holds up to about one and a half times that in memory (for a `--codec none` store these are views
-    of the page cache, shared with the other processes reading the store). `threads` workers read and gather
-    (default: `default_threads()`); with `device` a GPU, batches reach it through a `CudaFeed`.
+    of the page cache, shared with the other processes reading the store; for a GPU the chunks live in an arena
+    on the device, twice `buffer_mb`). `threads` workers read and gather (default: `default_threads()`);
+    with `device` a GPU, batches reach it through a `CudaFeed`.
     """
 
     _host_float32 = True  # CPU batches become float32 in the workers (benchmarks/train.py turns it off to time
     # the bf16 batches a GPU receives)
-    _device_arena: bool | None = None  # None: decoded chunks go to an arena on the device when it is a GPU (see
-    # `_on_device`); True also on the CPU (the tests' check of that path, benchmarks' timing of its host work)
+    _device_arena = False  # True: the GPU's path (chunks to an arena on the device, gathered there) on the CPU,
+    # for the tests' check of it and the benchmarks' timing of its host work
 
     def __init__(
         self,
@@ -292,15 +295,14 @@ class ChunkReader:
         # being drawn, one that queued batches may still use, one being read: ARENA_GROUPS); past that a chunk
         # gets a buffer of its own.
         self._decode = len(sites) > 1 or mapped is None or not mapped.raw
-        # On a GPU the decoded chunks themselves go to the device (a worker decodes into pinned staging and a DMA
-        # copies the whole chunk), and each batch is one gather there: the host's cores only decode. The arena
-        # then takes GPU memory: ARENA_GROUPS groups, i.e. twice `buffer_mb` per lane. Raw chunks stay views of
-        # the page cache, gathered on the host (a gather is as cheap as the copy to pinned memory they would need).
-        auto = self.device.type == "cuda"
-        self._on_device = self._decode and (auto if self._device_arena is None else self._device_arena)
+        # On a GPU the chunks themselves go to the device (a worker decodes a chunk, or copies a raw one, into
+        # pinned staging, and a DMA copies it whole), and each batch is one gather there: the host's cores only
+        # decode or copy sequentially, several times faster than gathering rows at random. The arena then takes
+        # GPU memory: ARENA_GROUPS groups, i.e. twice `buffer_mb` per lane.
+        self._on_device = self.device.type == "cuda" or self._device_arena
         # The side stream of chunk uploads and batch gathers: its order keeps a slot's rewrite after the gathers
         # that read its last chunk (a slot is freed only once those are enqueued).
-        self._stream = torch.cuda.Stream(self.device) if self._on_device and auto else None
+        self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self._storage = np.dtype(np.uint16 if _itemsize(store.dtype) == 2 else np.float32)  # stored numpy dtype
         if store.dtype == "float16":
             self._storage = np.dtype(np.float16)
@@ -437,9 +439,9 @@ class ChunkReader:
 
     def _host_batch(self) -> tuple[Any, dict[int, tuple[int, int, int]]]:
         """This rank's part of the next global batch as the host prepares it, and the lanes' positions after it.
-        The part is (rows on the host, their store rows): float32 on CPU; pinned, in the store's dtype, for a GPU.
-        With a device arena it is the lanes' segments instead, which `_to_device` gathers there (they keep their
-        groups, so the arena slots they read, in use until the gather is enqueued)."""
+        The part is (rows on the host, their store rows), or with a device arena (a GPU) the lanes' segments, which
+        `_to_device` gathers there (they keep their groups, so the arena slots they read, in use until the gather is
+        enqueued)."""
         parts, pos = [], {}
         for i, lane in self._lanes.items():
             part, pos[i] = lane.next()
@@ -449,15 +451,11 @@ class ChunkReader:
         if len(parts) == 1:
             return parts[0], pos
         xs, ids = [x for x, _ in parts], [rows for _, rows in parts]
-        out = torch.empty(sum(len(x) for x in xs), xs[0].shape[1], dtype=xs[0].dtype, pin_memory=xs[0].is_pinned())
-        return (torch.cat(xs, out=out), torch.cat(ids)), pos
+        return (torch.cat(xs), torch.cat(ids)), pos
 
     def _to_device(self, part: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """A `_host_batch` part as rows on the device (on a GPU: called on the side stream) and their store rows."""
-        if self._on_device:
-            return _device_gather(part)
-        x, rows = part
-        return (x.to(self.device, non_blocking=True) if self.device.type == "cuda" else x), rows
+        return _device_gather(part) if self._on_device else part
 
     def _side_stream(self) -> contextlib.AbstractContextManager:
         """The context for work on the device arena: the device and the side stream (nothing on the CPU)."""
@@ -469,14 +467,19 @@ class ChunkReader:
         return stack
 
     def _read_to_device(self, c: int, dest: torch.Tensor, **kw: Any) -> Rows:
-        """`read_rows` of chunk c into this worker's staging buffer, then the whole chunk copied to `dest` on the
-        device (non_blocking on the side stream from pinned memory on a GPU); `x` is `dest`."""
+        """`read_rows` of chunk c into this worker's staging buffer (a raw chunk, a view of the mapped file, is
+        copied there), then the whole chunk copied to `dest` on the device (non_blocking on the side stream from
+        pinned memory on a GPU; a numpy copy on the CPU); `x` is `dest`."""
         stage, done = _staging(self.store.chunk_rows, self.width, self.store.dtype, self._stream is not None)
         got = read_rows(self.store, self.site, c, whole=True, out=_bits(stage).view(self._storage), **kw)
         n = len(got.x)
-        with self._side_stream():
-            dest[:n].copy_(stage[:n], non_blocking=self._stream is not None)
-            if self._stream is not None:
+        if got.x.data_ptr() != stage.data_ptr():  # (numpy: no second OpenMP team beside the trainer's)
+            np.copyto(_bits(stage[:n]), _bits(got.x))
+        if self._stream is None:
+            np.copyto(_bits(dest[:n]), _bits(stage[:n]))
+        else:
+            with self._side_stream():
+                dest[:n].copy_(stage[:n], non_blocking=True)
                 done.record(self._stream)
         return Rows(dest[:n], got.rows)
 
@@ -484,7 +487,7 @@ class ChunkReader:
         """A buffer to decode one chunk into (a tensor on the device with a device arena) and its first row in the
         arena: a free arena slot, or (none free) a buffer of its own with -1; (None, -1) for raw chunks, views of
         the mapped file."""
-        if not self._decode:
+        if not self._decode and not self._on_device:
             return None, -1
         rows = self.store.chunk_rows
         with self._free_lock:
@@ -658,8 +661,8 @@ class _Plan(NamedTuple):
     epoch: int
     phase: int
     sources: list[np.ndarray]  # the chunks of G[phase-1] then G[phase]
-    which: np.ndarray
-    local: np.ndarray
+    which: np.ndarray | None  # each row's chunk (an index into `sources`); None when `at` is set
+    local: np.ndarray | None  # its row in that chunk; None when `at` is set
     rows: np.ndarray
     groups: tuple[_Group, ...]  # kept alive (their buffers unrecycled) while batches are cut from the plan
     arena: np.ndarray | None  # the one array every source lies in, if there is one (then `at` is set)
@@ -694,8 +697,8 @@ class _Lane:
 
     def next(self) -> tuple[Any, tuple[int, int, int]]:
         """This rank's part of the lane's next batch, and the lane's (epoch, phase, offset) after it. The part is
-        (its rows: float32 on CPU, or pinned in the store's dtype; their store rows), or with a device arena the
-        segments of plans it is cut from."""
+        (its rows, float32 unless `_host_float32` is off, and their store rows), or with a device arena the segments
+        of plans it is cut from."""
         while True:
             try:
                 item = self._ready.get(timeout=0.1)
@@ -794,27 +797,23 @@ class _Lane:
             h1, h2 = self._split(epoch, j, g)
             first, second = (g, h1), (g, h2)
         halves = [h for h in (leftover, first) if h is not None]
-        sources: list[np.ndarray] = []
-        which, local, rows, at = [], [], [], []
-        for grp, idx in halves:
-            which.append(grp.which[idx] + len(sources))
-            local.append(grp.local[idx])
-            rows.append(grp.rows[idx])
-            at.append(grp.at[idx] if grp.at is not None else None)
-            sources.extend(grp.chunks)
-        n = sum(len(idx) for _, idx in halves)
-        perm = self._rng(epoch, j, _PHASE).permutation(n) if n else np.zeros(0, np.int64)
-        cat = [np.concatenate(a)[perm] if a else np.zeros(0, np.int64) for a in (which, local, rows)]
-        one = halves[0][0].arena if halves and all(h[0].arena is not None for h in halves) else None
-        plan = _Plan(
-            epoch,
-            j,
-            sources,
-            *cat,
-            tuple(h[0] for h in halves),
-            one,
-            np.concatenate(at)[perm] if one is not None else None,
-        )
+        groups = tuple(grp for grp, _ in halves)
+        sources = [c for grp in groups for c in grp.chunks]
+        # The drawn order as indices into the groups' rows laid end to end, so each field is one gather.
+        ends = np.cumsum([0] + [len(grp.rows) for grp in groups])
+        idx = np.concatenate([h + e for (_, h), e in zip(halves, ends, strict=False)]) if halves else _NONE
+        src = idx[self._rng(epoch, j, _PHASE).permutation(len(idx))] if len(idx) else _NONE
+
+        def field(name: str, shift: np.ndarray | None = None) -> np.ndarray:
+            parts = [getattr(grp, name) + (shift[i] if shift is not None else 0) for i, grp in enumerate(groups)]
+            return np.concatenate(parts)[src] if parts else _NONE
+
+        one = groups[0].arena if groups and all(grp.arena is not None for grp in groups) else None
+        if one is not None:  # each batch is one gather from the arena: no chunk-by-chunk fields needed
+            plan = _Plan(epoch, j, sources, None, None, field("rows"), groups, one, field("at"))
+        else:
+            which = field("which", np.cumsum([0] + [len(grp.chunks) for grp in groups]))
+            plan = _Plan(epoch, j, sources, which, field("local"), field("rows"), groups, None, None)
         return plan, second
 
     # -- background work -------------------------------------------------------------------------------------
@@ -851,10 +850,8 @@ class _Lane:
                 if self.r._on_device:
                     job: Any = segments  # gathered on the device (`ChunkReader._to_device`)
                 else:
-                    to_float = self.r._host_float32 and self.r.device.type != "cuda"
-                    job = self.r._pool.submit(
-                        _GATHER, _gather, segments, pe - ps, self.r.store.dtype, to_float, self.r.device
-                    )
+                    dtype, to_float = self.r.store.dtype, self.r._host_float32
+                    job = self.r._pool.submit(_GATHER, _gather, segments, pe - ps, dtype, to_float)
                 if not self._put((job, pos)):
                     return
         except _Stopped:
@@ -925,18 +922,15 @@ def _staging(rows: int, d: int, dtype: str, pinned: bool) -> tuple[torch.Tensor,
 
 
 def _gather(
-    segments: list[tuple[_Plan, int, int]], n: int, dtype: str, to_float: bool, device: torch.device
+    segments: list[tuple[_Plan, int, int]], n: int, dtype: str, to_float: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows [a, b) of each segment's plan, in order: gathered chunk by chunk into this thread's staging rows, put
-    in drawn order, and converted to float32 (`to_float`) or left in the store's dtype (pinned for a GPU). numpy
-    only, so the GIL is released while rows move."""
+    """Rows [a, b) of each segment's plan, in order, on the host: gathered chunk by chunk into this thread's staging
+    rows, put in drawn order, and converted to float32 (`to_float`) or left in the store's dtype. numpy only, so
+    the GIL is released while rows move."""
     d = segments[0][0].sources[0].shape[1]
     bits_dtype = np.dtype(_BITS[dtype][0])
-    if not to_float:  # in the store's dtype (pinned for a GPU: the copy thread moves it, the device converts it)
-        if device.type == "cuda":  # (torch's pinned-memory allocator recycles its blocks itself)
-            x = torch.empty(n, d, dtype=getattr(torch, dtype), pin_memory=True)
-        else:
-            x = _batch_tensor(n, d, getattr(torch, dtype))
+    if not to_float:  # in the store's dtype
+        x = _batch_tensor(n, d, getattr(torch, dtype))
         out = _bits(x)
     else:
         x = _batch_tensor(n, d, torch.float32)
@@ -946,12 +940,12 @@ def _gather(
     o = 0
     for plan, a, b in segments:
         m = b - a
-        which, local = plan.which[a:b], plan.local[a:b]
         rows[o : o + m] = plan.rows[a:b]
         if plan.arena is not None:  # one copy, straight into drawn order
             np.take(plan.arena, plan.at[a:b], axis=0, out=out[o : o + m], mode="clip")
             o += m
             continue
+        which, local = plan.which[a:b], plan.local[a:b]
         order = np.argsort(which, kind="stable")
         counts = np.bincount(which, minlength=len(plan.sources))
         local = local[order]
@@ -989,11 +983,14 @@ def _device_gather(segments: list[tuple[_Plan, int, int]]) -> tuple[torch.Tensor
     x = torch.empty(len(rows), first.shape[1], dtype=first.dtype, device=first.device)
     o = 0
     for plan, a, b in segments:
-        which, local = plan.which[a:b], plan.local[a:b]
-        for k in np.unique(which):
-            sel = np.flatnonzero(which == k)
-            to = torch.from_numpy(sel + o).to(first.device)
-            x.index_copy_(0, to, plan.sources[k].index_select(0, torch.from_numpy(local[sel]).to(first.device)))
+        if plan.arena is not None:
+            x[o : o + b - a] = plan.arena.index_select(0, torch.from_numpy(plan.at[a:b]).to(first.device))
+        else:
+            which, local = plan.which[a:b], plan.local[a:b]
+            for k in np.unique(which):
+                sel = np.flatnonzero(which == k)
+                to = torch.from_numpy(sel + o).to(first.device)
+                x.index_copy_(0, to, plan.sources[k].index_select(0, torch.from_numpy(local[sel]).to(first.device)))
         o += b - a
     return x, rows
 
@@ -1003,8 +1000,8 @@ def _device_gather(segments: list[tuple[_Plan, int, int]]) -> tuple[torch.Tensor
 
 class CudaFeed:
     """Batches to a GPU ahead of the step. A thread takes each batch the host prepared (`source`: a part and
-    what to hand on with it) and has `move` put it on the device on a side stream: a non_blocking copy of a
-    pinned batch, or a gather from chunks already there. It runs `depth` batches ahead (double-buffered at the
+    what to hand on with it) and has `move` put it on the device on a side stream (the reader's: a gather from the
+    chunks already there). It runs `depth` batches ahead (double-buffered at the
     default 2), so this overlaps the step; the consumer's stream waits for it through its event (no host
     synchronisation) and converts the batch to float32 on the device."""
 
