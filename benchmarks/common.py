@@ -38,11 +38,14 @@ def write_section(doc: Path, heading: str, section: str, title: str = "Benchmark
 
 
 class DeviceArenaHost(ChunkReader):
-    """The host's share of a GPU reader with a device arena, run on the CPU: chunks decoded into staging and copied
-    into the arena (here a memcpy, standing in for the DMA, which costs the host no cycles) and batches planned.
-    The gather from the arena, the GPU's work, is left out: a batch is the arena rows it would gather."""
+    """The host's share of a GPU reader, run on the CPU: chunks decoded (or copied, if raw) into staging and batches
+    planned. The copy to the device arena (a DMA, which costs the host no cycles) and the gather there (the GPU's
+    work) are left out: a batch is the arena rows it would gather."""
 
     _device_arena, _host_float32 = True, False
+
+    def _upload(self, dest: torch.Tensor, stage: torch.Tensor, done: Any) -> None:
+        pass  # a GPU's DMA engine makes this copy: no host cycles (and the arena is never gathered from here)
 
     def _to_device(self, part: Any) -> tuple[torch.Tensor, torch.Tensor]:
         if any(plan.at is None for plan, _, _ in part):

@@ -61,13 +61,13 @@ def cmd_line() -> str:
 
 
 def reader_rate(store: Store, cls: type, b: int, batches: int, threads: int, device: str) -> tuple[float, float]:
-    """Sustained rows/s of a reader over `store` (after its first batch), and rows per CPU second of the process
-    (all its threads) meanwhile."""
+    """Rows/s of a reader over `store` from its start (every chunk read and scanned for NaN/Inf) through about
+    `batches` batches rounded to whole epochs, and rows per CPU second of the process (all its threads) meanwhile.
+    Conservative: the start and the reading ahead into the next epoch are counted."""
+    t0, c0 = time.perf_counter(), time.process_time()
     with cls(store, store.sites[0], batch_size=b, threads=threads, buffer_mb=0, device=device) as r:
-        r.next_batch()
-        if device != "cpu":
-            torch.cuda.synchronize()
-        t0, c0 = time.perf_counter(), time.process_time()
+        epoch = -(-r.train_rows // b)
+        batches = epoch * max(1, round(batches / epoch))
         for _ in range(batches):
             x = r.next_batch().x
         if device != "cpu":
@@ -242,10 +242,11 @@ def projection_main(args: argparse.Namespace) -> None:
         "datasheet dense peak would consume peak / FLOP-per-row rows per second: an upper bound (the GEMM reaches "
         "perhaps 60-80 % of peak, and top-k, Adam and the sparse products add time). Reader rows/s per core: "
         "rows per CPU second (all threads of the process) of the reader with one worker thread on this machine, "
-        "doing the host's work for a GPU (each chunk decoded, or copied from the mapped file if raw, then copied "
-        "to the device arena: here a memcpy standing in for the DMA; the gather there left out), from a freshly "
-        "opened store (every chunk scanned for NaN/Inf), medians "
-        f"of {args.rounds} rounds of {args.reader_batches} batches after the first; CPU time, not wall time, because "
+        "doing the host's work for a GPU (each chunk decoded, or copied from the mapped file if raw, into pinned "
+        "staging; the DMA to the device arena and the gather there cost the host no cycles and are left out), "
+        "from a freshly opened store (every chunk scanned for NaN/Inf), medians "
+        f"of {args.rounds} rounds of about {args.reader_batches} batches (whole epochs) from the reader's start; CPU "
+        "time, not wall time, because "
         f"this box is shared: {machine()}; 1-min load average {load:.1f}.",
         "",
         "| GPU, mode | peak TFLOP/s | rows/s consumed (upper bound) | cores to feed it, `--codec none` | "

@@ -4,9 +4,10 @@
 
 Gaussian store as in `benchmarks/train.py --reader` (32 chunks of 8192 rows, d = 576, bfloat16). The reader's
 functions are wrapped to sum their thread CPU time; each round opens the store afresh, draws `--warm` batches of
-4096 rows (the first epoch: arena filled, chunks scanned), then times `--batches` batches. Each figure is that
-function's CPU time over the wall time (decode is part of read). `--device-arena`: the host's share of a GPU
-reader with a device arena (see `DeviceArenaHost` in common.py: decode and upload, no host gather).
+4096 rows (the first epoch: arena filled, chunks scanned), then times `--batches` batches (two epochs: whole
+epochs start and end at the same point of the reading ahead). Each figure is that function's CPU time over the
+wall time (decode is part of read). `--device-arena`: the host's share of a GPU reader with a device arena (see
+`DeviceArenaHost` in common.py: decode or copy into staging; no gather).
 """
 
 from __future__ import annotations
@@ -46,8 +47,8 @@ def main() -> None:
     ap.add_argument("--float32", action="store_true", help="float32 batches (the CPU trainer's), not bf16")
     ap.add_argument("--device-arena", action="store_true", help="the host's share with a device arena")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--warm", type=int, default=70)
-    ap.add_argument("--batches", type=int, default=120)
+    ap.add_argument("--warm", type=int, default=64)
+    ap.add_argument("--batches", type=int, default=128)
     args = ap.parse_args()
     reader_mod._gather = timed("gather", reader_mod._gather)
     reader_mod.read_rows = timed("read", reader_mod.read_rows)

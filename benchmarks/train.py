@@ -427,11 +427,17 @@ def reader_main(args: argparse.Namespace) -> None:
             # the first epoch of a run.
             # The first epoch fills the reader's arena (fresh pages) and scans each chunk for NaN/Inf; later epochs
             # reuse both. A store much larger than the buffer is mostly like the later epochs plus the scan.
+            w0, c0 = time.perf_counter(), time.process_time()  # the first epoch from the start: every chunk read
             with cls(Store.open(paths[codec]), site, batch_size=b, seed=seed, threads=n, buffer_mb=0) as r:
-                r.next_batch()  # the start: the first group is read before the first batch
                 first = -(-r.train_rows // b)
-                timed(f"{key}/first", first * b, lambda: [r.next_batch() for _ in range(first)])
-                timed(key, args.reader_batches * b, lambda: [r.next_batch() for _ in range(args.reader_batches)])
+                for _ in range(first):
+                    r.next_batch()
+                wall.setdefault(f"{key}/first", []).append((time.perf_counter() - w0) / (first * b))
+                cpu.setdefault(f"{key}/first", []).append((time.process_time() - c0) / (first * b))
+                # whole epochs, so the window starts and ends at the same point of the reading ahead (up to a
+                # group beside the batches drawn)
+                steady = first * max(1, round(args.reader_batches / first))
+                timed(key, steady * b, lambda: [r.next_batch() for _ in range(steady)])
 
         tasks = [t_memcpy] + [lambda n=n: t_decode(n) for n in threads]
         tasks += [lambda c=c, k=k, n=n: t_reader(c, k, n) for c, k in variants for n in threads]
@@ -484,17 +490,19 @@ def reader_main(args: argparse.Namespace) -> None:
             f"Command: `{cmd}` (benchmarks/train.py). Gaussian rows (‖x‖≈60, BOS rows 30× larger), d={d}, "
             f"bfloat16, {n_chunks} chunks of {chunk_rows} rows, written twice: Blosc zstd-1 with byte shuffle (the "
             f"default) and `--codec none`. The reader draws batches of {b} rows on the CPU with a 32-chunk "
-            "buffer, from a freshly opened store each time (new shard maps). After the first batch (which waits "
-            "for the first group's chunks: a one-off start) one epoch is timed apart (the *first epoch* column: "
-            "every chunk scanned for NaN/Inf, the reader's arena of chunk slots faulted in), then "
-            f"{args.reader_batches} batches of the later epochs (the *rows/s* column, which the ratios use). A "
+            "buffer, from a freshly opened store each time (new shard maps). Its first epoch is timed apart from "
+            "the reader's start (the *first epoch* column: every chunk read once and scanned for NaN/Inf, the "
+            "reader's arena of chunk slots faulted in), then "
+            f"about {args.reader_batches} batches of the later epochs, rounded to whole epochs so that the window "
+            "starts and ends at the same point of the reader's reading ahead (the *rows/s* column, which the "
+            "ratios use). A "
             "store many times the buffer behaves like the later epochs plus the scan. Float32 batches are what "
             "the CPU trainer gets (the bf16→fp32 conversion happens in the reader's workers); bf16 batches "
             "gathered on the host are the host gather alone. A GPU reader instead copies each chunk whole "
             "(decoded, or copied from the mapped file if raw) into an arena on the device and gathers the "
             "batches there: the *host's share* rows run that path on the CPU (`DeviceArenaHost` in "
-            "benchmarks/common.py), with a memcpy into the arena standing in for the DMA (which costs the host "
-            "no cycles) and the gather (the GPU's work) left out. The raw limits run in the same rounds: Blosc "
+            "benchmarks/common.py) without the copy to the device (a DMA, which costs the host no cycles) and the "
+            "gather there (the GPU's work). The raw limits run in the same rounds: Blosc "
             "decoding whole chunks from the mapped shard bytes into preallocated buffers on n threads at once, "
             f"and a memcpy of the raw store's chunks. Medians of {args.rounds} interleaved rounds. Machine: "
             f"{machine()}; 1-min load "

@@ -422,12 +422,17 @@ class ChunkReader:
         return self.sample(n).x
 
     def close(self) -> None:
-        """Stop the background threads."""
+        """Stop the background threads and let go of the buffer (the arena, on the device or the host, goes as soon
+        as no batch uses it, not at the next garbage collection: lanes and reader refer to each other)."""
         if getattr(self, "_feed", None) is not None:
             self._feed.stop()
         for lane in getattr(self, "_lanes", {}).values():
             lane.stop()
         self._pool.shutdown()
+        self._feed, self._lanes = None, {}
+        with self._free_lock:
+            self._arena = self._arena_bits = None
+            self._free.clear()
 
     def __enter__(self) -> ChunkReader:
         return self
@@ -475,13 +480,18 @@ class ChunkReader:
         n = len(got.x)
         if got.x.data_ptr() != stage.data_ptr():  # (numpy: no second OpenMP team beside the trainer's)
             np.copyto(_bits(stage[:n]), _bits(got.x))
-        if self._stream is None:
-            np.copyto(_bits(dest[:n]), _bits(stage[:n]))
-        else:
-            with self._side_stream():
-                dest[:n].copy_(stage[:n], non_blocking=True)
-                done.record(self._stream)
+        self._upload(dest[:n], stage[:n], done)
         return Rows(dest[:n], got.rows)
+
+    def _upload(self, dest: torch.Tensor, stage: torch.Tensor, done: Any) -> None:
+        """Copy staged rows to the arena: a DMA on the side stream (then `done` records it), a numpy copy on the
+        CPU."""
+        if self._stream is None:
+            np.copyto(_bits(dest), _bits(stage))
+            return
+        with self._side_stream():
+            dest.copy_(stage, non_blocking=True)
+            done.record(self._stream)
 
     def _buffer(self) -> tuple[Any, int]:
         """A buffer to decode one chunk into (a tensor on the device with a device arena) and its first row in the
