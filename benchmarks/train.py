@@ -416,6 +416,10 @@ def reader_main(args: argparse.Namespace) -> None:
 
             timed(f"decode/{n}", n * per * chunk_rows, run)
 
+        def drain(r: Any, n: int) -> None:
+            for _ in range(n):  # each batch dropped at once, as a trainer does: its memory is recycled
+                r.next_batch()
+
         def t_memcpy() -> None:
             buf = np.empty((chunk_rows, d), np.uint16)
             timed("memcpy", 8 * chunk_rows, lambda: [np.copyto(buf, mapped["none"].chunk(c)) for c in chunks[:8]])
@@ -430,14 +434,13 @@ def reader_main(args: argparse.Namespace) -> None:
             w0, c0 = time.perf_counter(), time.process_time()  # the first epoch from the start: every chunk read
             with cls(Store.open(paths[codec]), site, batch_size=b, seed=seed, threads=n, buffer_mb=0) as r:
                 first = -(-r.train_rows // b)
-                for _ in range(first):
-                    r.next_batch()
+                drain(r, first)
                 wall.setdefault(f"{key}/first", []).append((time.perf_counter() - w0) / (first * b))
                 cpu.setdefault(f"{key}/first", []).append((time.process_time() - c0) / (first * b))
                 # whole epochs, so the window starts and ends at the same point of the reading ahead (up to a
                 # group beside the batches drawn)
                 steady = first * max(1, round(args.reader_batches / first))
-                timed(key, steady * b, lambda: [r.next_batch() for _ in range(steady)])
+                timed(key, steady * b, lambda: drain(r, steady))
 
         tasks = [t_memcpy] + [lambda n=n: t_decode(n) for n in threads]
         tasks += [lambda c=c, k=k, n=n: t_reader(c, k, n) for c, k in variants for n in threads]
