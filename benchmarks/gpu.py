@@ -60,13 +60,19 @@ def cmd_line() -> str:
     return "python " + " ".join(shlex.quote(a) for a in [str(Path(sys.argv[0]))] + sys.argv[1:])
 
 
-def reader_rate(store: Store, cls: type, b: int, batches: int, threads: int, device: str) -> tuple[float, float]:
-    """Rows/s of a reader over `store` from its start (every chunk read and scanned for NaN/Inf) through about
-    `batches` batches rounded to whole epochs, and rows per CPU second of the process (all its threads) meanwhile.
-    Conservative: the start and the reading ahead into the next epoch are counted."""
-    t0, c0 = time.perf_counter(), time.process_time()
+def reader_rate(
+    store: Store, cls: type, b: int, batches: int, threads: int, device: str, warm: bool = False
+) -> tuple[float, float]:
+    """Rows/s of a reader over `store` through about `batches` batches rounded to whole epochs, and rows per CPU
+    second of the process (all its threads) meanwhile: from its start (every chunk read and scanned for NaN/Inf,
+    the start and the reading ahead into the next epoch counted), or with `warm` after a first epoch."""
     with cls(store, store.sites[0], batch_size=b, threads=threads, buffer_mb=0, device=device) as r:
         epoch = -(-r.train_rows // b)
+        for _ in range(epoch if warm else 0):
+            r.next_batch()
+        if warm and device != "cpu":
+            torch.cuda.synchronize()
+        t0, c0 = time.perf_counter(), time.process_time()
         batches = epoch * max(1, round(batches / epoch))
         for _ in range(batches):
             x = r.next_batch().x
@@ -225,11 +231,12 @@ def projection_main(args: argparse.Namespace) -> None:
             print(f"round {rnd}/{args.rounds}", file=sys.stderr)
             for codec, p in paths.items():
                 # one worker thread: the rows/s one core gives, doing the host's work for a GPU (chunks decoded or
-                # copied, and uploaded to the device arena)
-                wall, cpu = reader_rate(Store.open(p), DeviceArenaHost, b, args.reader_batches, 1, "cpu")
-                if rnd:
-                    res.setdefault(codec, []).append(cpu)
-                    res.setdefault(f"{codec}/wall", []).append(wall)
+                # copied, and uploaded to the device arena), after a first epoch and from the start
+                for warm in (True, False):
+                    wall, cpu = reader_rate(Store.open(p), DeviceArenaHost, b, args.reader_batches, 1, "cpu", warm)
+                    if rnd:
+                        res.setdefault(codec + ("" if warm else "/start"), []).append(cpu)
+                        res.setdefault(f"{codec}/wall" + ("" if warm else "/start"), []).append(wall)
     rate = {c: statistics.median(v) for c, v in res.items()}
     per_core = {c: rate[c] for c in paths}
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
@@ -244,9 +251,8 @@ def projection_main(args: argparse.Namespace) -> None:
         "rows per CPU second (all threads of the process) of the reader with one worker thread on this machine, "
         "doing the host's work for a GPU (each chunk decoded, or copied from the mapped file if raw, into pinned "
         "staging; the DMA to the device arena and the gather there cost the host no cycles and are left out), "
-        "from a freshly opened store (every chunk scanned for NaN/Inf), medians "
-        f"of {args.rounds} rounds of about {args.reader_batches} batches (whole epochs) from the reader's start; CPU "
-        "time, not wall time, because "
+        f"medians of {args.rounds} rounds of about {args.reader_batches} batches (whole epochs) after a first "
+        "epoch; CPU time, not wall time, because "
         f"this box is shared: {machine()}; 1-min load average {load:.1f}.",
         "",
         "| GPU, mode | peak TFLOP/s | rows/s consumed (upper bound) | cores to feed it, `--codec none` | "
@@ -264,7 +270,11 @@ def projection_main(args: argparse.Namespace) -> None:
         "",
         f"Reader rows per CPU second here: `--codec none` {per_core['none']:,.0f}, Blosc zstd-1 "
         f"{per_core['blosc-zstd']:,.0f} (wall rows/s at that load: {rate['none/wall']:,.0f} and "
-        f"{rate['blosc-zstd/wall']:,.0f}).",
+        f"{rate['blosc-zstd/wall']:,.0f}). From the reader's start instead (the start, a scan of every chunk for "
+        f"NaN/Inf, and the reading ahead into the next epoch counted): {rate['none/start']:,.0f} and "
+        f"{rate['blosc-zstd/start']:,.0f} per CPU second, so the first pass over a store needs up to "
+        f"{per_core['none'] / rate['none/start']:.1f}× and {per_core['blosc-zstd'] / rate['blosc-zstd/start']:.1f}× "
+        "the cores of the table.",
     ]
     # what the table means against a typical node: 12-16 CPU cores per GPU
     h100 = PEAKS["H100 SXM"]
