@@ -3,9 +3,11 @@ ranks that read disjoint chunks yet together make the global batches of one proc
 
 from __future__ import annotations
 
+import gc
 import json
 import random
 import time
+import weakref
 
 import numpy as np
 import pytest
@@ -380,3 +382,18 @@ def test_cuda_batches_are_the_cpu_stream(tmp_path, monkeypatch, codec):
         assert all(b.x.is_cuda and b.x.dtype == torch.float32 for b in batches)
         assert torch.equal(torch.cat([b.rows for b in batches]), rows1)
         assert torch.equal(torch.cat([b.x for b in batches]).cpu(), x1)
+
+
+def test_close_lets_go_of_the_arena(tmp_path):
+    # Lanes and reader refer to each other, so without close() dropping them the arena (on a GPU: twice the buffer
+    # in device memory) would wait for the next garbage collection; batches already handed out stay valid.
+    st = Store.open(make_store(tmp_path / "s.zarr", n_contexts=60, chunk_rows=16, shard_chunks=4))
+    gc.disable()
+    try:
+        with _reader(st, cls=_DeviceArena, seed=1, batch_size=40, threads=2) as r:
+            x, rows = _take(r, 10)
+            arena = weakref.ref(r._arena)
+        assert arena() is None
+        assert x.shape == (400, st.d_model) and torch.isfinite(x).all() and len(rows.unique()) == 400
+    finally:
+        gc.enable()
