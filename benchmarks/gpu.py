@@ -44,6 +44,8 @@ from train import gaussian_store, step_flops
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 # Dense peak FLOP/s of NVIDIA's datasheets (no sparsity), for the projection only.
+# The host link's peak per direction (PCIe Gen5 / Gen4 x16), which every row crosses once as bf16.
+LINK = {"H100 SXM": 64e9, "A100 SXM": 32e9}
 PEAKS = {
     "H100 SXM": {"fp32": 67e12, "tf32": 494.7e12, "bf16": 989.4e12},
     "A100 SXM": {"fp32": 19.5e12, "tf32": 156e12, "bf16": 312e12},
@@ -247,7 +249,9 @@ def projection_main(args: argparse.Namespace) -> None:
         f"At d={d}, F={f}, k={k}, B={b} one training row costs {flops_row / 1e6:.1f} MFLOP (benchmarks/train.py's "
         "step_flops, sparse decoder; the dense encoder GEMM is nearly all of it). A GPU running that at its "
         "datasheet dense peak would consume peak / FLOP-per-row rows per second: an upper bound (the GEMM reaches "
-        "perhaps 60-80 % of peak, and top-k, Adam and the sparse products add time). Reader rows/s per core: "
+        "perhaps 60-80 % of peak, and top-k, Adam and the sparse products add time). Every row crosses the host "
+        "link once, as bf16 (2·d bytes), against the link's datasheet peak per direction (PCIe Gen5 x16, 64 GB/s, "
+        "for the H100 SXM; Gen4 x16, 32 GB/s, for the A100 SXM). Reader rows/s per core: "
         "rows per CPU second (all threads of the process) of the reader with one worker thread on this machine, "
         "doing the host's work for a GPU (each chunk decoded, or copied from the mapped file if raw, into pinned "
         "staging; the DMA to the device arena and the gather there cost the host no cycles and are left out), "
@@ -255,15 +259,17 @@ def projection_main(args: argparse.Namespace) -> None:
         "epoch; CPU time, not wall time, because "
         f"this box is shared: {machine()}; 1-min load average {load:.1f}.",
         "",
-        "| GPU, mode | peak TFLOP/s | rows/s consumed (upper bound) | cores to feed it, `--codec none` | "
-        "cores to feed it, Blosc |",
-        "|---|---:|---:|---:|---:|",
+        "| GPU, mode | peak TFLOP/s | rows/s consumed (upper bound) | host-to-device GB/s (share of the link) | "
+        "cores to feed it, `--codec none` | cores to feed it, Blosc |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     for gpu, peaks in PEAKS.items():
         for mode in MODES:
             need = peaks[mode] / flops_row
+            link = need * 2 * d
             lines.append(
-                f"| {gpu}, {mode} | {peaks[mode] / 1e12:,.0f} | {need:,.0f} | {need / per_core['none']:,.1f} | "
+                f"| {gpu}, {mode} | {peaks[mode] / 1e12:,.0f} | {need:,.0f} | {link / 1e9:,.1f} "
+                f"({link / LINK[gpu]:.0%}) | {need / per_core['none']:,.1f} | "
                 f"{need / per_core['blosc-zstd']:,.1f} |"
             )
     lines += [
@@ -284,9 +290,15 @@ def projection_main(args: argparse.Namespace) -> None:
         for mode in MODES
         if peaks[mode] / flops_row / per_core["none"] <= 16
     ]
+    over = [
+        f"{gpu} {mode}" for gpu, peaks in PEAKS.items() for mode in MODES if peaks[mode] / flops_row * 2 * d > LINK[gpu]
+    ]
     lines += [
         "",
-        f"So at this box's per-core rates a CPU reader feeds an H100 at its bf16 peak only with "
+        "Beyond the link's peak, the link, not the reader, bounds the GPU: "
+        + (", ".join(over) or "none of these")
+        + " (at this d). "
+        f"At this box's per-core rates a CPU reader feeds an H100 at its bf16 peak only with "
         f"{h100['bf16'] / flops_row / per_core['none']:.0f} cores reading `--codec none` shards "
         f"({h100['bf16'] / flops_row / per_core['blosc-zstd']:.0f} for Blosc), against the 12–16 cores per GPU of a "
         "typical 8-GPU node; within 16 cores with `--codec none`: " + (", ".join(reach) or "none of these") + ". "

@@ -374,7 +374,7 @@ def reader_main(args: argparse.Namespace) -> None:
     from sae.train.reader import ChunkReader
 
     class Bf16Reader(ChunkReader):
-        _host_float32 = False  # the batches a GPU gets (there: pinned), without the host float32 conversion
+        _host_float32 = False  # the host gather alone, without the float32 conversion
 
     cores = os.cpu_count() or 1
     threads = [int(t) for t in args.reader_threads.split(",")] if args.reader_threads else sorted({1, 2, 4, cores})
