@@ -4,8 +4,9 @@
     python benchmarks/reader_ab.py --old /tmp/old_reader.py
 
 Gaussian stores as in `benchmarks/train.py --reader` (Blosc zstd-1 and `--codec none`, 32 chunks of 8192 rows,
-d = 576, bfloat16). Each measurement opens the store afresh, draws `--warm` batches of 4096 rows (the first epoch
-and more: arena filled, chunks scanned), then times `--batches` batches.
+d = 576, bfloat16). Each measurement opens the store afresh, draws `--warm` batches of 4096 rows (the first epoch:
+arena filled, chunks scanned), then times `--batches` batches (whole epochs, so the window starts and ends at
+the same point of the reading ahead).
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--old", type=Path, required=True, help="the other reader.py")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--warm", type=int, default=70, help="batches drawn before timing")
-    ap.add_argument("--batches", type=int, default=120, help="batches timed")
+    ap.add_argument("--warm", type=int, default=64, help="batches drawn before timing")
+    ap.add_argument("--batches", type=int, default=128, help="batches timed (whole epochs: 64 each)")
     ap.add_argument("--threads", default="1,2")
     args = ap.parse_args()
     spec = importlib.util.spec_from_file_location("old_reader", args.old)
