@@ -311,15 +311,15 @@ def test_arena_gathers_and_own_buffers_give_one_stream(tmp_path, monkeypatch, co
 
 
 class _DeviceArena(ChunkReader):
-    _device_arena = True  # what a GPU reader does with decoded chunks, here on the CPU
+    _device_arena = True  # what a GPU reader does with its chunks, here on the CPU
 
 
 @pytest.mark.parametrize("case", ["bfloat16", "float16", "float32", "raw", "two raw sites"])
 def test_device_arena_gives_the_host_stream(tmp_path, monkeypatch, case):
     # For a GPU, chunks (decoded, or raw ones copied from the mapped file) go whole into an arena on the device and
     # each batch is gathered there (test_cuda_batches_are_the_cpu_stream runs it on CUDA); here that path runs on
-    # the CPU. It gives the host gather's stream: the
-    # same rows in the same order, from the arena, from chunks outside it (no free slot), in lanes, after a restore.
+    # the CPU. It gives the host gather's stream, the same rows in the same order: from the arena, from chunks
+    # outside it (no free slot), in lanes, after a restore.
     sites = ("blocks.0.ln2.hook_normalized", "blocks.0.hook_mlp_out") if case == "two raw sites" else (SITE,)
     kw = dict(n_contexts=60, chunk_rows=16, shard_chunks=4, sites=sites)
     if case in ("raw", "two raw sites"):
@@ -368,8 +368,8 @@ def test_device_arena_gives_the_host_stream(tmp_path, monkeypatch, case):
 def test_cuda_batches_are_the_cpu_stream(tmp_path, monkeypatch, codec):
     # On CUDA, chunks (decoded, or raw ones copied from the mapped file) go whole to an arena on the GPU and the
     # batches are gathered there, on the side stream that also carries the uploads. The batches are the CPU
-    # reader's, bit for bit and in order, as float32 on the GPU. Over 3 epochs
-    # every slot is rewritten many times, so a gather that ran after its slot's next upload would show.
+    # reader's, bit for bit and in order, as float32 on the GPU. Over 3 epochs every slot is rewritten many times,
+    # so a gather that ran after its slot's next upload would show.
     st = Store.open(make_store(tmp_path / "s.zarr", codec=codec, n_contexts=100, chunk_rows=32, shard_chunks=4))
     for groups, lanes in ((reader_mod.ARENA_GROUPS, 1), (reader_mod.ARENA_GROUPS, 2), (1, 1)):
         monkeypatch.setattr(reader_mod, "ARENA_GROUPS", groups)  # 1: plans with chunks outside the arena
