@@ -394,6 +394,8 @@ def test_close_lets_go_of_the_arena(tmp_path):
             x, rows = _take(r, 10)
             arena = weakref.ref(r._arena)
         assert arena() is None
+        with pytest.raises(SaeError, match="the reader was closed"):
+            r.next_batch()
         assert x.shape == (400, st.d_model) and torch.isfinite(x).all() and len(rows.unique()) == 400
     finally:
         gc.enable()

@@ -123,7 +123,7 @@ def _nonfinite_rows(bits: np.ndarray, dtype: str) -> np.ndarray:
         np.bitwise_and(bits[lo : lo + len(t)], mag, out=t)
         if t.max() >= exp:  # (rare: the per-row maxima only then, a reduction several times slower than this one)
             bad.append(np.flatnonzero(t.max(axis=1) >= exp) + lo)
-    return np.concatenate(bad) if bad else np.zeros(0, np.int64)
+    return np.concatenate(bad) if bad else _NONE
 
 
 def read_rows(
@@ -159,7 +159,7 @@ def read_rows(
             local = np.arange(len(a))
         else:
             local = np.flatnonzero(store.read_chunk("position", i)[: len(a)] != 0)
-        flagged = _nonfinite_rows(_bits(x), store.dtype) if check else np.zeros(0, np.int64)
+        flagged = _nonfinite_rows(_bits(x), store.dtype) if check else _NONE
     except SaeError:
         raise
     except Exception as e:
@@ -446,6 +446,8 @@ class ChunkReader:
         The part is (rows on the host, their store rows), or with a device arena (a GPU) the lanes' segments, which
         `_to_device` gathers there (they keep their groups, so the arena slots they read, in use until the gather is
         enqueued)."""
+        if not self._lanes:  # (close() lets go of them)
+            raise SaeError("the reader was closed")
         parts, pos = [], {}
         for i, lane in self._lanes.items():
             part, pos[i] = lane.next()
@@ -1019,13 +1021,12 @@ class CudaFeed:
         source: Callable[[], tuple[Any, Any]],
         move: Callable[[Any], tuple[torch.Tensor, torch.Tensor]],
         device: torch.device,
-        stream: torch.cuda.Stream | None = None,
+        stream: torch.cuda.Stream,
         depth: int = 2,
     ):
-        # an explicit index: the copy thread selects the device, and set_device refuses a bare "cuda"
-        self.device = torch.device("cuda", device.index if device.index is not None else torch.cuda.current_device())
+        self.device = device  # with its index: the copy thread selects it, and set_device refuses a bare "cuda"
         self._move = move
-        self._stream = stream if stream is not None else torch.cuda.Stream(self.device)
+        self._stream = stream
         self._q: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(source,), name="sae-h2d", daemon=True)
