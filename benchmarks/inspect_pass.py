@@ -17,7 +17,6 @@ Without --store it writes a store of Gaussian rows with SmolLM2-like norms (d=57
 from __future__ import annotations
 
 import argparse
-import json
 import resource
 import shlex
 import statistics
@@ -32,6 +31,7 @@ from common import machine, write_section
 
 from sae.config import InspectConfig
 from sae.device import resolve_device
+from sae.evaluate.dashboard import read_index
 from sae.evaluate.inspect import first_pass, row_kinds
 from sae.evaluate.rows import StoreRows
 from sae.saedir import SaeConfig, load_sae, save_sae
@@ -142,7 +142,7 @@ def main() -> None:
             insp.append(r)
         wall, rss = whole_command(sae_dir, path, Path(tmp) / "site", str(device), rows)
         l0 = None
-        index = json.loads((Path(tmp) / "site" / "data" / "index.json").read_text())
+        index = read_index(Path(tmp) / "site")
         l0 = sum(index["columns"]["count"]) / index["rows_used"]
     med = {k: statistics.median(v) for k, v in (("reader", reader), ("encode", encode), ("inspect", insp))}
     ratio = med["inspect"] / med["reader"]

@@ -27,7 +27,7 @@ out are all those of the output site: it is what the transcoder predicts, and a 
 Σ‖y − ȳ‖² just as a massive input row does an SAE's.
 
 Batch mode selects as training did: the spliced rows of all eval contexts are shuffled with --seed and encoded
-in batches of the SAE's training batch size (metadata `batch_size`, else --batch-rows), so one context's
+in batches of --batch-rows, else the SAE's training batch size (metadata `batch_size`), so one context's
 reconstruction depends on rows of other contexts, as in a training batch.
 """
 
@@ -45,13 +45,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from sae import progress, rowtypes
-from sae.config import DEFAULT_MODEL, EvalConfig
+from sae import outputs, progress, rowtypes
+from sae.config import DEFAULT_MODEL, EvalConfig, check_values
 from sae.corpus import available_splits, check_corpus, corpus_info, iter_contexts
 from sae.errors import SaeError
+from sae.interrupt import RERUN, interruptible
 from sae.metrics import MeanAccumulator
 from sae.models import ModelInfo, check_model_name, load_model
-from sae.saedir import SparseAutoencoder, load_sae
+from sae.saedir import SparseAutoencoder, load_sae, recorded_store
 from sae.sites import SITE_TABLE, Site, capture, computed_before, parse_site, site_width, splice, splice_from
 from sae.store import Store
 from sae.transcoder import Transcoder, is_transcoder_dir, load_transcoder
@@ -95,7 +96,9 @@ class SaeSpec(NamedTuple):
     corpus: dict[str, Any] | None
     """Recorded training corpus (`sae.corpus.corpus_info` form), None when unknown."""
     store: Path | None
-    """The store the SAE was trained from, when recorded."""
+    """The store the SAE was trained from, when recorded and found (`saedir.recorded_store`)."""
+    store_note: str = ""
+    """How `store` was found, or why there is none: said in the report, since the statistics come from it."""
     exclude: rowtypes.Exclusion = rowtypes.Exclusion()
     """Rows the SAE was trained without besides BOS (metadata `exclude`); eval leaves them unspliced."""
     train_batch_size: int | None = None
@@ -177,7 +180,7 @@ def describe(path: Path, name: str, sae: SparseAutoencoder | Transcoder) -> SaeS
     if not isinstance(model, dict) or not model.get("id"):
         model = {"id": cfg.model_name} if cfg.model_name else None
     corpus = meta.get("corpus")
-    store = meta.get("store")
+    store, store_note = recorded_store(path, meta)
     return SaeSpec(
         path=path,
         name=name,
@@ -188,11 +191,17 @@ def describe(path: Path, name: str, sae: SparseAutoencoder | Transcoder) -> SaeS
         skip_bos=meta.get("keep_bos") is False,
         model=model,
         corpus=corpus if isinstance(corpus, dict) else None,
-        store=Path(store) if isinstance(store, str) and store else None,
+        store=store,
+        store_note=store_note,
         exclude=rowtypes.exclusion_from_metadata(meta),
         train_batch_size=int(meta["batch_size"]) if isinstance(meta.get("batch_size"), int) else None,
         target=target,
     )
+
+
+def _snapshot(spec: SaeSpec) -> bool:
+    """An SAE of ours saved by a checkpoint or an interrupted run, before its training finished."""
+    return bool(spec.sae.cfg.metadata.get("sae_pipeline_version")) and not spec.sae.cfg.complete
 
 
 def _store_attrs(spec: SaeSpec) -> dict[str, Any] | None:
@@ -786,19 +795,28 @@ def run_pass(
 # Entry point
 
 
+def _kept(cfg: EvalConfig) -> tuple[str, str]:
+    # settings.json is written after the report, so a report a stopped run may have half-replaced never counts
+    return f"no new report in {cfg.out}: eval writes it only at the end", RERUN
+
+
+@interruptible("eval", _kept)
 def evaluate(cfg: EvalConfig) -> Path:
     """Evaluate every SAE named in `cfg.sae_dirs` on one set of eval tokens; write the report; return its dir."""
     progress.begin("eval")
-    if cfg.batch_size < 1 or cfg.seq_len < 2:
-        raise SaeError("batch_size must be ≥ 1 and seq_len ≥ 2")
+    check_values(cfg)
     if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
         raise SaeError(f"report directory {str(cfg.out)!r} exists and is not a directory")
     dirs = find_sae_dirs(cfg.sae_dirs)
     names = _names(dirs)
     specs = [describe(d, n, load_any(d)) for d, n in zip(dirs, names, strict=True)]
+    record = outputs.eval_record(cfg)  # what this report is made from, before anything can change it
     for s in specs:
-        if s.sae.cfg.metadata.get("sae_pipeline_version") and not s.sae.cfg.complete:
+        if _snapshot(s):
             print(f"note: SAE {s.name} is a snapshot taken before its training finished", file=sys.stderr)
+        if s.store is None and s.sae.cfg.metadata.get("store"):
+            note = f"note: SAE {s.name}: {s.store_note}; its statistics come from --store or the eval tokens"
+            print(note, file=sys.stderr)
 
     model_name, revision = cfg.model, None
     if model_name is None:
@@ -844,6 +862,7 @@ def evaluate(cfg: EvalConfig) -> Path:
         "bootstrap": f"{cfg.bootstrap} resamples of the contexts, seed {cfg.seed}" if cfg.bootstrap else "none",
     }
     write_report(Path(cfg.out), results, setup)
+    outputs.write_record(Path(cfg.out), record)  # last: the report is complete and current
     progress.summary("eval", [*summary_table(results).splitlines(), f"report: {cfg.out}"])
     return Path(cfg.out)
 
@@ -880,6 +899,11 @@ def _result(
         "d_sae": int(scfg.d_sae),
         "k": scfg.k,
         "mode": st.mode,
+        # None for SAEs made elsewhere (nothing records whether their training finished)
+        "training_complete": None if not scfg.metadata.get("sae_pipeline_version") else not _snapshot(spec),
+        "tokens_seen": scfg.metadata.get("tokens_seen"),
+        "store": str(spec.store) if spec.store is not None else None,
+        "store_note": spec.store_note,
         "ce_clean": ce_clean,
         "ce_sae": ce_sae,
         "ce_zero": ce_zero,

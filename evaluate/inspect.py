@@ -14,7 +14,8 @@
    with the most similar decoder rows. For a transcoder the encoder reads its input site and the decoder
    writes to its output site: logit effects follow the decoder rows when that site adds into the residual
    stream.
-The result is a static site (`sae.evaluate.dashboard`).
+The result is a static site (`sae.evaluate.dashboard`), then `settings.json` (`sae.outputs`), written last: what
+`sae run` compares to tell a current site from a stale or half-written one.
 """
 
 from __future__ import annotations
@@ -29,13 +30,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from sae import rowtypes
-from sae.config import InspectConfig
+from sae import outputs, rowtypes
+from sae.config import InspectConfig, check_values
 from sae.device import resolve_device
 from sae.errors import SaeError
+from sae.interrupt import NOTHING_KEPT, RERUN, interruptible
 from sae.metrics import DENSE_FREQUENCY
 from sae.progress import Progress, summary
-from sae.saedir import SparseAutoencoder, load_sae
+from sae.saedir import SparseAutoencoder, load_sae, recorded_store
 from sae.store import Store
 from sae.transcoder import Transcoder, is_transcoder_dir, load_transcoder
 
@@ -173,8 +175,8 @@ def row_kinds(cfg: InspectConfig, sae: SparseAutoencoder | Transcoder, site: str
     if factor is not None and not (math.isfinite(factor) and factor > 0):
         raise SaeError(f"--massive-factor must be a positive number, got {factor}")
     stores = [store] if store is not None else []
-    recorded = _recorded_store(sae)
-    if store is None and recorded is not None and recorded.exists():
+    recorded, _ = recorded_store(cfg.sae_dir, sae.cfg.metadata) if cfg.sae_dir is not None else (None, "")
+    if store is None and recorded is not None:
         try:
             stores.append(Store.open(recorded))
         except SaeError:
@@ -207,11 +209,6 @@ def output_site(sae: SparseAutoencoder | Transcoder) -> str:
             raise SaeError("the transcoder's cfg.json records no metadata.hook_name_out (the site it writes to)")
         return str(sae.cfg.hook_name_out)
     return str(sae.cfg.hook_name)
-
-
-def _recorded_store(sae: SparseAutoencoder | Transcoder) -> Path | None:
-    store = sae.cfg.metadata.get("store")
-    return Path(store) if isinstance(store, str) and store else None
 
 
 def _model_name(cfg: InspectConfig, sae: SparseAutoencoder | Transcoder, store: Store | None) -> str | None:
@@ -283,11 +280,11 @@ def _source(
             raise SaeError(f"dataset {cfg.dataset!r} (split {split!r}) gave no context")
         rows = ModelRows(model, site, np.stack(contexts), device, max(1, cfg.batch_size // seq_len))
         return rows, model, tokenizer
-    path = cfg.store or _recorded_store(sae)
+    path, how = (cfg.store, "--store") if cfg.store is not None else recorded_store(cfg.sae_dir, sae.cfg.metadata)
     if path is None:
+        if sae.cfg.metadata.get("store"):
+            raise SaeError(f"SAE {cfg.sae_dir}: {how}; pass --store (a store of its site) or --dataset")
         raise SaeError(f"SAE {cfg.sae_dir} records no store; pass --store (a store of its site) or --dataset")
-    if not Path(path).exists() and cfg.store is None:
-        raise SaeError(f"SAE {cfg.sae_dir} was trained on store {path}, which no longer exists; pass --store")
     store = Store.open(path)
     rows = StoreRows(store, site, device, cfg.max_rows)
     if store.d_model != sae.cfg.d_in:
@@ -408,17 +405,13 @@ def round_sig(a: np.ndarray, digits: int) -> list[float | None]:
     return lst
 
 
+@interruptible("inspect", lambda cfg: (NOTHING_KEPT, RERUN))
 def inspect(cfg: InspectConfig) -> InspectResult:
     """Write the feature pages of the SAE in `cfg.sae_dir` into `cfg.out` (see the module docstring)."""
-    for name in ("top", "quantiles", "per_quantile", "batch_size"):
-        if getattr(cfg, name) < 1:
-            raise SaeError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
-    if cfg.window < 0:
-        raise SaeError(f"--window must be 0 or more, got {cfg.window}")
-    if cfg.max_rows is not None and cfg.max_rows < 1:
-        raise SaeError(f"--max-rows must be at least 1, got {cfg.max_rows}")
+    check_values(cfg)
     if cfg.sae_dir is None:
         raise SaeError("no SAE directory given")
+    record = outputs.inspect_record(cfg)  # what this site is made from, before anything can change it
     device = resolve_device(cfg.device)
     sae = load_dictionary(Path(cfg.sae_dir), device)
     site, site_out = str(sae.cfg.hook_name), output_site(sae)
@@ -580,6 +573,7 @@ def inspect(cfg: InspectConfig) -> InspectResult:
         "logit_note": logit_note,
     }
     write_site(out, info, latents, _token_text(tokenizer))
+    outputs.write_record(out, record)  # last: the site is complete and current
     summary(
         "inspect",
         [

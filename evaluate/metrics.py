@@ -1,7 +1,7 @@
 """Streaming accumulators for the eval CE and KL metrics: one update per forward batch, nothing kept per token.
 The reconstruction accumulators (FVU, NMSE, L0, ...) live in sae.metrics, shared with training.
 
-Definitions (DESIGN.md, "Evaluation definitions"); sums are kept in float64 on the host or the device:
+Definitions (docs/design.md, "Evaluation definitions"); sums are kept in float64 on the host or the device:
 - FVU  = Σ‖x − x̂‖² / Σ‖x − x̄‖², x̄ the mean of the eval activations (merged batch by batch, Chan et al.)
 - NMSE = Σ‖x − x̂‖² / Σ‖x‖²
 - cosine = mean over tokens of cos(x, x̂) (0 where either is the zero vector)

@@ -194,6 +194,21 @@ def _metric_rows(results: list[dict[str, Any]]) -> tuple[list[str], list[list[st
     return header, rows
 
 
+def _provenance(results: list[dict[str, Any]]) -> str:
+    """One line per SAE directory: whether its training finished, and the store its statistics come from."""
+    lines = []
+    for r in {r["sae_dir"]: r for r in results}.values():
+        done = r.get("training_complete")
+        trained = (
+            "trained to the end" if done else
+            f"**a snapshot taken before its training finished** ({r.get('tokens_seen') or 0:,} tokens seen); "
+            "its metrics are not those of the finished SAE" if done is False else "made elsewhere"
+        )  # fmt: skip
+        store = f"store {r['store']} ({r['store_note']})" if r.get("store") else (r.get("store_note") or "no store")
+        lines.append(f"- {r['name']}: {trained}; {store}")
+    return "\n".join(lines)
+
+
 def _types_intro(results: list[dict[str, Any]]) -> str:
     """One line per SAE: M, the median and where it came from, and the rows left unspliced besides BOS."""
     lines = []
@@ -251,6 +266,8 @@ def markdown(results: list[dict[str, Any]], setup: dict[str, Any]) -> str:
                 for r in results
             ],
         ),
+        "",
+        _provenance(results),
         "",
         "## Metrics",
         "",

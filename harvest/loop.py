@@ -20,15 +20,17 @@ import numpy as np
 import torch
 
 from sae import progress, rowtypes, store
-from sae.config import HarvestConfig
+from sae.config import HarvestConfig, check_values
 from sae.corpus import check_corpus, corpus_info, iter_contexts
 from sae.errors import SaeError
+from sae.interrupt import interruptible
 from sae.models import check_model_name, load_model, skeleton
 from sae.sites import Site, capture, check_site_names, describe_sites, parse_site, site_width
 
 _TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
+@interruptible("harvest", lambda cfg: store.kept_on_interrupt(cfg.out))
 def harvest(cfg: HarvestConfig) -> Path:
     """Run `sae harvest`: write (or finish) the store at `cfg.out` and return its path."""
     t0 = time.perf_counter()
@@ -50,10 +52,8 @@ def harvest(cfg: HarvestConfig) -> Path:
         )
     if cfg.init and (task is not None or cfg.overwrite):
         raise SaeError("--init only creates the store and its plan; drop --shard/--overwrite")
-    _check_sizes(cfg)
     # What can be checked without the model is checked before loading it (a download, or a minute on a CPU).
-    if not cfg.massive_factor > 0:
-        raise SaeError(f"--massive-factor must be positive, got {cfg.massive_factor}")
+    check_values(cfg)
     check_model_name(cfg.model, revision=cfg.revision)
     check_site_names(cfg.sites, skeleton(cfg.model, revision=cfg.revision))
     if not store.check_target(out, overwrite=cfg.overwrite):  # a resumed store takes its contexts from its plan
@@ -235,8 +235,10 @@ def summary(
         else f"{len(done)} of {n_shards} shards done"
         + (f", this was task {task[0]}/{task[1]}; run `sae harvest --finalize` after the last task" if task else "")
     )
+    # One rate per summary: the header's tok/s (sae.progress.summary), over the time of the forward passes and
+    # shard writes; the wall time here also holds the model's loading and the corpus's planning.
     run = f"this run harvested {n_tokens:,} tokens in {seconds:.1f} s wall" + (
-        f" ({n_tokens / seconds:,.0f} tokens/s)" if n_tokens and seconds > 0 else ""
+        ", model loading included (the rate above counts the forward passes and shard writes only)" if n_tokens else ""
     )
     return [
         f"{path}: {rows:,} of {st.n_rows:,} tokens × {n_sites} site{'s' * (n_sites > 1)} "
@@ -250,15 +252,6 @@ def summary(
         if (norms := st.norm_stats(site)) is not None
         for line in (f"{site}:", *("  " + n for n in rowtypes.describe_norms(norms, decode)))
     ]
-
-
-def _check_sizes(cfg: HarvestConfig) -> None:
-    for name in ("seq_len", "batch_size", "shard_chunks", "chunk_rows", "max_tokens"):
-        value = getattr(cfg, name)
-        if value is not None and value < 1:
-            raise SaeError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
-    if cfg.max_tokens is not None and cfg.max_tokens < cfg.seq_len:
-        raise SaeError(f"--max-tokens {cfg.max_tokens} is less than --seq-len {cfg.seq_len}: not one whole context")
 
 
 def _echo(text: str) -> None:

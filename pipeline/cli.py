@@ -27,6 +27,7 @@ from .config import (
     make,
 )
 from .errors import SaeError
+from .interrupt import EXIT_CODE, NOTHING_KEPT, RERUN, Interrupted, received, signals_raise
 from .manifest import STAGES
 
 # OpenMP threads that spin while waiting for each other steal the very cores they wait for when other jobs share
@@ -93,8 +94,12 @@ def build(cls: type, values: dict[str, Any]) -> Any:
 
 
 def _run(fn: Callable[[], Any]) -> Any:
+    """`fn()`; bad input (SaeError) is one `error:` line and exit 2. A stopped stage (Interrupted) goes on to
+    `_Cli.invoke`, which reports every interruption alike."""
     try:
         return fn()
+    except Interrupted:
+        raise
     except SaeError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
@@ -114,7 +119,9 @@ class _OneLineError(click.ClickException):
 
 
 class _Cli(click.Group):
-    """The `sae` group: usage errors of the group and of every command print one line and exit 2."""
+    """The `sae` group: usage errors of the group and of every command print one line and exit 2; SIGINT and
+    SIGTERM stop every command alike (sae.interrupt): one `interrupted:` line saying what was kept and how to
+    continue, and exit EXIT_CODE."""
 
     def make_context(self, *args: Any, **kwargs: Any) -> click.Context:
         try:
@@ -124,9 +131,18 @@ class _Cli(click.Group):
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
-            return super().invoke(ctx)
+            with signals_raise():
+                return super().invoke(ctx)
         except click.UsageError as e:
             raise _OneLineError(e) from None
+        except KeyboardInterrupt:  # a stage that did not say what it kept, or a signal while loading
+            command = ctx.invoked_subcommand or "sae"  # (set by the group's invoke)
+            click.echo(Interrupted(f"{command} stopped by {received()}", NOTHING_KEPT).line(), err=True)
+            sys.exit(EXIT_CODE)
+        except Interrupted as e:
+            # `sae run` resumes each stage by itself (training from its checkpoint): rerunning it is the advice
+            click.echo(e.line(RERUN if ctx.invoked_subcommand == "run" else None), err=True)
+            sys.exit(EXIT_CODE)
 
 
 @click.group(cls=_Cli, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120})
@@ -247,6 +263,7 @@ def _stages() -> Any:
     def inspect(cfg: InspectConfig) -> Any:
         from .evaluate.inspect import inspect
 
+        _header("inspect", f"feature pages of {cfg.sae_dir} ({cfg.latents} latents) → {cfg.out}")
         return inspect(cfg)
 
     return Stages(harvest, train, evaluate, inspect)
@@ -262,14 +279,22 @@ def _stages() -> Any:
     help="Run one stage only (init/finalize and harvest --shard are the steps of a cluster array job).",
 )
 @click.option("--shard", metavar="I/N", help="With --stage harvest: do only array task I of N.")
-def run_manifest(manifest: Path, stage: str, shard: str | None) -> None:
+@click.option(
+    "--redo",
+    is_flag=True,
+    help="With --stage harvest|train|eval|inspect: run that stage anew even though its output is complete "
+    "(the store or the SAEs are deleted first).",
+)
+def run_manifest(manifest: Path, stage: str, shard: str | None, redo: bool) -> None:
     """Run the run MANIFEST describes (harvest → train → eval, then inspect when it has that section) here.
 
-    Stages whose outputs are complete are skipped, so rerunning after a crash continues the run.
+    Stages whose outputs are complete are skipped, so rerunning after a crash continues the run. A report or
+    feature pages made with other settings (or from SAEs trained since) are redone; a store or SAEs made with
+    other settings are refused with a line naming them (--redo makes them anew).
     """
     from .manifest import load_manifest, run
 
-    _run(lambda: run(load_manifest(manifest), _stages(), stage=stage, shard=shard, echo=click.echo))
+    _run(lambda: run(load_manifest(manifest), _stages(), stage=stage, shard=shard, redo=redo, echo=click.echo))
 
 
 @main.command()

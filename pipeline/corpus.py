@@ -418,7 +418,8 @@ def _document(value: Any, column: str, where: str) -> Document | None:
 def _missing_column(text_column: str, where: str, names: Iterable[str]) -> str:
     return (
         f"column {text_column!r} not in dataset {where}; columns: {', '.join(names) or '(none)'} "
-        f"(choose one with text_column, or give pre-tokenized data an {TOKENS_COLUMN!r} column)"
+        f"(choose one with --text-column, text_column in a manifest, or give pre-tokenized data an "
+        f"{TOKENS_COLUMN!r} column)"
     )
 
 

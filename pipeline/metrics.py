@@ -1,7 +1,7 @@
 """Reconstruction and sparsity accumulators shared by `sae train` (validation) and `sae eval`: one
 implementation of FVU, NMSE, cosine, L0, dead and dense latents, streamed batch by batch.
 
-Definitions (DESIGN.md, "Evaluation definitions"); sums are kept in float64:
+Definitions (docs/design.md, "Evaluation definitions"); sums are kept in float64:
 - FVU  = Σ‖x − x̂‖² / Σ‖x − x̄‖², x̄ the mean of the rows seen (merged batch by batch, Chan et al.)
 - NMSE = Σ‖x − x̂‖² / Σ‖x‖²
 - cosine = mean over rows of cos(x, x̂) (0 where either is the zero vector)

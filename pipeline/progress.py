@@ -33,6 +33,13 @@ def begin(stage: str) -> None:
     _stage_done.pop(stage, None)
 
 
+def abandon(stage: str) -> None:
+    """Forget `stage`'s start and counts: a stopped stage prints no summary, and a later run of it in this process
+    must not add the stopped run's tokens or time to its own."""
+    _stage_start.pop(stage, None)
+    _stage_done.pop(stage, None)
+
+
 def interval() -> float:
     """Seconds between plain progress lines: $SAE_PROGRESS_INTERVAL (set by `sae --progress-interval`), else 30."""
     raw = os.environ.get(ENV_INTERVAL, "").strip()

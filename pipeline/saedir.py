@@ -60,6 +60,10 @@ and rebuilds their metadata from top-level keys, dropping ours. It names the con
 _SAELENS_RESERVED = {"get", "keys", "values", "items", "to_dict", "from_dict"}
 # SAELens turns every metadata key into an attribute of its SAEMetadata; these would shadow its methods.
 
+RUN_FILE = "run.json"
+"""Written into `TrainConfig.out` when a training run starts: its config and store, so a rerun (and `sae run`)
+can tell whether `out` holds a run of the same settings."""
+
 CHECKPOINT_DIR = "checkpoint"
 """Folder of training checkpoints under `TrainConfig.out` (written by sae.train.checkpoint)."""
 
@@ -693,6 +697,24 @@ def sweep_names(cfg: Any) -> list[str]:
     return [p.name for p in sweep(cfg)]
 
 
+def recorded_store(sae_dir: str | os.PathLike, metadata: dict[str, Any]) -> tuple[Path | None, str]:
+    """The store an SAE of ours was trained on, and how it was found (for reports). `metadata.store_relative`
+    (the store's path relative to the SAE directory) comes first, so a run directory moved or copied as a whole
+    still finds its store; then the absolute `metadata.store`. None when neither exists."""
+    rel, absolute = metadata.get("store_relative"), metadata.get("store")
+    tried = []
+    if isinstance(rel, str) and rel:
+        tried.append((Path(os.path.normpath(Path(sae_dir).absolute() / rel)), "found relative to the SAE directory"))
+    if isinstance(absolute, str) and absolute:
+        tried.append((Path(absolute), "found at its recorded path"))
+    for path, how in tried:
+        if path.exists():
+            return path, how
+    if not tried:
+        return None, "the SAE records no store"
+    return None, f"recorded store {tried[-1][0]} not found (moved or deleted)"
+
+
 def checkpoint_path(out: str | os.PathLike) -> Path:
     """The `latest` pointer of the training checkpoints under `out`: it exists once a complete checkpoint
     does."""
@@ -702,6 +724,7 @@ def checkpoint_path(out: str | os.PathLike) -> Path:
 __all__ = [
     "ARCHITECTURES",
     "CFG_FILE",
+    "RUN_FILE",
     "SaeConfig",
     "SparseAutoencoder",
     "SweepPoint",
@@ -712,6 +735,7 @@ __all__ = [
     "is_complete",
     "load_sae",
     "read_cfg",
+    "recorded_store",
     "save_sae",
     "write_sae_files",
     "sweep",

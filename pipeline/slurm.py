@@ -147,10 +147,15 @@ def submit(
 
     Returns job name → job id (`dry-run` when only written). Stages whose outputs are complete are left out.
     """
-    jobs = write_scripts(m)
+    # What is done is decided first: a finished run needs no scheduler, and a refusal writes nothing.
     skip = done_stages(m)
+    names = list(scripts(m))
+    if not dry_run and set(names) <= skip:
+        echo(f"nothing to submit: every job of {m.path} ({', '.join(names)}) is complete")
+        return {}
     if not dry_run and not shutil.which(sbatch):
         raise SaeError(f"`{sbatch}` not found: run `sae submit` on a SLURM login node, or pass --dry-run")
+    jobs = write_scripts(m)
     ids: dict[str, str] = {}
     previous: str | None = None
     for job in jobs:

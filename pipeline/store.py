@@ -46,6 +46,7 @@ from zarr.codecs import BloscCodec
 
 from . import __version__, atomic, rowtypes
 from .errors import SaeError
+from .interrupt import RERUN
 
 FORMAT_VERSION = 1
 META_ARRAYS = ("tokens", "context", "position")
@@ -107,7 +108,7 @@ def _codec(codec: str, itemsize: int) -> list:
         return []
     if codec == "blosc-zstd":
         # zstd level 1 + byte shuffle: ~1.45x on bf16 activations at >1 GB/s; higher levels and bitshuffle
-        # cost far more time than they save space (DESIGN.md).
+        # cost far more time than they save space (docs/design.md, "The store").
         return [BloscCodec(typesize=itemsize, cname="zstd", clevel=1, shuffle="shuffle", blocksize=1 << 20)]
     raise SaeError(f"unknown codec {codec!r}; use blosc-zstd or none")
 
@@ -492,14 +493,30 @@ def _check_fingerprint(path: Path, meta: dict[str, Any]) -> None:
         )
 
 
+def is_store(path: str | os.PathLike) -> bool:
+    """`path` is recognisably a store of ours (a folder whose zarr.json has sae_store attributes), finished or not."""
+    path = Path(path)
+    try:
+        zj = _read_json(path / "zarr.json") if path.is_dir() else None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return bool(isinstance(zj, dict) and "sae_store" in zj.get("attributes", {}))
+
+
 def _is_removable(path: Path) -> bool:
     """Only an empty folder or something that is recognisably a store of ours may be deleted."""
     if not path.exists():
         return True
     if path.is_dir() and not any(p.name != ".init.lock" for p in path.iterdir()):
         return True
-    zj = _read_json(path / "zarr.json") if path.is_dir() else None
-    return bool(zj and "sae_store" in zj.get("attributes", {}))
+    return is_store(path)
+
+
+def kept_on_interrupt(path: str | os.PathLike) -> tuple[str, str]:
+    """What a stopped harvest or concat leaves in the store at `path` (every shard written whole has its marker)
+    and how to continue: sae.interrupt's (kept, again)."""
+    n = len(done_shards(path))
+    return f"{n} finished shard{'s' * (n != 1)} kept in {path}", RERUN + " (finished shards are skipped)"
 
 
 class StoreWriter:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -22,6 +23,7 @@ import torch
 
 from . import progress, rowtypes, store
 from .errors import SaeError
+from .interrupt import interruptible
 
 _BLOCK = 65536
 """Rows converted to float64 at once inside a shard (a whole shard in float64 would take gigabytes)."""
@@ -45,15 +47,21 @@ def dask_client(scheduler: str | None = None) -> Iterator[Any]:
         yield client
 
 
-def compute(client: Any, tasks: Sequence[Any], stage: str, unit: str) -> list[Any]:
-    """Futures of `tasks` on `client`, once every one has finished (or failed), with progress counting finished
-    tasks in `unit` (each task reads one shard file, or writes one shard)."""
+def compute(client: Any, tasks: Sequence[Any], stage: str, shards: Sequence[int]) -> list[Any]:
+    """Futures of `tasks` on `client`, once every one has finished (or failed); `shards[i]` is the store shard that
+    task i reads or writes. Progress counts shards, one done when all its tasks are, so every tool counts the
+    same unit whatever the arrays it touches per shard (stats: the asked sites, validate: every array)."""
     from distributed import as_completed
 
     futures = client.compute(list(tasks))
-    with progress.Progress(stage, len(futures), unit) as bar:
-        for _ in as_completed(futures):
-            bar.update(1)
+    left = Counter(shards)
+    shard_of = {id(f): s for f, s in zip(futures, shards, strict=True)}
+    with progress.Progress(stage, len(left), "shards") as bar:
+        for f in as_completed(futures):
+            s = shard_of[id(f)]
+            left[s] -= 1
+            if not left[s]:
+                bar.update(1)
     return futures
 
 
@@ -168,9 +176,9 @@ def store_stats(
             dask.delayed(_shard_sums)(b, p, t, st.dtype, skip_bos)
             for b, p, t in zip(blocks, position, tokens, strict=True)
         ]
-    with dask_client(scheduler) as client:
-        parts = client.gather(compute(client, tasks, "stats", "shard files"))
     n = len(position)
+    with dask_client(scheduler) as client:
+        parts = client.gather(compute(client, tasks, "stats", [s for _ in names for s in range(n)]))
     return {site: _combine(parts[i * n : (i + 1) * n], factor) for i, site in enumerate(names)}
 
 
@@ -311,7 +319,7 @@ def validate_store(path: str | Path, *, scheduler: str | None = None) -> list[st
                 tasks.append(dask.delayed(store.checksum)(block))
                 keys.append((name, s))
     with dask_client(scheduler) as client:
-        futures = compute(client, tasks, "validate", "shard files")
+        futures = compute(client, tasks, "validate", [s for _, s in keys])
         for (name, s), f in zip(keys, futures, strict=True):
             if f.status == "error":
                 problems.append(f"shard {s} of {name}: unreadable ({type(f.exception()).__name__}: {f.exception()})")
@@ -328,6 +336,7 @@ def _few(xs: Sequence[int]) -> str:
 # sae concat
 
 
+@interruptible("concat", lambda paths, out, **kw: store.kept_on_interrupt(out))
 def concat_stores(
     paths: Sequence[str | Path],
     out: str | Path,
@@ -382,8 +391,8 @@ def concat_stores(
     offsets = np.cumsum([0] + [p.n_rows for p in parts])
     names = [*first.sites, *store.META_ARRAYS]
     blocks = [{n: shard_array(p, n).to_delayed().ravel() for n in names} for p in parts]
-    tasks = []
-    for s in sorted(set(range(writer.n_shards)) - writer.done()):
+    tasks, todo = [], sorted(set(range(writer.n_shards)) - writer.done())
+    for s in todo:
         a, b = writer.shard_range(s)
         pieces = []
         for q, p in enumerate(parts):
@@ -394,7 +403,7 @@ def concat_stores(
                 pieces.append((p0, want, {n: blocks[q][n][ps] for n in names}))
         tasks.append(dask.delayed(_write_concat_shard)(str(out), s, pieces, first.sites, first.seq_len))
     with dask_client(scheduler) as client:
-        client.gather(compute(client, tasks, "concat", "shards"))
+        client.gather(compute(client, tasks, "concat", todo))
     store.finalize(out)
     return out
 

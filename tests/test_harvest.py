@@ -8,6 +8,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from conftest import ARCHS, make_model, make_tokenizer
 from sae.config import HarvestConfig
 from sae.errors import SaeError
 from sae.harvest import harvest, shard_task
+from sae.interrupt import EXIT_CODE
 from sae.store import Store, from_storage
 
 HELDOUT = Path(__file__).resolve().parents[2] / "shared" / "corpus" / "heldout.jsonl.gz"
@@ -291,6 +293,35 @@ def test_sigkill_at_any_moment_then_rerun_gives_the_uninterrupted_store(tmp_path
     assert_same_store(out, baseline)
 
 
+def test_sigterm_stops_a_harvest_process_with_one_line_then_the_same_command_finishes(
+    tmp_path, llama_dir, corpus, baseline
+):
+    """What a scheduler's preemption or `kill` does (Ctrl-C is the same path, tested in-process in
+    test_interrupt.py): the process exits with sae.interrupt.EXIT_CODE, not killed by the signal."""
+    out = tmp_path / "store.zarr"
+    cmd = cli_args(config(out, llama_dir, corpus))
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env())
+    deadline = time.monotonic() + 300
+    while n_markers(out) < 2 and p.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    p.send_signal(signal.SIGTERM)
+    stdout, stderr = p.communicate(timeout=300)
+    assert p.returncode == EXIT_CODE, stderr[-3000:]
+    n = n_markers(out)
+    assert stderr.splitlines()[-1] == (
+        f"interrupted: harvest stopped by SIGTERM; {n} finished shards kept in {out}; "
+        "rerun the same command to continue (finished shards are skipped)"
+    )
+    assert "harvest: done" not in stdout and "Traceback" not in stderr and not (out / "manifest.json").exists()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the baseline ran
+    try:
+        harvest(config(out, llama_dir, corpus))
+    finally:
+        torch.set_num_threads(threads)
+    assert_same_store(out, baseline)
+
+
 def test_array_tasks_at_once_equal_one_process(tmp_path, llama_dir, corpus, baseline):
     out = tmp_path / "store.zarr"
     cfg = config(out, llama_dir, corpus)
@@ -348,6 +379,10 @@ def test_summary_and_progress(tmp_path, llama_dir, corpus, capsys):
     assert "384 of 384 tokens × 2 sites" in summary and "finalized" in summary
     for part in ("MB on disk", "bytes/token", "vs raw bfloat16", "vs float32", "s wall"):
         assert part in summary
+    # one rate, the header's (tokens per second of forward passes and writes), which the run line explains
+    assert summary.count("tok/s") == 1 and "tokens/s" not in summary
+    assert re.match(r"harvest: done in \S+ \(384 tok, [\d.]+k? tok/s\)", summary)
+    assert "the rate above counts the forward passes and shard writes only" in summary
 
 
 def test_shard_task_from_flag_or_slurm():

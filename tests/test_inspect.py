@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ from conftest import TINY_TEXT, make_model, make_tokenizer
 
 from sae.config import HarvestConfig, InspectConfig
 from sae.errors import SaeError
+from sae.evaluate.dashboard import MARKER, read_site
 from sae.evaluate.inspect import inspect, parse_latents
 from sae.evaluate.latent_state import N_BINS, Entries, LatentState
 from sae.harvest import harvest
@@ -84,11 +86,7 @@ def make_sae(
 def run(env, tmp_path, **kw) -> tuple[dict, list[dict]]:
     kw = {"sae_dir": env["sae"], "out": tmp_path / "site", "device": "cpu", "batch_size": 100, **kw}
     res = inspect(InspectConfig(**kw))
-    index = json.loads((res.out / "data" / "index.json").read_text())
-    latents = []
-    for c in range(-(-index["n_latents"] // index["chunk_size"])):
-        latents += json.loads((res.out / "data" / f"latents-{c:05d}.json").read_text())["latents"]
-    return index, latents
+    return read_site(res.out)
 
 
 def brute_force(store_path: Path, sae_dir: Path, keep_bos: bool = False):
@@ -223,8 +221,10 @@ def test_pages_equal_brute_force_encode(env, tmp_path):
             assert ex["start"] == lo and ex["tokens"] == input_ids[c, lo : hi + 1].tolist()
             want = [
                 float(acts[(ctx == c) & (pos == q), f][0]) if q > 0 else None for q in range(lo, hi + 1)
-            ]  # BOS was left out
-            assert ex["acts"] == pytest.approx(want, rel=2e-3, abs=1e-4)
+            ]  # BOS was left out: no value there, and a value everywhere else
+            assert [a is None for a in ex["acts"]] == [w is None for w in want]
+            got = [a for a in ex["acts"] if a is not None]
+            assert got == pytest.approx([w for w in want if w is not None], rel=2e-3, abs=1e-4)
         for q in lat["quantiles"]:
             slack = lat["hist"]["width"]
             assert all(q["lo"] - slack <= e["act"] <= q["hi"] + slack for e in q["examples"])
@@ -238,6 +238,59 @@ def test_pages_equal_brute_force_encode(env, tmp_path):
         cos = (unit @ unit[f]).detach()
         cos[f] = -2
         assert [j for j, _ in lat["similar"]] == cos.topk(5).indices.tolist()
+
+
+def _data(path: Path) -> dict:
+    """A data file as the page's script element evaluates it: one call whose argument is a JSON object."""
+    text = path.read_text(encoding="utf-8")
+    head = re.match(r"SAE_INSPECT\.(index|chunk)\(", text)
+    assert head and text.endswith(");\n"), text[:80]
+    return json.loads(text[head.end() : -3])
+
+
+def test_site_data_are_written_once_and_read_back_unchanged(env, tmp_path, monkeypatch):
+    """`read_site` gives back exactly what `inspect` handed `write_site`; each data file is written once (a script,
+    for file://), each example of a latent once, and its typical-rows top examples only where they differ."""
+    from sae import outputs
+    from sae.evaluate import inspect as inspect_module
+
+    given = {}
+    write_site = inspect_module.write_site
+
+    def spy(out, info, latents, text):
+        given["latents"] = latents
+        return write_site(out, info, latents, text)
+
+    monkeypatch.setattr(inspect_module, "write_site", spy)
+    (tmp_path / "site" / "data").mkdir(parents=True)  # a site of the earlier layout is replaced whole
+    (tmp_path / "site" / "index.html").write_text("<html></html>")
+    (tmp_path / "site" / "data" / "index.json").write_text("{}")
+    index, latents = run(env, tmp_path, top=6, window=3)
+    assert latents == given["latents"]
+    out = tmp_path / "site"
+    chunks = [f"latents-{c:05d}.js" for c in range(-(-F // index["chunk_size"]))]
+    assert sorted(p.name for p in (out / "data").iterdir()) == ["index.js", *chunks]
+    assert sorted(p.name for p in out.iterdir()) == ["data", "density_histogram.png", "index.html", "settings.json"]
+    cfg = InspectConfig(sae_dir=env["sae"], out=out, device="cpu", batch_size=100, top=6, window=3)
+    assert outputs.changes(out, outputs.inspect_record(cfg)) == []  # what `sae run` reads as current
+    assert _data(out / MARKER) == index
+    same = 0
+    for name in chunks:
+        chunk = _data(out / "data" / name)
+        assert len(set(chunk["token_ids"])) == len(chunk["token_ids"]) == len(chunk["tokens"])
+        for lat in chunk["latents"]:
+            full = latents[lat["i"]]
+            rows = [x[0] for x in lat["examples"]]
+            assert len(rows) == len(set(rows))  # each example once, however many lists show it
+            assert all(len(x) == len(index["example_fields"]) for x in lat["examples"])
+            assert all(v is None or v != 0 for x in lat["examples"] for v in x[-1][1::2])  # zeros are implied
+            assert ("top_typical" in lat) == (full["top_typical"] != full["top"])
+            same += full["top"] != [] and "top_typical" not in lat
+            c = index["columns"]
+            j = c["i"].index(lat["i"])
+            assert c["typical_same"][j] == int(full["top_typical"] == full["top"])
+            assert c["snippet_typical"][j] is None or not c["typical_same"][j]
+    assert same > F // 2  # the tiny model has few massive rows: most latents have one list
 
 
 def test_selected_latents_and_max_rows(env, tmp_path):
@@ -292,6 +345,25 @@ def test_saelens_sae_without_store_needs_one(env, tmp_path):
     assert latents[0]["logits"] is not None
 
 
+def test_a_moved_run_finds_its_store(env, tmp_path):
+    """The store is found by its path relative to the SAE directory when the run moved as a whole; when it is
+    gone, one line names the recorded store."""
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(env["store"], run_dir / "store.zarr")
+    sae = make_sae(run_dir / "saes" / "sae", store=(run_dir / "store.zarr").resolve(), model=env["model"])
+    cfg = json.loads((sae / "cfg.json").read_text())
+    cfg["metadata"]["store_relative"] = "../../store.zarr"
+    (sae / "cfg.json").write_text(json.dumps(cfg))
+    shutil.move(run_dir, tmp_path / "moved")
+    index, _ = run(env, tmp_path, sae_dir=tmp_path / "moved" / "saes" / "sae", latents="0-3")
+    assert str(tmp_path / "moved" / "store.zarr") in json.dumps(index)
+    shutil.rmtree(tmp_path / "moved" / "store.zarr")
+    with pytest.raises(SaeError, match=r"recorded store .*store.zarr not found \(moved or deleted\); pass --store"):
+        run(env, tmp_path, sae_dir=tmp_path / "moved" / "saes" / "sae", latents="0-3")
+
+
 def test_cli_bad_input_is_one_line_and_exit_2(env, tmp_path):
     from click.testing import CliRunner
 
@@ -303,7 +375,7 @@ def test_cli_bad_input_is_one_line_and_exit_2(env, tmp_path):
     )
     assert res.exit_code == 0, res.output
     assert (out / "index.html").is_file() and (out / "density_histogram.png").is_file()
-    before = (out / "data" / "index.json").read_bytes()
+    before = (out / MARKER).read_bytes()
     for args, msg in [
         (["--latents", "0-999"], "outside the SAE's latents"),
         (["--top", "0"], "--top must be at least 1"),
@@ -318,13 +390,14 @@ def test_cli_bad_input_is_one_line_and_exit_2(env, tmp_path):
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
     res = CliRunner().invoke(main, ["inspect", str(tmp_path / "missing"), "--out", str(out)])
     assert res.exit_code == 2 and "does not exist" in res.output
-    assert (out / "data" / "index.json").read_bytes() == before  # nothing already written was touched
+    assert (out / MARKER).read_bytes() == before  # nothing already written was touched
 
 
 def test_manifest_inspect_stage_is_optional_and_pages_every_sae(tmp_path):
     import yaml
 
     from sae import manifest as mf
+    from sae import outputs
 
     calls = []
 
@@ -337,10 +410,11 @@ def test_manifest_inspect_stage_is_optional_and_pages_every_sae(tmp_path):
     def evaluate(cfg):
         calls.append("eval")
 
-    def inspect_stage(cfg):
+    def inspect_stage(cfg):  # writes what marks a finished site, as `inspect` does
         calls.append(("inspect", cfg.sae_dir, cfg.out))
         (Path(cfg.out) / "data").mkdir(parents=True)
-        (Path(cfg.out) / "data" / "index.json").write_text("{}")
+        (Path(cfg.out) / MARKER).write_text("SAE_INSPECT.index({});\n")
+        outputs.write_record(Path(cfg.out), outputs.inspect_record(cfg))
 
     stages = mf.Stages(harvest, train, evaluate, inspect_stage)
     base = {"run_dir": str(tmp_path / "run"), "harvest": {"sites": [SITE]}, "train": {"arch": "batchtopk,topk"}}
@@ -474,6 +548,8 @@ def test_massive_rows_are_marked_and_do_not_own_the_top_examples(massive, tmp_pa
     # Most dictionary latents' top examples over all rows are all on the planted rows; the typical view is not.
     owned = [lat for lat in latents[:-1] if lat["top"] and all(ex["kind"] == "massive" for ex in lat["top"])]
     assert len(owned) > (F_SYN - 1) / 2 and all(len(lat["top_typical"]) == 8 for lat in owned)
+    chunk = _data(tmp_path / "site" / "data" / "latents-00000.js")
+    assert all("top_typical" in chunk["latents"][lat["i"]] for lat in owned)  # two lists where they differ
     # The offset reader fires on massive rows only: all its mass there, no typical example, flagged on the index.
     only = latents[-1]
     assert only["count"] == int(is_massive.sum()) and only["massive_mass"] == 1 and only["top_typical"] == []

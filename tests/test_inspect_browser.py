@@ -105,7 +105,7 @@ def test_offline_and_self_contained(site):
     html = (out / "index.html").read_text()
     assert not re.search(r"https?://|@import|@font-face|url\(", html)
     for f in (out / "data").iterdir():
-        assert f.suffix in (".js", ".json")
+        assert f.suffix == ".js"  # loaded as scripts (file:// pages may not fetch), each written once
     scripts = re.findall(r'<script src="([^"]+)"', html)
     assert scripts == ["data/index.js"] and (out / scripts[0]).is_file()
 
@@ -160,6 +160,24 @@ def test_latent_page_shows_examples_and_the_json_numbers(site, tmp_path):
     assert img.std() > 0.05 and len(np.unique(img.reshape(-1, img.shape[-1]), axis=0)) > 50
 
 
+def test_a_latent_with_no_top_example_on_a_massive_row_shows_one_list(site):
+    out, _, latents = site
+    lat = next(lat for lat in latents if lat["top"] and lat["top_typical"] == lat["top"])
+    rows = [ex["row"] for ex in lat["top"]]
+    for view, list_id in (("", "top"), ("/typical", "top-typical")):
+        page = Elements(dom((out / "index.html").as_uri() + f"#/latent/{lat['i']}{view}"))
+        assert "are the same" in page.find("p", id="typical-same")[0][2] and not page.find("p", id="top-note")
+        top = page.find("ol", id=list_id)[0]
+        assert [int(el[1]["data-row"]) for el in page.find("li", class_="ex") if el[2] in top[2]][: len(rows)] == rows
+        assert len(page.find("ol", class_="examples")) == 1 + len(lat["quantiles"])  # one list of top examples
+    # The index's typical-rows view shows the same snippet as the all-rows view.
+    snippets = [
+        Elements(dom((out / "index.html").as_uri() + v)).find("tr", data_latent=str(lat["i"]))[0][2]
+        for v in ("#/", "#/typical")
+    ]
+    assert snippets[0] == snippets[1] and "never fired" not in snippets[1]
+
+
 def test_a_latent_that_was_not_inspected_says_so(site):
     out, index, _ = site
     page = Elements(dom((out / "index.html").as_uri() + f"#/latent/{index['sae']['d_sae'] + 5}"))
@@ -181,6 +199,7 @@ def test_massive_rows_are_marked_and_the_typical_view_shows_other_examples(massi
     rows = [int(el[1]["data-row"]) for el in page.find("li", class_="ex") if el[2] in top[2]][: len(lat["top_typical"])]
     assert rows == [ex["row"] for ex in lat["top_typical"]] and rows
     assert all(el[1]["data-kind"] == "typical" for el in page.find("li", class_="ex") if el[2] in top[2])
+    assert not page.find("p", id="typical-same")  # two different lists
     index = Elements(dom((out / "index.html").as_uri() + "#/typical"))
     only = index.find("tr", data_latent=str(latents[-1]["i"]))[0]
     assert "never fired on a typical row" in only[2] and "mostly massive" in only[2]

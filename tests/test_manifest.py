@@ -11,10 +11,11 @@ from _synthetic import SITE, make_store
 from click.testing import CliRunner
 
 from sae import manifest as mf
+from sae import outputs
 from sae.cli import main
-from sae.config import ConfigError, EvalConfig, HarvestConfig, TrainConfig
+from sae.config import ConfigError, EvalConfig, HarvestConfig, InspectConfig, TrainConfig, to_dict
 from sae.errors import SaeError
-from sae.saedir import CFG_FILE, WEIGHTS_FILE, SaeConfig, checkpoint_path
+from sae.saedir import CFG_FILE, RUN_FILE, WEIGHTS_FILE, SaeConfig, checkpoint_path
 
 MANIFESTS = sorted((Path(__file__).parents[1] / "manifests").glob("*.yaml"))
 
@@ -160,18 +161,29 @@ class Recorder:
 
     def train(self, cfg: TrainConfig):
         self.calls.append(("train", cfg))
+        Path(cfg.out).mkdir(parents=True, exist_ok=True)
+        (Path(cfg.out) / RUN_FILE).write_text(json.dumps({"config": to_dict(cfg)}))
         for d in mf.sae_dirs(cfg):
             d.mkdir(parents=True)
-            (d / WEIGHTS_FILE).write_bytes(b"")
+            (d / WEIGHTS_FILE).write_bytes(b"weights of " + json.dumps(to_dict(cfg)).encode())
             (d / CFG_FILE).write_text(json.dumps(SaeConfig("topk", 16, 32, k=4, complete=True).to_dict()))
 
     def evaluate(self, cfg: EvalConfig):
         self.calls.append(("eval", cfg))
-        Path(cfg.out).mkdir(parents=True)
-        (Path(cfg.out) / "report.json").write_text("{}")
+        rec = outputs.eval_record(cfg)
+        Path(cfg.out).mkdir(parents=True, exist_ok=True)
+        (Path(cfg.out) / "report.json").write_text("[]")
+        outputs.write_record(Path(cfg.out), rec)
+
+    def inspect(self, cfg: InspectConfig):
+        self.calls.append(("inspect", cfg))
+        rec = outputs.inspect_record(cfg)
+        Path(cfg.out).mkdir(parents=True, exist_ok=True)
+        (Path(cfg.out) / "index.html").write_text("<html></html>")
+        outputs.write_record(Path(cfg.out), rec)
 
     def stages(self):
-        return mf.Stages(self.harvest, self.train, self.evaluate)
+        return mf.Stages(self.harvest, self.train, self.evaluate, self.inspect)
 
 
 def test_run_skips_complete_stages_and_resumes_training(tmp_path, monkeypatch):
@@ -196,6 +208,79 @@ def test_run_skips_complete_stages_and_resumes_training(tmp_path, monkeypatch):
     mf.run(m, rec.stages(), echo=said.append)
     assert rec.calls == []
     assert mf.status(m) == {"harvest": True, "train": True, "eval": True, "inspect": True}
+
+
+def test_changed_eval_and_inspect_settings_redo_those_stages(tmp_path):
+    data = {"run_dir": str(tmp_path / "run"), "harvest": {"sites": [SITE], "seq_len": 16}, "inspect": {"top": 20}}
+    rec = Recorder()
+    mf.run(mf.parse_manifest(data), rec.stages(), echo=lambda s: None)
+    assert [c[0] for c in rec.calls] == ["harvest", "train", "eval", "inspect"]
+    rec.calls.clear()
+    said: list[str] = []
+    mf.run(mf.parse_manifest(data), rec.stages(), echo=said.append)
+    assert rec.calls == []  # nothing changed: every stage is current
+    assert said[-5].startswith("run: ") and all("skipped" in line for line in said[-4:])
+
+    rec.calls.clear()
+    said.clear()
+    changed = {**data, "eval": {"max_tokens": 2048}, "inspect": {"top": 5}}
+    mf.run(mf.parse_manifest(changed), rec.stages(), echo=said.append)
+    assert [c[0] for c in rec.calls] == ["eval", "inspect"]
+    assert any("max_tokens: 65536 → 2048" in line and "redoing" in line for line in said)
+    assert any("top: 20 → 5" in line and "redoing" in line for line in said)
+    assert any(line.split()[:2] == ["eval", "redone"] for line in said)
+    rec.calls.clear()
+    mf.run(mf.parse_manifest(changed), rec.stages(), echo=lambda s: None)
+    assert rec.calls == []
+
+    # New weights in an SAE directory make the report and its pages stale too.
+    m = mf.parse_manifest(changed)
+    (m.eval.sae_dirs[0] / WEIGHTS_FILE).write_bytes(b"retrained")
+    assert mf.eval_changes(m.eval) == [f"{m.eval.sae_dirs[0].name}: changed"]
+    mf.run(m, rec.stages(), echo=lambda s: None)
+    assert [c[0] for c in rec.calls] == ["eval", "inspect"]
+
+    # --redo reruns one stage on purpose; without --stage it is refused.
+    rec.calls.clear()
+    mf.run(m, rec.stages(), stage="eval", redo=True, echo=lambda s: None)
+    assert [c[0] for c in rec.calls] == ["eval"]
+    with pytest.raises(SaeError, match="--redo reruns one stage"):
+        mf.run(m, rec.stages(), redo=True)
+
+
+def test_changed_training_settings_are_refused_until_redone(tmp_path):
+    data = {"run_dir": str(tmp_path / "run"), "harvest": {"sites": [SITE], "seq_len": 16}}
+    rec = Recorder()
+    mf.run(mf.parse_manifest(data), rec.stages(), echo=lambda s: None)
+    changed = mf.parse_manifest({**data, "train": {"lr": 0.001, "device": "cpu"}})
+    refused = r"trained with other settings \(lr: None then, 0.001 now\).*--stage train --redo"
+    with pytest.raises(SaeError, match=refused):
+        mf.run(changed, rec.stages(), echo=lambda s: None)
+    rec.calls.clear()
+    mf.run(changed, rec.stages(), stage="train", redo=True, echo=lambda s: None)
+    assert [c[0] for c in rec.calls] == ["train"] and rec.calls[0][1].lr == 0.001
+    mf.run(changed, rec.stages(), echo=lambda s: None)  # the report is of the old SAEs: redone
+    assert [c[0] for c in rec.calls] == ["train", "eval"]
+    # a device change alone retrains nothing (it does not change what is computed)
+    rec.calls.clear()
+    mf.run(mf.parse_manifest({**data, "train": {"lr": 0.001}}), rec.stages(), echo=lambda s: None)
+    assert rec.calls == []
+
+
+def test_cli_redo_needs_a_stage(tmp_path):
+    path = write(tmp_path, yaml.safe_dump({"run_dir": str(tmp_path / "run"), "harvest": {"sites": [SITE]}}))
+    r = CliRunner().invoke(main, ["run", str(path), "--redo"])
+    assert r.exit_code == 2 and r.stderr.strip().count("\n") == 0 and "--redo reruns one stage" in r.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_redo_deletes_only_a_training_run_of_ours(tmp_path):
+    m = mf.parse_manifest({"run_dir": str(tmp_path / "run"), "harvest": {"sites": [SITE], "seq_len": 16}})
+    Path(m.train.out).mkdir(parents=True)
+    (Path(m.train.out) / "notes.txt").write_text("mine")
+    with pytest.raises(SaeError, match="holds no training run of ours"):
+        mf.run(m, Recorder().stages(), stage="train", redo=True)
+    assert (Path(m.train.out) / "notes.txt").read_text() == "mine"
 
 
 def test_run_stages_for_array_jobs(tmp_path):

@@ -18,10 +18,10 @@ from click.testing import CliRunner
 from conftest import TINY_TEXT, make_model, make_tokenizer
 from safetensors.numpy import load_file
 
-from sae import store
+from sae import slurm, store
 from sae.cli import main
 from sae.config import field_docs
-from sae.manifest import load_manifest
+from sae.manifest import STAGES, load_manifest
 from sae.slurm import SlurmConfig
 
 SITE = "blocks.2.hook_resid_post"
@@ -193,6 +193,18 @@ def test_submit_without_sbatch_is_a_clean_error(tmp_path, monkeypatch):
     path = manifest(tmp_path, tmp_path / "model", "runs/b")
     r = CliRunner().invoke(main, ["submit", str(path), "--scheduler", "slurm"])
     assert r.exit_code == 2 and "`sbatch` not found" in r.output and "--dry-run" in r.output
+    assert not (tmp_path / "runs/b/slurm").exists()  # refused before writing the scripts
+
+
+def test_submit_of_a_finished_run_needs_no_sbatch(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch
+    path = manifest(tmp_path, tmp_path / "model", "runs/done")
+    monkeypatch.setattr(slurm, "done_stages", lambda m: set(STAGES))  # as for a run whose every output is complete
+    r = CliRunner().invoke(main, ["submit", str(path), "--scheduler", "slurm"])
+    assert r.exit_code == 0, r.output
+    assert r.output.startswith("nothing to submit: every job of ") and "not found" not in r.output, r.output
+    assert not (tmp_path / "runs/done/slurm").exists()
 
 
 def test_stand_in_sbatch_run_equals_sae_run(tmp_path, monkeypatch, model_dir):
@@ -245,10 +257,14 @@ def test_stand_in_sbatch_run_equals_sae_run(tmp_path, monkeypatch, model_dir):
     ra, rb = ((tmp_path / f"runs/{n}/report/report.json").read_text() for n in ("local", "cluster"))
     assert json.loads(ra.replace("runs/local/", "runs/cluster/")) == json.loads(rb) and len(json.loads(ra)) == 2
 
-    # Everything is complete now: submitting again submits nothing.
+    # Everything is complete now: submitting again submits nothing, and says so.
     r = CliRunner().invoke(main, ["submit", str(cluster), "--scheduler", "slurm"])
-    assert r.exit_code == 0 and r.output.count("complete, not submitted") == 5
+    assert r.exit_code == 0 and "nothing to submit: every job of " in r.output, r.output
     assert len(json.loads((tmp_path / "slurm-state.json").read_text())["jobs"]) == 5
+    # ... even where there is no sbatch at all (a finished run needs no scheduler)
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    r = CliRunner().invoke(main, ["submit", str(cluster), "--scheduler", "slurm"])
+    assert r.exit_code == 0 and "nothing to submit" in r.output and "not found" not in r.output, r.output
 
 
 def test_every_slurm_key_is_documented():

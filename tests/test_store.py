@@ -1,5 +1,5 @@
 """The store format module (sae.store) on its own: exact round trips, shuffling, markers, finalize, refusals,
-the reader API and the on-disk layout that DESIGN.md describes."""
+the reader API and the on-disk layout that docs/design.md describes ("The store")."""
 
 from __future__ import annotations
 

@@ -24,6 +24,7 @@ from safetensors.torch import load_file
 from sae import cli
 from sae.config import TrainConfig
 from sae.errors import SaeError
+from sae.interrupt import EXIT_CODE
 from sae.saedir import is_complete, load_sae, sweep
 from sae.train import checkpoint, trainer
 from sae.train import train as run_train
@@ -77,6 +78,7 @@ def test_learns_sparse_data(store, tmp_path):
     assert cfg.hook_name == SITE and cfg.model_name == "synthetic" and cfg.complete
     assert cfg.metadata["keep_bos"] is False and cfg.metadata["tokens_seen"] == 64 * 400
     assert cfg.metadata["store"] == str(Path(store).resolve()) and cfg.theta > 0 and cfg.input_scale > 0
+    assert (d / cfg.metadata["store_relative"]).resolve() == Path(store).resolve()  # found after a move too
     assert torch.all(sae.threshold == cfg.theta)
     assert not (tmp_path / "out" / checkpoint.DIR).exists()  # removed once the SAEs are final
     assert not (tmp_path / "out" / trainer.LOG_DIR).exists()  # the logs live on in the SAE directories
@@ -185,9 +187,10 @@ def test_sigterm_checkpoints_and_exits(store, reference, tmp_path):
         result = CliRunner().invoke(cli.main, ["train", *_cli_args(cfg)])
     finally:
         signal.signal(signal.SIGTERM, old)
-    assert result.exit_code == 2, result.output
+    assert result.exit_code == EXIT_CODE, result.output
+    assert "done in" not in result.stdout  # a stopped stage prints no summary
     last = checkpoint.latest_name(cfg.out)
-    message = " ".join(result.output.split())
+    message = " ".join(result.stderr.split())
     assert "stopped by SIGTERM" in message and "--resume" in message
     assert f"checkpoint written to {cfg.out / checkpoint.DIR / last}" in message
     assert last >= seen[0] and not is_complete(cfg.out / reference.name)
@@ -283,6 +286,24 @@ def test_plan_defaults_scale_with_the_run():
         trainer.make_plan(replace(cfg, tokens=50), train_rows=100_000, input_scale=1.0)
 
 
+def test_default_length_makes_enough_steps_on_a_small_store():
+    """Without --tokens: one pass, or more passes over a small store until MIN_STEPS (at most
+    MAX_DEFAULT_PASSES); a run still shorter is warned about with the fix."""
+    from sae.train.plan import MAX_DEFAULT_PASSES, MIN_STEPS, short_run_warning
+
+    cfg = TrainConfig(batch_size=4096)
+    one = trainer.make_plan(cfg, train_rows=4096 * (MIN_STEPS + 5), input_scale=1.0)
+    assert one.steps == MIN_STEPS + 5 and short_run_warning(one, 4096 * (MIN_STEPS + 5), False) is None
+    small = trainer.make_plan(cfg, train_rows=4096 * 20, input_scale=1.0)  # 20 steps a pass: 4 passes
+    assert small.steps == 80 and small.steps >= MIN_STEPS and short_run_warning(small, 4096 * 20, False) is None
+    tiny = trainer.make_plan(cfg, train_rows=4096, input_scale=1.0)
+    assert tiny.steps == MAX_DEFAULT_PASSES
+    warning = short_run_warning(tiny, 4096, False)
+    assert warning.startswith(f"warning: only {MAX_DEFAULT_PASSES} optimizer steps") and "--batch-size" in warning
+    given = trainer.make_plan(replace(cfg, tokens=4096 * 10), train_rows=4096 * 100, input_scale=1.0)
+    assert given.steps == 10 and "more --tokens" in short_run_warning(given, 4096 * 100, True)
+
+
 @pytest.fixture(scope="session")
 def smollm2_store(tmp_path_factory):
     """65,536 tokens of SmolLM2-135M's blocks.15 residual stream (8 chunks of 8192 rows) harvested from the
@@ -332,7 +353,13 @@ def test_smollm2_theta_mode_l0_matches_k(smollm2_store, tmp_path):
     assert abs(final["l0_theta"] - k) <= 0.1 * k, final
     assert final["fvu_theta"] < 0.5 and abs(final["fvu_theta"] - final["fvu_batch"]) < 0.05, final
     sae = load_sae(d)
-    assert sae.cfg.model_name == "smollm2-135m" and sae.cfg.hook_name == "blocks.15.hook_resid_post"
+    # SAELens users load the model by model_name: the hub id; our alias stays in metadata.model
+    assert (
+        sae.cfg.model_name == "HuggingFaceTB/SmolLM2-135M-Instruct"
+        and sae.cfg.metadata["model"]["id"] == "smollm2-135m"
+    )
+    assert sae.cfg.metadata["model_source"]["gguf"].endswith(".Q4_1.gguf")  # what the weights really were
+    assert sae.cfg.hook_name == "blocks.15.hook_resid_post"
 
 
 def test_progress_lines_and_summary_when_not_a_tty(store, tmp_path, monkeypatch, capsys):
@@ -340,18 +367,20 @@ def test_progress_lines_and_summary_when_not_a_tty(store, tmp_path, monkeypatch,
     figures by name, then a summary paragraph per SAE with the final validation numbers."""
     monkeypatch.setenv("SAE_PROGRESS_INTERVAL", "1e-9")  # a line on every step
     cfg = _cfg(store, tmp_path / "out", arch=("batchtopk", "topk"), tokens=64 * 20, log_every=1)
-    with monkeypatch.context() as m:  # a preempted run's log ends with a summary too
+    with monkeypatch.context() as m:  # a preempted run's log ends with how far it got, and no summary
         m.setattr(trainer, "_StopFlag", _StopAtOnce)
-        with pytest.raises(trainer.TrainingInterrupted):
+        with pytest.raises(trainer.TrainingInterrupted, match="train stopped by SIGTERM after step 1 of 20"):
             run_train(replace(cfg, out=tmp_path / "stopped"))
-    out = capsys.readouterr().out.splitlines()  # the summary is the stage's result: stdout
-    head = out.index(next(s for s in out if s.startswith("train: done in ")))
-    assert out[head + 1].startswith("  stopped by SIGTERM after step 1 of 20")
-    assert out[head + 2].startswith("  batchtopk-k4-F64: loss ") and " L0 " in out[head + 2]
+    captured = capsys.readouterr()
+    assert "train: done" not in captured.out
+    last = captured.err.splitlines()[-1]
+    assert last.startswith("train: 64/1,280 tok (5.0%) ") and "| batchtopk-k4-F64: loss " in last, last
     dirs = run_train(replace(cfg, log_every=5))
     captured = capsys.readouterr()
     err, out = captured.err.splitlines(), captured.out.splitlines()
-    assert err[0] == "train: started, 1,280 tok"
+    # a run of 20 steps says first that it is too short, and how to lengthen it
+    assert err[0].startswith("warning: only 20 optimizer steps (1,280 tokens") and "--batch-size" in err[0]
+    assert err[1] == "train: started, 1,280 tok"
     lines = [s for s in err if s.startswith("train: ") and " tok (" in s]
     assert len(lines) >= 20 and all(" tok/s " in s for s in lines)
     assert lines[5].startswith("train: 384/1,280 tok (30.0%) ") and " ETA 0:" in lines[5]

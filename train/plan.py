@@ -9,6 +9,14 @@ from typing import NamedTuple
 from sae.config import TrainConfig
 from sae.errors import SaeError
 
+MIN_STEPS = 64
+"""Optimizer steps below which an SAE is not worth having (the lr warm-up, the θ EMA and the dead-latent window
+all need room): a run without --tokens makes more passes over a small store to reach it, and a shorter run is
+warned about with the fix."""
+
+MAX_DEFAULT_PASSES = 10
+"""At most this many passes over the store for a run without --tokens (more would mostly memorise it)."""
+
 
 class Plan(NamedTuple):
     """The run's length and the schedules derived from it (defaults scale with the run)."""
@@ -49,7 +57,7 @@ class Plan(NamedTuple):
 def make_plan(cfg: TrainConfig, train_rows: int, input_scale: float) -> Plan:
     """Resolve the run length and the scaled defaults of `cfg`."""
     b = cfg.batch_size
-    tokens = cfg.tokens if cfg.tokens is not None else train_rows
+    tokens = cfg.tokens if cfg.tokens is not None else default_passes(train_rows, b) * train_rows
     steps = tokens // b
     if steps < 1:
         raise SaeError(
@@ -73,9 +81,29 @@ def make_plan(cfg: TrainConfig, train_rows: int, input_scale: float) -> Plan:
     )
 
 
+def default_passes(train_rows: int, batch_size: int) -> int:
+    """Passes over the store's training rows of a run without --tokens: one, or enough for MIN_STEPS steps
+    (at most MAX_DEFAULT_PASSES)."""
+    return min(MAX_DEFAULT_PASSES, max(1, math.ceil(MIN_STEPS * batch_size / max(1, train_rows))))
+
+
+def short_run_warning(plan: Plan, train_rows: int, tokens_given: bool) -> str | None:
+    """A line saying the run is too short to train a useful SAE and how to lengthen it; None when it is not."""
+    if plan.steps >= MIN_STEPS:
+        return None
+    passes = plan.tokens / max(1, train_rows)
+    return (
+        f"warning: only {plan.steps} optimizer steps ({plan.tokens:,} tokens = {passes:.3g} passes over the store's "
+        f"{train_rows:,} training rows at --batch-size {plan.batch_size}); an SAE needs at least {MIN_STEPS} to "
+        "train usefully. Use a smaller --batch-size"
+        + (", more --tokens" if tokens_given else "")
+        + " or a larger store (sae harvest --max-tokens)"
+    )
+
+
 def default_lr(d_sae: int) -> float:
     """2e-4 / √(F / 2¹⁴) (the BatchTopK paper's scaling rule)."""
     return 2e-4 / math.sqrt(d_sae / 2**14)
 
 
-__all__ = ["Plan", "default_lr", "make_plan"]
+__all__ = ["MAX_DEFAULT_PASSES", "MIN_STEPS", "Plan", "default_lr", "default_passes", "make_plan", "short_run_warning"]

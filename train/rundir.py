@@ -15,15 +15,13 @@ import json
 from pathlib import Path
 from typing import Any
 
-from sae.config import TrainConfig
+from sae.config import RESUMABLE_CHANGES, TrainConfig
 from sae.errors import SaeError
-from sae.saedir import is_complete
-from sae.store import Store
+from sae.outputs import setting_changes
+from sae.saedir import RUN_FILE, is_complete
+from sae.store import Store, is_store
 
 from . import checkpoint
-
-RUN_FILE = "run.json"
-"""Written into `out` when a run starts: its config and store, so a rerun can tell whether `out` is its own."""
 
 LOG_FILE = "train_log.jsonl"
 """Training log in each SAE directory: one JSON object per line, `split` "train" or "val"."""
@@ -31,10 +29,6 @@ LOG_FILE = "train_log.jsonl"
 LOG_DIR = "logs"
 """Where the logs grow during training (`out/logs/<sae>.jsonl`); each save of an SAE copies its log into the SAE
 directory, so a kill during that save (which swaps the directory) never loses log lines."""
-
-RESUMABLE_CHANGES = {"resume", "device", "log_every", "buffer_mb", "checkpoint_every", "store", "out"}
-"""Settings a resumed run may change: they do not alter what is computed (the reader's buffer size and the
-decoder choice live in the checkpoint)."""
 
 
 def open_store(cfg: TrainConfig) -> tuple[Store, str]:
@@ -92,9 +86,9 @@ def store_identity(store: Store, site: str, target: str | None = None) -> dict[s
 
 def compare_config(old: dict[str, Any], new: dict[str, Any], out: Path) -> None:
     """SaeError naming every setting, other than RESUMABLE_CHANGES, that differs from the run in `out`."""
-    diff = [k for k in sorted(set(old) | set(new)) if k not in RESUMABLE_CHANGES and old.get(k) != new.get(k)]
+    diff = setting_changes(old, new, RESUMABLE_CHANGES)
     if diff:
-        shown = "; ".join(f"--{k.replace('_', '-')}: run has {old.get(k)!r}, now {new.get(k)!r}" for k in diff)
+        shown = "; ".join(f"--{k.replace('_', '-')}: run has {a!r}, now {b!r}" for k, a, b in diff)
         raise SaeError(
             f"{out} holds a run with other settings ({shown}). Nothing was changed; rerun with the same settings, "
             "or choose another --out"
@@ -121,6 +115,11 @@ def check_out(cfg: TrainConfig, names: list[str], run_info: dict[str, Any]) -> s
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise SaeError(f"--out {out} exists and is not a directory")
+    # run.json and SAE folders inside a store would mix two stages' outputs (harvest refuses the reverse)
+    inside = next((p for p in (out, *out.absolute().parents) if is_store(p)), None)
+    if inside is not None:
+        where = "is" if inside == out else f"lies inside {inside}, which is"
+        raise SaeError(f"--out {out} {where} an activation store; choose a folder outside it for the SAEs")
     old = read_json(out / RUN_FILE)
     has_ckpt = checkpoint.exists(out)
     present = [n for n in [*names, LOG_DIR] if (out / n).exists()]

@@ -4,6 +4,7 @@ writing of its SAELens-format directory (weights, cfg.json with the training met
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,8 @@ from typing import Any
 import torch
 
 from sae import atomic
-from sae.config import TrainConfig
+from sae.config import DEFAULT_MODEL, TrainConfig, hub_model_name
+from sae.embedded import embedded_model_source
 from sae.errors import SaeError
 from sae.saedir import save_sae as write_sae_dir
 from sae.store import Store
@@ -109,9 +111,11 @@ def save_sae(
     a = store.attrs
     model = a.get("model") or {}
     metadata = {
-        "model": model,
+        "model": model,  # what the store recorded: our alias or path, the weights' sha256 (the GGUF's), revision
         "corpus": a.get("corpus"),
         "store": str(Path(store.path).resolve()),
+        # beside the absolute path: a run directory moved or copied as a whole still finds its store
+        "store_relative": os.path.relpath(Path(store.path).resolve(), Path(r.dir).resolve()),
         "site": site,
         "context_size": store.seq_len,
         "keep_bos": cfg.keep_bos,
@@ -129,6 +133,8 @@ def save_sae(
         "val_chunks": reader.val_chunks,
         "reader_lanes": reader.lanes,
     }
+    if model.get("id") == DEFAULT_MODEL:  # model_name is the hub id; say what the weights really were
+        metadata["model_source"] = embedded_model_source()
     # (export adds the architecture's own settings to the metadata)
     if exclude is not None:
         metadata["exclude"] = exclude
@@ -138,7 +144,9 @@ def save_sae(
         metadata["skip"] = r.sae.skip
         extra["hook_name_out"] = target
     inf = apply_theta(
-        r.sae.export(model_name=model.get("id"), hook_name=site, complete=complete, metadata=metadata, **extra),
+        r.sae.export(
+            model_name=hub_model_name(model.get("id")), hook_name=site, complete=complete, metadata=metadata, **extra
+        ),
         theta,
     )
     (save_transcoder if isinstance(inf, Transcoder) else write_sae_dir)(inf, None, r.dir)

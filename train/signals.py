@@ -1,4 +1,5 @@
-"""SIGTERM/SIGINT (a cluster's preemption, Ctrl-C): finish the step, checkpoint, exit non-zero."""
+"""SIGTERM/SIGINT (a cluster's preemption, Ctrl-C): finish the step, checkpoint, stop (sae.interrupt: the CLI
+exits with its EXIT_CODE, as every stopped stage does)."""
 
 from __future__ import annotations
 
@@ -6,10 +7,10 @@ import signal
 import threading
 from typing import Any
 
-from sae.errors import SaeError
+from sae.interrupt import Interrupted
 
 
-class TrainingInterrupted(SaeError):
+class TrainingInterrupted(Interrupted):
     """SIGTERM/SIGINT stopped the run after a checkpoint; rerun with --resume."""
 
 

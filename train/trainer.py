@@ -32,9 +32,10 @@ import torch
 import torch.distributed as dist
 
 from sae import __version__, atomic
-from sae.config import TrainConfig, to_dict
+from sae.config import TrainConfig, check_values, to_dict
 from sae.device import resolve_device
 from sae.errors import SaeError
+from sae.interrupt import RERUN, interruptible
 from sae.progress import Progress, summary
 from sae.saedir import sweep
 from sae.store import Store
@@ -56,7 +57,7 @@ from .ddp import (
 )
 from .exclude import RowFilter
 from .log import progress_figures, summary_line, train_row
-from .plan import Plan, default_lr, make_plan
+from .plan import Plan, default_lr, make_plan, short_run_warning
 from .reader import ChunkReader, Rows, read_rows
 from .rundir import LOG_DIR, LOG_FILE, RUN_FILE, check_out, compare_store, open_store, store_identity, target_site
 from .saerun import SaeRun, make_run, save_sae, write_log
@@ -75,6 +76,21 @@ STOP_CHECK_STEPS = 8
 collective every step would hold every rank's host at every step. One process checks after each step."""
 
 
+RESUME = "continue with the same command plus --resume"
+"""How to continue a run stopped after a checkpoint (`sae run` resumes by itself: rerunning it is enough)."""
+
+
+def _kept(cfg: TrainConfig) -> tuple[str, str]:
+    """What a run stopped outside the loop's own checkpoint-and-stop (a second Ctrl-C, or a signal before the
+    first step) left in `out`, and how to continue it."""
+    out = Path(cfg.out)
+    latest = checkpoint.latest_name(out)
+    if latest is None:
+        return "no checkpoint was written yet", RERUN
+    return f"the last checkpoint, {out / checkpoint.DIR / latest}, is kept", RESUME
+
+
+@interruptible("train", _kept)
 def train(cfg: TrainConfig) -> list[Path]:
     """Train every SAE of the sweep in `cfg` from one read of the store; return their directories.
 
@@ -91,6 +107,7 @@ def train(cfg: TrainConfig) -> list[Path]:
 
 
 def _train(cfg: TrainConfig, dd: Dist, device: torch.device) -> list[Path]:
+    check_values(cfg)
     # What to do with --out: start, resume from its checkpoint, or nothing (already trained).
     store, site = open_store(cfg)
     target = target_site(cfg, store, site)  # a transcoder run's output site, None for SAEs
@@ -152,6 +169,9 @@ def _train(cfg: TrainConfig, dd: Dist, device: torch.device) -> list[Path]:
         # σ² of the scaled rows (a transcoder's: of its scaled targets): the fixed normaliser of the reconstruction
         variance = raw_variance * (target_scale if target_scale is not None else scale) ** 2
         plan = make_plan(cfg, reader.train_rows, scale)
+        short = short_run_warning(plan, reader.train_rows, cfg.tokens is not None)
+        if short and dd.main and ck is None:
+            print(short, file=sys.stderr)
         if ck is not None:
             was = {k: v for k, v in ck.state["plan"].items() if k != "checkpoint_steps"}
             now = {k: v for k, v in plan._asdict().items() if k != "checkpoint_steps"}
@@ -201,16 +221,12 @@ def _train(cfg: TrainConfig, dd: Dist, device: torch.device) -> list[Path]:
         quiet = None if dd.main else stack.enter_context(open(os.devnull, "w"))
         prog = stack.enter_context(Progress("train", plan.tokens, "tok", initial=start * plan.batch_size, file=quiet))
         last: dict[str, dict[str, Any]] = {r.name: {} for r in runs}  # each SAE's last log rows, by split
-        try:
-            _loop(
-                cfg, plan, runs, reader, val, device, start, stop, meta, store, site, prog, last, dd, cal, rowfilter,
-                target, target_scale,
-            )  # fmt: skip
-        except TrainingInterrupted as e:  # a preempted job's log ends with what it got done, too
-            prog.close()
-            if dd.main:
-                summary("train", [str(e), *(f"{n}: {progress_figures(v['train'])}" for n, v in last.items() if v)])
-            raise
+        # A signal ends the loop with TrainingInterrupted, after a checkpoint: no summary then, the progress bar's
+        # last line (closed by `stack`) says how far it got.
+        _loop(
+            cfg, plan, runs, reader, val, device, start, stop, meta, store, site, prog, last, dd, cal, rowfilter,
+            target, target_scale,
+        )  # fmt: skip
         prog.close()
         counts = rowfilter.state(dd)  # (a collective under DDP)
         if dd.main:
@@ -331,8 +347,9 @@ def _loop(
             if stopped:
                 name = signal.Signals(stop.signum).name
                 raise TrainingInterrupted(
-                    f"stopped by {name} after step {done} of {plan.steps}; checkpoint written to {path}. "
-                    "Continue with the same command plus --resume"
+                    f"train stopped by {name} after step {done} of {plan.steps}",
+                    f"checkpoint written to {path}",
+                    RESUME,
                 )
     if val is not None and dd.main:
         for r in runs:
