@@ -445,7 +445,7 @@ def check_bounds(cls: type, name: str, value: Any) -> None:
     """ConfigError naming field `name` when `value` (of the field's type; None for a default) is out of bounds."""
     low = AT_LEAST.get(cls, {}).get(name)
     positive = name in POSITIVE.get(cls, ())
-    for v in value if isinstance(value, tuple) else (value,):
+    for v in value if isinstance(value, (tuple, list)) else (value,):  # a config built from JSON holds lists
         if v is None:
             continue
         if low is not None and v < low:
