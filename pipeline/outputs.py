@@ -8,6 +8,7 @@ instead of trusting a half-replaced output.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -45,8 +46,21 @@ def digest_inputs(paths: list[Path]) -> dict[str, str | None]:
 def record(stage: str, cfg: Any, inputs: list[Path], *, ignore: tuple[str, ...] = ("out",)) -> dict[str, Any]:
     """The settings record of `stage` run with config `cfg` over input directories `inputs`. Fields in
     `ignore` (the output path itself) do not count."""
-    settings = {k: v for k, v in to_dict(cfg).items() if k not in ignore}
-    return {"stage": stage, "settings": settings, "inputs": digest_inputs(inputs)}
+    settings = {k: v for k, v in to_dict(_resolved(cfg)).items() if k not in ignore}
+    return {"stage": stage, "settings": settings, "inputs": digest_inputs([Path(p).resolve() for p in inputs])}
+
+
+def _resolved(cfg: Any) -> Any:
+    """`cfg` with its paths absolute, so that a run named by another spelling of the same path is the same run."""
+
+    def resolve(v: Any) -> Any:
+        if isinstance(v, Path):
+            return v.resolve()
+        if isinstance(v, tuple) and v and all(isinstance(x, Path) for x in v):
+            return tuple(x.resolve() for x in v)
+        return v
+
+    return dataclasses.replace(cfg, **{f.name: resolve(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)})
 
 
 def eval_record(cfg: EvalConfig) -> dict[str, Any]:

@@ -210,7 +210,7 @@ def test_run_skips_complete_stages_and_resumes_training(tmp_path, monkeypatch):
     assert mf.status(m) == {"harvest": True, "train": True, "eval": True, "inspect": True}
 
 
-def test_changed_eval_and_inspect_settings_redo_those_stages(tmp_path):
+def test_changed_eval_and_inspect_settings_redo_those_stages(tmp_path, monkeypatch):
     data = {"run_dir": str(tmp_path / "run"), "harvest": {"sites": [SITE], "seq_len": 16}, "inspect": {"top": 20}}
     rec = Recorder()
     mf.run(mf.parse_manifest(data), rec.stages(), echo=lambda s: None)
@@ -231,6 +231,11 @@ def test_changed_eval_and_inspect_settings_redo_those_stages(tmp_path):
     assert any(line.split()[:2] == ["eval", "redone"] for line in said)
     rec.calls.clear()
     mf.run(mf.parse_manifest(changed), rec.stages(), echo=lambda s: None)
+    assert rec.calls == []
+
+    # The same run named by another spelling of its path is the same run.
+    monkeypatch.chdir(tmp_path)
+    mf.run(mf.parse_manifest({**changed, "run_dir": "run"}), rec.stages(), echo=lambda s: None)
     assert rec.calls == []
 
     # New weights in an SAE directory make the report and its pages stale too.
