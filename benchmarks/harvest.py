@@ -12,7 +12,7 @@ machine's load hits all of them alike. The headline ratio is the median over rep
 robust to a burst of load from other jobs during one of them. CPU time (the whole process: every thread) is
 reported beside wall time. Bytes per token are compared with 4·d, what a float32 activation cache (SAELens'
 `CacheActivationsRunner`) takes. Prints a Markdown table and rewrites the "Harvest" section of
-docs/benchmarks.md (not with --before: that is benchmarks/profile_harvest.py's measurement).
+docs/benchmarks.md (not with --before: that was the profile's measurement, docs/benchmarks.md "Profile").
 
     python benchmarks/harvest.py                      # the documented run (about 15 minutes on 2 cores)
     python benchmarks/harvest.py --tokens 16384 --reps 1 --no-doc   # a quick look

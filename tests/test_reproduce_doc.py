@@ -1,4 +1,4 @@
-"""benchmarks/reproduce.py's arithmetic: the seeds' cells, the verdict rule and JumpReLU's λ interpolation."""
+"""experiments/reproduce.py's arithmetic: the seeds' cells, the verdict rule and JumpReLU's λ interpolation."""
 
 from __future__ import annotations
 
@@ -9,14 +9,15 @@ from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks"  # reproduce.py reads the shared harness (machine line, doc writer) from there
 
 
 @pytest.fixture(scope="module")
 def rp():
     sys.path.insert(0, str(BENCH))
     try:
-        spec = importlib.util.spec_from_file_location("reproduce_under_test", BENCH / "reproduce.py")
+        spec = importlib.util.spec_from_file_location("reproduce_under_test", ROOT / "experiments" / "reproduce.py")
         mod = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(mod)
         yield mod

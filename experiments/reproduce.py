@@ -19,8 +19,8 @@ site, F = 8·d, through the real CLI:
 Then writes the "Reproduction" section of docs/results.md from the numbers (tables over seeds with their
 spread beside the CIs, verdicts, frontier plots with error bars, per-token L0 by row type, latent budget).
 
-    python benchmarks/reproduce.py --write            # the full run (docs/results.md has its timings)
-    python benchmarks/reproduce.py --smoke --out /tmp/smoke   # the same pipeline, tiny: checks the script
+    python experiments/reproduce.py --write            # the full run (docs/results.md has its timings)
+    python experiments/reproduce.py --smoke --out /tmp/smoke   # the same pipeline, tiny: checks the script
 
 Rerunning reuses every finished stage under --out (store, pilot, sweeps, eval report); each stage's wall and
 CPU time are kept in <out>/timings.json, as measured by the invocation that ran it.
@@ -47,6 +47,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # the shared benchmark harness
 from common import machine, write_section  # noqa: E402
 
 from sae.errors import SaeError  # noqa: E402
@@ -627,7 +629,7 @@ def section(args: argparse.Namespace, info: dict[str, Any], entries: dict[str, d
     lines = [
         f"## {HEADING}",
         "",
-        f"Command: `{info['command']}` (written by `benchmarks/reproduce.py`; it reuses finished stages).",
+        f"Command: `{info['command']}` (written by `experiments/reproduce.py`; it reuses finished stages).",
         "",
         "**Setup.** SmolLM2-135M-Instruct (`smollm2-135m`: Q4_1 GGUF dequantised to float32, on CPU), site "
         f"`{args.site}` (d = {info['d']}), contexts of {args.seq_len} tokens. The layer: 6 of 30 is a middle "
@@ -936,7 +938,7 @@ def main() -> None:
 
     nice = max((v.get("nice", 0) for v in timings.values()), default=0)  # as the stages recorded it
     info = {
-        "command": "python benchmarks/reproduce.py " + shlex.join(sys.argv[1:]),
+        "command": "python experiments/reproduce.py " + shlex.join(sys.argv[1:]),
         "d": store.d_model,
         "d_sae": d_sae,
         "train_tokens": store.n_rows,
@@ -1019,7 +1021,7 @@ def readme_results(args: argparse.Namespace, info: dict[str, Any], groups: dict[
     lines = [
         "## Results",
         "",
-        "[docs/results.md](docs/results.md), written by `benchmarks/reproduce.py --write` (one command; it reuses "
+        "[docs/results.md](docs/results.md), written by `experiments/reproduce.py --write` (one command; it reuses "
         "finished stages when rerun, and writes this section too), repeats the BatchTopK paper's comparison at CPU "
         f"scale on SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised to float32), `{args.site}`: BatchTopK, TopK, "
         f"Matryoshka BatchTopK and JumpReLU (λ from a pilot so L0 lands near k) with F = 8·d, {info['steps']} "
