@@ -202,7 +202,7 @@ def test_relu_decoder_rows_are_free_and_lambda_warms_up():
 
 
 # --------------------------------------------------------------------------------------------------
-# The reconstruction term does not depend on which rows share the batch (issue 10)
+# The reconstruction term does not depend on which rows share the batch
 
 
 @pytest.mark.parametrize("arch", ["topk", "batchtopk", "matryoshka"])
@@ -228,7 +228,7 @@ def test_loss_stays_flat_when_a_massive_row_enters_the_batch(arch):
 
 
 # --------------------------------------------------------------------------------------------------
-# Precision under bf16 autocast (issue 17: selection, θ, STE and both decoders in fp32)
+# Precision under bf16 autocast (selection, θ, STE and both decoders in fp32)
 
 
 @pytest.mark.parametrize("arch", ["batchtopk", "topk", "matryoshka", "jumprelu", "relu"])

@@ -531,7 +531,7 @@ def test_cli(env, tmp_path):
 
 def test_report_shows_a_recorded_store_as_the_user_would_type_it(tmp_path, monkeypatch):
     """An SAE records its store's absolute path; the report shows one under the working directory relative to it
-    (issue 15: no absolute paths the user never typed), and others as they are."""
+    (no absolute paths the user never typed), and others as they are."""
     from sae.evaluate.evaluate import _shown
 
     monkeypatch.chdir(tmp_path)

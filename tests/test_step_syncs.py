@@ -1,4 +1,4 @@
-"""Host reads of the training step (issue 17, item 9): what is logged does not change what is trained, and on a GPU
+"""Host reads of the training step: what is logged does not change what is trained, and on a GPU
 a step between log steps reads back only the sizes that depend on the data (sae.train.trainer.train_step says
 which). The GPU half is marked `cuda` and skips without one."""
 

@@ -6,8 +6,8 @@ jumprelu with its θ.
 
 θ is a parameter in pre-activation units, not exp(log θ) as in the paper: Adam moves a parameter by about its
 lr per step, so a log-threshold changes θ by a factor ~e^(lr·steps) in the whole run (≈ 1.1 in a few hundred CPU
-steps) and L0 stays wherever θ's init put it, whatever the L0 coefficient (SAELens made the same change, its
-issue #494). For the same reason θ gets its own lr, `threshold_lr_scale` times the weights' (default √d_in):
+steps) and L0 stays wherever θ's init put it, whatever the L0 coefficient (SAELens made the same change). For the
+same reason θ gets its own lr, `threshold_lr_scale` times the weights' (default √d_in):
 with inputs scaled to E‖x‖ = √d and unit-norm decoder rows, pre-activations and θ are O(1), while a weight
 entry is O(1/√d), so a step of lr·√d moves θ as far, relative to its scale, as lr moves a weight. θ is
 projected back to ≥ 0 after each step (`clamp_threshold`); below 0 the gate would pass negative values.
