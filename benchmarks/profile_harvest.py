@@ -57,7 +57,7 @@ COMPONENTS: list[tuple[str, str | None, str]] = [
     ("main: batching, copies into the shard buffer", "MainThread", r"compute_shard \("),
     ("main: finalize + summary", "MainThread", r"finalize \(|summary \("),
     ("main: other (CLI, store setup, GC)", "MainThread", r""),
-    ("writer: statistics (mean, norms)", "sae-shard-writer", r"_accumulate \("),
+    ("writer: statistics (mean, norms)", "sae-shard-writer", r"shard_stats \("),
     ("writer: checksums", "sae-shard-writer", r"checksum \("),
     ("writer: zarr write (encode, shard assembly)", "sae-shard-writer", r"__setitem__ \(|_clear_shard \("),
     ("writer: permutation + other", "sae-shard-writer", r""),
