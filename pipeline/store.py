@@ -34,7 +34,7 @@ import os
 import shutil
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -130,22 +130,30 @@ def _as_float64(stored: np.ndarray, dtype: str) -> np.ndarray:
     return stored.astype(np.float64)
 
 
-def accumulate(
-    stored: np.ndarray, dtype: str, keep: np.ndarray, block: int = 1024, *, norms: bool = False
+_STATS_BLOCK = 1024
+"""Rows `_accumulate` converts to float64 at once."""
+
+
+def _accumulate(
+    stored: np.ndarray, dtype: str, keep: np.ndarray, *, norms: bool = False, extremes: bool = False
 ) -> dict[str, Any]:
     """Sums for the mean vector, mean norm and variance of the stored rows where `keep`, in float64 (with
-    `norms`, also the rows' norms under key "norms", an array the caller removes before writing JSON).
+    `norms`, also the rows' norms under key "norms", an array the caller removes before writing JSON; with
+    `extremes`, the largest value of each dimension, NaNs ignored, under "max" and the count of NaN/Inf values
+    under "nonfinite").
 
     numpy on one thread, on purpose: this runs in the shard writer beside the forward, where torch ops would start
     a second OpenMP team that fights the forward's threads for the cores; and small blocks keep the float64 copy
     small enough for malloc to reuse (a whole shard's copy was fresh pages to fault in every shard). See the
-    Profile section of docs/benchmarks.md."""
+    Profile section of docs/benchmarks.md. Every caller uses the same blocks, so every caller's sums of the same
+    rows are the same to the last bit."""
     total = np.zeros(stored.shape[1], dtype=np.float64)
+    top = np.full(stored.shape[1], -np.inf)
     sum_norm = sum_sq = 0.0
-    n = 0
+    n = nonfinite = 0
     row_norms = []
-    for i in range(0, stored.shape[0], block):
-        xb = _as_float64(stored[i : i + block][keep[i : i + block]], dtype)
+    for i in range(0, stored.shape[0], _STATS_BLOCK):
+        xb = _as_float64(stored[i : i + _STATS_BLOCK][keep[i : i + _STATS_BLOCK]], dtype)
         sq = np.einsum("ij,ij->i", xb, xb)
         nb = np.sqrt(sq)
         total += xb.sum(0)
@@ -154,13 +162,18 @@ def accumulate(
         n += xb.shape[0]
         if norms:
             row_norms.append(nb)
+        if extremes:
+            top = np.fmax(top, np.fmax.reduce(xb, axis=0, initial=-np.inf))
+            nonfinite += int((~np.isfinite(xb)).sum())
     out: dict[str, Any] = {"n": n, "sum": total.tolist(), "sum_norm": sum_norm, "sum_sq": sum_sq}
     if norms:
         out["norms"] = np.concatenate(row_norms) if row_norms else np.zeros(0)
+    if extremes:
+        out.update(max=top, nonfinite=nonfinite)
     return out
 
 
-def norm_part(
+def _norm_part(
     stored: np.ndarray,
     dtype: str,
     keep: np.ndarray,
@@ -170,7 +183,7 @@ def norm_part(
     tokens: np.ndarray,
 ) -> dict[str, Any]:
     """The norm statistics of one shard's rows where `keep` (`sae.rowtypes.shard_norms`): `norms` and `sums` from
-    `accumulate` over the same rows. The candidate massive rows' dot products with the shard mean are computed
+    `_accumulate` over the same rows. The candidate massive rows' dot products with the shard mean are computed
     here, from those few rows only."""
     cand = rowtypes.candidate_rows(norms)
     idx = np.flatnonzero(keep)[cand]
@@ -179,10 +192,67 @@ def norm_part(
     return rowtypes.shard_norms(norms, dots, position[keep], tokens[keep], cand)
 
 
+def shard_stats(
+    stored: np.ndarray, dtype: str, position: np.ndarray, tokens: np.ndarray, *, extremes: bool = False
+) -> dict[str, Any]:
+    """One site's statistics over the rows of one shard, as its marker records them: the sums (`_accumulate`) over
+    all rows ("all") and over non-BOS rows ("no_bos"), and the norm part of the non-BOS rows ("norms"). The shard
+    writer and `sae stats` both call this; `site_stats` adds up the shards. `extremes`: see `_accumulate` (not
+    kept in markers)."""
+    bos = position == 0
+    no_bos = _accumulate(stored, dtype, ~bos, norms=True, extremes=extremes)
+    norms = no_bos.pop("norms")
+    everything = _merge(no_bos, _accumulate(stored, dtype, bos, extremes=extremes))
+    part = _norm_part(stored, dtype, ~bos, norms, no_bos, position, tokens)
+    return {"all": everything, "no_bos": no_bos, "norms": part}
+
+
 def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
-    """The sums of two disjoint sets of rows (here: non-BOS and BOS rows) added up."""
+    """The sums of two disjoint sets of rows added up (a shard's non-BOS and BOS rows; two shards)."""
     total = (np.asarray(a["sum"]) + np.asarray(b["sum"])).tolist()
-    return {"n": a["n"] + b["n"], "sum": total, **{k: a[k] + b[k] for k in ("sum_norm", "sum_sq")}}
+    out = {"n": a["n"] + b["n"], "sum": total, **{k: a[k] + b[k] for k in ("sum_norm", "sum_sq")}}
+    if "max" in a:
+        out.update(max=np.fmax(a["max"], b["max"]), nonfinite=a["nonfinite"] + b["nonfinite"])
+    return out
+
+
+def site_stats(
+    parts: list[dict[str, Any]], factor: float, counts: Callable[[list[int]], dict[int, int]]
+) -> dict[str, Any]:
+    """One site's statistics over the whole store from its shards' `shard_stats`, as manifest.json records them:
+    for "all" and "no_bos" rows n_rows, mean, mean_norm and variance (and max and nonfinite when the parts have
+    them); "norms", the norm distribution and massive rows (norm > `factor` × the median) of `sae.rowtypes.summarise`,
+    JSON-ready, with the non-BOS occurrences of the top massive token ids from `counts(ids) -> {id: count}`, when
+    every part has a norm part (markers written before norm statistics existed have none)."""
+    out: dict[str, Any] = {}
+    for rows in ("all", "no_bos"):
+        # One shard at a time, in shard order: finalize and `sae stats` get the same numbers to the last bit.
+        t = parts[0][rows]
+        for p in parts[1:]:
+            t = _merge(t, p[rows])
+        n = max(t["n"], 1)
+        mean = np.asarray(t["sum"]) / n
+        out[rows] = {
+            "n_rows": t["n"],
+            "mean": mean.tolist(),
+            "mean_norm": t["sum_norm"] / n,
+            "variance": max(t["sum_sq"] / n - float(mean @ mean), 0.0),
+        }
+        if "max" in t:
+            out[rows].update(max=t["max"], nonfinite=t["nonfinite"])
+    if all("norms" in p for p in parts):
+        norm_parts, nb = [p["norms"] for p in parts], out["no_bos"]
+        median = rowtypes.quantile(rowtypes.merge_histograms([p["hist"] for p in norm_parts]), 0.5)
+        ids = rowtypes.top_token_ids(norm_parts, median, factor)
+        summary = rowtypes.summarise(
+            norm_parts,
+            np.asarray(nb["mean"]),
+            nb["variance"] * nb["n_rows"],
+            factor=factor,
+            token_totals=counts(ids) if ids else {},
+        )
+        out["norms"] = _nan_to_none(summary)
+    return out
 
 
 class Store:
@@ -588,20 +658,15 @@ class StoreWriter:
             "position": (rows % self.seq_len).astype(np.int32),
         }
         marker: dict[str, Any] = {"shard": s, "start": start, "stop": stop, "checksums": {}, "stats": {}}
-        bos = meta["position"] == 0
         for site in self.meta["sites"]:
             x = acts[site]
             if x.shape != (n, self.meta["d_model"]):
                 raise ValueError(f"shard {s} of {site}: got {tuple(x.shape)}, want {(n, self.meta['d_model'])}")
-            # Permuted in numpy, like everything in this thread (see accumulate): a single-threaded copy.
+            # Permuted in numpy, like everything in this thread (see _accumulate): a single-threaded copy.
             stored = to_storage(x, self.meta["dtype"])[perm]
             self._array(_site_key(site))[start:stop] = stored
             marker["checksums"][site] = checksum(stored)
-            no_bos = accumulate(stored, self.meta["dtype"], ~bos, norms=True)
-            norms = no_bos.pop("norms")
-            everything = _merge(no_bos, accumulate(stored, self.meta["dtype"], bos))
-            part = norm_part(stored, self.meta["dtype"], ~bos, norms, no_bos, meta["position"], meta["tokens"])
-            marker["stats"][site] = {"all": everything, "no_bos": no_bos, "norms": part}
+            marker["stats"][site] = shard_stats(stored, self.meta["dtype"], meta["position"], meta["tokens"])
         for name, a in meta.items():
             self._array(name)[start:stop] = a
             marker["checksums"][name] = checksum(a)
@@ -751,44 +816,16 @@ def finalize(path: str | os.PathLike) -> Store:
             f"store {path}: {len(missing)} of {plan['n_shards']} shards are not finished (shards {shown}); "
             "rerun their harvest tasks, then finalize again"
         )
-    shards, totals = [], {}
-    norm_parts: dict[str, list[dict[str, Any]]] = {}
+    shards, parts = [], {}
     for s in range(plan["n_shards"]):
         m = _read_json(marker_path(path, s))
         if (m["start"], m["stop"]) != writer.shard_range(s):
             raise SaeError(f"store {path}: marker of shard {s} covers rows {m['start']}..{m['stop']}, not the plan's")
         shards.append({"index": s, "start": m["start"], "stop": m["stop"], "checksums": m["checksums"]})
-        for site, parts in m["stats"].items():
-            if "norms" in parts:
-                norm_parts.setdefault(site, []).append(parts["norms"])
-            for part, acc in parts.items():
-                if part == "norms":
-                    continue
-                t = totals.setdefault(site, {}).setdefault(part, {"n": 0, "sum": 0.0, "sum_norm": 0.0, "sum_sq": 0.0})
-                t["n"] += acc["n"]
-                t["sum"] = t["sum"] + np.asarray(acc["sum"])
-                t["sum_norm"] += acc["sum_norm"]
-                t["sum_sq"] += acc["sum_sq"]
-    stats = {}
-    for site, parts in totals.items():
-        stats[site] = {}
-        for part, t in parts.items():
-            n = max(t["n"], 1)
-            mean = np.asarray(t["sum"]) / n
-            stats[site][part] = {
-                "n_rows": t["n"],
-                "mean": mean.tolist(),
-                "mean_norm": t["sum_norm"] / n,
-                "variance": max(t["sum_sq"] / n - float(mean @ mean), 0.0),
-            }
+        for site, part in m["stats"].items():
+            parts.setdefault(site, []).append(part)
     factor = float(read_attrs(path).get("massive_factor") or rowtypes.DEFAULT_MASSIVE_FACTOR)
-    for site, parts in norm_parts.items():
-        if len(parts) == plan["n_shards"]:  # markers written before norm statistics existed: none
-            nb = stats[site]["no_bos"]
-            sq_dev = nb["variance"] * nb["n_rows"]
-            stats[site]["norms"] = norm_summary(
-                parts, np.asarray(nb["mean"]), sq_dev, factor, lambda ids: token_counts(path, ids)
-            )
+    stats = {site: site_stats(p, factor, lambda ids: token_counts(path, ids)) for site, p in parts.items()}
     manifest = {
         "format_version": FORMAT_VERSION,
         "n_rows": plan["n_rows"],
@@ -798,17 +835,6 @@ def finalize(path: str | os.PathLike) -> Store:
     }
     atomic.write_json(path / "manifest.json", manifest)
     return Store.open(path)
-
-
-def norm_summary(
-    parts: list[dict[str, Any]], mean: np.ndarray, total_sq_dev: float, factor: float, counts: Any
-) -> dict[str, Any]:
-    """`sae.rowtypes.summarise` of one site's shard parts, with the non-BOS occurrences of the top massive token
-    ids from `counts(ids) -> {id: count}`. JSON-ready (NaN as null)."""
-    median = rowtypes.quantile(rowtypes.merge_histograms([p["hist"] for p in parts]), 0.5)
-    ids = rowtypes.top_token_ids(parts, median, factor)
-    out = rowtypes.summarise(parts, mean, total_sq_dev, factor=factor, token_totals=counts(ids) if ids else {})
-    return _nan_to_none(out)
 
 
 def _nan_to_none(obj: Any) -> Any:

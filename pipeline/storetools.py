@@ -25,9 +25,6 @@ from . import progress, rowtypes, store
 from .errors import SaeError
 from .interrupt import interruptible
 
-_BLOCK = 65536
-"""Rows converted to float64 at once inside a shard (a whole shard in float64 would take gigabytes)."""
-
 
 @contextlib.contextmanager
 def dask_client(scheduler: str | None = None) -> Iterator[Any]:
@@ -96,54 +93,25 @@ class SiteSummary(NamedTuple):
 
 
 @np.errstate(invalid="ignore", over="ignore")  # NaN/Inf in the data are counted and reported, not warned about
-def _shard_sums(x: np.ndarray, position: np.ndarray, tokens: np.ndarray, dtype: str, skip_bos: bool) -> dict[str, Any]:
-    d = x.shape[1]
-    out = {"n": 0, "sum": np.zeros(d), "sum_norm": 0.0, "sum_sq": 0.0, "max": np.full(d, -np.inf), "nonfinite": 0}
-    for i in range(0, x.shape[0], _BLOCK):
-        xb = store.from_storage(x[i : i + _BLOCK], dtype).double().numpy()
-        if skip_bos:
-            xb = xb[position[i : i + _BLOCK] != 0]
-        if not len(xb):
-            continue
-        norms = np.linalg.norm(xb, axis=1)
-        out["n"] += len(xb)
-        out["sum"] += xb.sum(0)
-        out["sum_norm"] += float(norms.sum())
-        out["sum_sq"] += float((norms * norms).sum())
-        out["max"] = np.fmax(out["max"], np.fmax.reduce(xb, axis=0))
-        out["nonfinite"] += int((~np.isfinite(xb)).sum())
-    # The norm statistics over non-BOS rows, computed as the shard writer computes them (sae.store.norm_part).
-    keep = position != 0
-    sums = store.accumulate(x, dtype, keep, _BLOCK, norms=True)
-    norms = sums.pop("norms")
-    out["norms"] = store.norm_part(x, dtype, keep, norms, sums, position, tokens) if np.isfinite(norms).all() else None
-    ids, counts = np.unique(tokens[keep], return_counts=True)
+def _shard_stats(x: np.ndarray, position: np.ndarray, tokens: np.ndarray, dtype: str) -> dict[str, Any]:
+    out = store.shard_stats(x, dtype, position, tokens, extremes=True)
+    # Occurrences of each token at non-BOS rows, for the massive tokens' share (the harvest reads them from the
+    # store instead: sae.store.token_counts).
+    ids, counts = np.unique(tokens[position != 0], return_counts=True)
     out["tokens"] = dict(zip(ids.tolist(), counts.tolist(), strict=True))
-    out["no_bos"] = sums
     return out
 
 
-def _combine(parts: Sequence[dict[str, Any]], factor: float) -> SiteSummary:
-    n = sum(p["n"] for p in parts)
-    total = np.sum([p["sum"] for p in parts], axis=0)
-    mean = total / max(n, 1)
-    mean_norm = sum(p["sum_norm"] for p in parts) / max(n, 1)
-    variance = max(sum(p["sum_sq"] for p in parts) / max(n, 1) - float(mean @ mean), 0.0)
-    if not math.isfinite(float(mean @ mean)):
-        variance = float("nan")
-    mx = np.fmax.reduce(np.stack([p["max"] for p in parts]), axis=0)
-    norms = None
-    nb = [p["no_bos"] for p in parts]
-    n_nb = sum(q["n"] for q in nb)
-    if n_nb and all(p["norms"] is not None for p in parts):
-        m_nb = np.sum([q["sum"] for q in nb], axis=0) / n_nb
-        sq_dev = max(sum(q["sum_sq"] for q in nb) - n_nb * float(m_nb @ m_nb), 0.0)
-        totals: dict[int, int] = {}
-        for p in parts:
-            for t, c in p["tokens"].items():
-                totals[t] = totals.get(t, 0) + c
-        norms = store.norm_summary([p["norms"] for p in parts], m_nb, sq_dev, factor, lambda ids: totals)
-    return SiteSummary(n, mean, mean_norm, variance, mx, sum(p["nonfinite"] for p in parts), norms)
+def _site_summary(parts: Sequence[dict[str, Any]], factor: float, skip_bos: bool) -> SiteSummary:
+    totals: Counter[int] = Counter()
+    for p in parts:
+        totals.update(p["tokens"])
+    s = store.site_stats(list(parts), factor, lambda ids: totals)
+    r, nb = s["no_bos" if skip_bos else "all"], s["no_bos"]
+    norms = s["norms"] if nb["n_rows"] and math.isfinite(nb["mean_norm"]) else None
+    return SiteSummary(
+        r["n_rows"], np.asarray(r["mean"]), r["mean_norm"], r["variance"], r["max"], r["nonfinite"], norms
+    )
 
 
 def store_stats(
@@ -173,13 +141,12 @@ def store_stats(
     for site in names:
         blocks = shard_array(st, site).to_delayed().ravel()
         tasks += [
-            dask.delayed(_shard_sums)(b, p, t, st.dtype, skip_bos)
-            for b, p, t in zip(blocks, position, tokens, strict=True)
+            dask.delayed(_shard_stats)(b, p, t, st.dtype) for b, p, t in zip(blocks, position, tokens, strict=True)
         ]
     n = len(position)
     with dask_client(scheduler) as client:
         parts = client.gather(compute(client, tasks, "stats", [s for _ in names for s in range(n)]))
-    return {site: _combine(parts[i * n : (i + 1) * n], factor) for i, site in enumerate(names)}
+    return {site: _site_summary(parts[i * n : (i + 1) * n], factor, skip_bos) for i, site in enumerate(names)}
 
 
 def store_decoder(path: str | Path) -> Any:
