@@ -81,6 +81,7 @@ def harvest(cfg: HarvestConfig) -> Path:
         "chunk_rows": chunk_rows,
         "shard_rows": chunk_rows * cfg.shard_chunks,
         "seed": cfg.seed,
+        "shuffle_buffer": cfg.shuffle_buffer,
         "massive_factor": cfg.massive_factor,
     }
     # Lazy: only a new store reads the corpus; a resumed one takes its contexts from the plan.
@@ -91,6 +92,8 @@ def harvest(cfg: HarvestConfig) -> Path:
         split=cfg.split,
         text_column=cfg.text_column,
         max_tokens=cfg.max_tokens,
+        shuffle_buffer=cfg.shuffle_buffer,
+        seed=cfg.seed,
     )
     contexts = _tokenizing(contexts, meta["n_contexts_max"], cfg.seq_len)
     writer = store.init_store(out, meta, contexts, overwrite=cfg.overwrite)

@@ -91,6 +91,11 @@ class HarvestConfig:
     max_tokens: int | None = None
     """Stop after this many tokens (rounded down to whole contexts); default: the whole corpus."""
 
+    shuffle_buffer: int = 10000
+    """Documents read into a seeded shuffle buffer (seed: --seed) before packing, so that --max-tokens samples the
+    whole corpus rather than its first files: a corpus of at most this many documents is shuffled uniformly, a
+    longer one across windows of it. 0 keeps the corpus order. Recorded in the store."""
+
     batch_size: int = 32
     """Contexts per forward pass."""
 
@@ -122,7 +127,7 @@ class HarvestConfig:
     """`auto` (CUDA when available), `cpu`, `cuda` or `cuda:N`."""
 
     seed: int = 0
-    """Seed of the within-shard row permutation."""
+    """Seed of the within-shard row permutation and of the document shuffle."""
 
     overwrite: bool = False
     """Delete an existing store at `out` and start afresh."""
@@ -418,7 +423,9 @@ class InspectConfig:
 # key fails at once, named as the user wrote it, not after a stage has imported torch and loaded a model.
 
 AT_LEAST: dict[type, dict[str, int]] = {
-    HarvestConfig: {"seq_len": 2, "max_tokens": 1, "batch_size": 1, "chunk_rows": 1, "shard_chunks": 1},
+    HarvestConfig: {
+        "seq_len": 2, "max_tokens": 1, "batch_size": 1, "chunk_rows": 1, "shard_chunks": 1, "shuffle_buffer": 0,
+    },
     TrainConfig: {
         "k": 1, "dict_size": 1, "expansion": 1, "tokens": 1, "batch_size": 1, "k_aux": 1, "dead_tokens": 1,
         "warmup_steps": 0, "theta_warmup_steps": 0, "buffer_mb": 0, "reader_lanes": 1, "val_chunks": 0,

@@ -17,6 +17,11 @@ Documents:
   .parquet and hub rows: one row each. Rows with an `input_ids` column are pre-tokenized (a list of ints) and
   `text_column` is then ignored; otherwise `text_column` must exist. Empty and null texts are skipped.
 
+Order: documents come in file (or stream) order, unless `iter_contexts` is given a `shuffle_buffer` of N > 1
+documents: they then pass through a seeded shuffle buffer (`shuffled`), so a corpus of at most N documents comes
+out in a uniformly random order and a longer one mixed across windows of N; `max_tokens` then samples the whole
+corpus instead of its first files.
+
 Packing (`iter_contexts`, `pack_documents`): documents are tokenized without special tokens, joined with EOS
 between consecutive documents (BOS when the tokenizer has no EOS), and cut into contexts of `seq_len` tokens,
 each made of BOS (EOS when the tokenizer has no BOS) and the next `seq_len - 1` stream tokens. The last partial
@@ -104,18 +109,41 @@ def iter_contexts(
     split: str = "train",
     text_column: str = "text",
     max_tokens: int | None = None,
+    shuffle_buffer: int = 0,
+    seed: int = 0,
 ) -> Iterator[np.ndarray]:
     """Packed contexts of `dataset`: int32 arrays of `seq_len` tokens, BOS first, documents joined by EOS.
 
     `max_tokens` bounds the run to `max_tokens // seq_len` whole contexts, and reading stops as soon as they
-    are made. Pre-tokenized rows of exactly `seq_len` tokens are yielded as they are. Deterministic.
+    are made (at most `shuffle_buffer` documents later). Pre-tokenized rows of exactly `seq_len` tokens are
+    yielded as they are. `shuffle_buffer` > 1: documents in a seeded random order (`shuffled`). Deterministic.
     """
     _check_packing(tokenizer, seq_len)  # before iter_documents, which may download or ask the hub
     if max_tokens is not None and max_tokens < seq_len:
         raise SaeError(f"max_tokens {max_tokens} is less than seq_len {seq_len}: not even one whole context")
     max_contexts = None if max_tokens is None else max_tokens // seq_len
-    docs = iter_documents(dataset, split=split, text_column=text_column)
+    docs = shuffled(iter_documents(dataset, split=split, text_column=text_column), shuffle_buffer, seed)
     return pack_documents(docs, tokenizer, seq_len=seq_len, max_contexts=max_contexts, name=dataset)
+
+
+def shuffled(docs: Iterable[Document], buffer: int, seed: int) -> Iterator[Document]:
+    """`docs` through a seeded shuffle buffer of `buffer` documents (the streaming shuffle of `datasets`): each
+    document read replaces a uniformly drawn one of the buffer, which is emitted. A corpus of at most `buffer`
+    documents is read whole and comes out in a uniformly random order. `buffer` ≤ 1: the order is kept."""
+    if buffer <= 1:
+        yield from docs
+        return
+    rng = np.random.default_rng([seed, buffer])
+    held: list[Document] = []
+    for doc in docs:
+        if len(held) < buffer:
+            held.append(doc)
+            continue
+        i = int(rng.integers(buffer))
+        yield held[i]
+        held[i] = doc
+    rng.shuffle(held)  # (a list: numpy shuffles it in place, element by element)
+    yield from held
 
 
 def pack_documents(

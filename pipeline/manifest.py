@@ -313,7 +313,11 @@ def harvest_done(cfg: HarvestConfig) -> bool:
 
     attrs = read_attrs(out)
     have = {**attrs, "sites": sorted(set(attrs.get("sites", ())))}  # harvest orders sites by depth
-    wanted = {"sites": sorted(set(cfg.sites)), "seq_len": cfg.seq_len, "dtype": cfg.dtype, "codec": cfg.codec}
+    wanted = {
+        "sites": sorted(set(cfg.sites)), "seq_len": cfg.seq_len, "dtype": cfg.dtype, "codec": cfg.codec,
+        "shuffle_buffer": cfg.shuffle_buffer,
+    }  # fmt: skip
+    have.setdefault("shuffle_buffer", 0)  # stores from before the shuffle read their corpus in order
     if cfg.chunk_rows is not None:
         wanted["chunk_rows"] = cfg.chunk_rows
     diff = [f"{k}: store has {have.get(k)!r}, manifest {v!r}" for k, v in wanted.items() if have.get(k) != v]

@@ -56,7 +56,7 @@ _TORCH = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 # Settings that decide a store's content; a rerun must match them all to resume.
 FINGERPRINT_KEYS = (
     "model", "corpus", "seq_len", "n_contexts_max", "sites", "d_model", "dtype", "codec", "chunk_rows",
-    "shard_rows", "seed",
+    "shard_rows", "seed", "shuffle_buffer",
 )  # fmt: skip
 
 

@@ -51,6 +51,7 @@ def make_store(
     done: bool = True,
     poison: dict[int, float] | None = None,
     tokens: Callable[[np.ndarray], np.ndarray] | None = None,
+    shuffle_buffer: int = 0,
 ) -> Path:
     """A finalized store of `n_contexts` × `seq_len` rows; `poison` {planned row: value} plants bad values;
     `tokens(rows)` gives the token id array of store rows `rows` (default: all 0)."""
@@ -67,6 +68,7 @@ def make_store(
         "chunk_rows": chunk_rows,
         "shard_rows": chunk_rows * shard_chunks,
         "seed": 0,
+        "shuffle_buffer": shuffle_buffer,
     }
     rng = np.random.default_rng(0)
     contexts = (rng.integers(1, 100, seq_len).astype(np.int32) for _ in range(n_contexts))

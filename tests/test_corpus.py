@@ -19,6 +19,7 @@ from sae.corpus import (
     iter_contexts,
     iter_documents,
     pack_documents,
+    shuffled,
     split_paragraphs,
     strip_gutenberg,
 )
@@ -300,6 +301,35 @@ def test_contexts_are_deterministic_and_start_with_bos(tmp_path, tiny_tokenizer)
     n_text_tokens = sum(len(ids(tiny_tokenizer, d)) for d in iter_documents(path))
     assert (a[:, 1:] == tiny_tokenizer.eos_token_id).sum() <= n_docs - 1
     assert a.shape[0] == (n_text_tokens + n_docs - 1) // 31
+
+
+def test_shuffle_buffer_is_a_seeded_permutation_of_the_documents():
+    docs = [f"doc {i}" for i in range(50)]
+    assert list(shuffled(iter(docs), 0, seed=0)) == docs and list(shuffled(iter(docs), 1, seed=0)) == docs
+    whole = list(shuffled(iter(docs), 64, seed=0))  # the buffer holds the whole corpus
+    assert sorted(whole) == sorted(docs) and whole != docs
+    assert whole == list(shuffled(iter(docs), 64, seed=0)) != list(shuffled(iter(docs), 64, seed=1))
+    windowed = list(shuffled(iter(docs), 8, seed=0))  # a smaller buffer: every document once, order mixed
+    assert sorted(windowed) == sorted(docs) and windowed != docs
+    # with a buffer of 8, the first document out is one of the first 9 read
+    assert int(windowed[0].split()[1]) < 9
+
+
+def test_shuffled_contexts_sample_the_whole_corpus(tmp_path, tiny_tokenizer):
+    """An ordered corpus (one kind of text, then another): the first contexts in file order are all of the first
+    kind; through a shuffle buffer the same number of contexts holds both."""
+    rows = [{"text": "to be or not to be " * 8} for _ in range(40)] + [
+        {"text": "the quick brown fox " * 8} for _ in range(40)
+    ]
+    path = str(write_jsonl(tmp_path / "ordered.jsonl", rows))
+    fox = ids(tiny_tokenizer, " fox")[-1]
+
+    def share_with_fox(**kw):
+        ctx = np.stack(list(iter_contexts(path, tiny_tokenizer, seq_len=16, max_tokens=16 * 20, **kw)))
+        return float(np.mean([(c == fox).any() for c in ctx]))
+
+    assert share_with_fox() == 0.0
+    assert 0.2 < share_with_fox(shuffle_buffer=100, seed=0) < 0.8
 
 
 def test_max_tokens_bounds_contexts_and_is_a_prefix_of_the_full_run(tmp_path, tiny_tokenizer):

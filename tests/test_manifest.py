@@ -157,7 +157,10 @@ class Recorder:
     def harvest(self, cfg: HarvestConfig):
         self.calls.append(("harvest", cfg))
         if not cfg.init and not cfg.shard:
-            make_store(Path(cfg.out), seq_len=cfg.seq_len, n_contexts=8, chunk_rows=32, shard_chunks=2)
+            make_store(
+                Path(cfg.out), seq_len=cfg.seq_len, n_contexts=8, chunk_rows=32, shard_chunks=2,
+                shuffle_buffer=cfg.shuffle_buffer,
+            )  # fmt: skip
 
     def train(self, cfg: TrainConfig):
         self.calls.append(("train", cfg))
@@ -303,6 +306,11 @@ def test_a_finished_store_with_other_settings_is_not_reused(tmp_path):
     m = mf.parse_manifest({"run_dir": str(tmp_path / "run"), "harvest": {"sites": [SITE], "seq_len": 32}})
     make_store(m.harvest.out, seq_len=16, n_contexts=8, chunk_rows=32, shard_chunks=2)
     with pytest.raises(SaeError, match="made with other settings .*seq_len: store has 16, manifest 32"):
+        mf.run(m, Recorder().stages())
+    # a store read in corpus order is not one sampled through the shuffle buffer
+    m = mf.parse_manifest({"run_dir": str(tmp_path / "run2"), "harvest": {"sites": [SITE], "seq_len": 16}})
+    make_store(m.harvest.out, seq_len=16, n_contexts=8, chunk_rows=32, shard_chunks=2, shuffle_buffer=0)
+    with pytest.raises(SaeError, match="shuffle_buffer: store has 0, manifest 10000.*--redo"):
         mf.run(m, Recorder().stages())
 
 
