@@ -102,7 +102,8 @@ def short_run_warning(plan: Plan, train_rows: int, tokens_given: bool) -> str | 
 
 
 def default_lr(d_sae: int) -> float:
-    """2e-4 / √(F / 2¹⁴) (the BatchTopK paper's scaling rule)."""
+    """2e-4 / √(F / 2¹⁴): the learning-rate scaling of Gao et al. (2024), "Scaling and evaluating sparse
+    autoencoders"."""
     return 2e-4 / math.sqrt(d_sae / 2**14)
 
 
