@@ -23,8 +23,8 @@ How each trained architecture is written (`sae.architectures`: `exports_as`, `ha
 | jumprelu | jumprelu, per-latent threshold | relu(pre)·1[pre > θ_i] |
 with pre = (x − b_dec)·W_enc + b_enc (b_dec subtracted when apply_b_dec_to_input, as SAELens does).
 
-Writes are atomic: a complete directory is built beside the target and renamed over it; a kill leaves the
-old directory or the new one, never a half-written one.
+Writes are atomic (`sae.atomic.replace_dir`): a complete directory is built beside the target and renamed over
+it; a kill leaves the old directory or the new one, never a half-written one.
 """
 
 from __future__ import annotations
@@ -33,7 +33,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -497,34 +496,18 @@ def _check_weights(w: dict[str, Any], cfg: SaeConfig, where: str) -> None:
             raise SaeError(f"{where}: {k} has dtype {w[k].dtype}, expected a floating-point dtype")
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def write_sae_files(path: str | os.PathLike, tensors: dict[str, Tensor], cfg_json: dict[str, Any]) -> Path:
-    """Write a SAELens-format directory (cfg.json + sae_weights.safetensors) at `path` atomically: the old
-    directory or the new one, never a mix; return `path`. `tensors` are written as given (CPU, contiguous).
-    Files in an existing directory at `path` other than the two SAE files (a training log) are carried over,
-    hard-linked, so no moment exists where they are only in a temporary folder. SAEs and transcoders
-    (sae.transcoder) both write through this."""
+    """Write a SAELens-format directory (cfg.json + sae_weights.safetensors) at `path` atomically
+    (`sae.atomic.replace_dir`: the old directory or the new one, never a mix); return `path`. `tensors` are
+    written as given (CPU, contiguous). Files in an existing directory at `path` other than the two SAE files (a
+    training log) are carried over, hard-linked, so no moment exists where they are only in a temporary folder.
+    SAEs and transcoders (sae.transcoder) both write through this."""
     from safetensors.torch import save_file
 
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise SaeError(f"{path} exists and is not a directory")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = atomic.mkdtemp(path.parent, f".{path.name}.tmp-")
-    old: Path | None = None
-    try:
+    with atomic.replace_dir(path) as tmp:
         if path.is_dir():
             for entry in path.iterdir():
                 if entry.name in (CFG_FILE, WEIGHTS_FILE):
@@ -538,23 +521,6 @@ def write_sae_files(path: str | os.PathLike, tensors: dict[str, Tensor], cfg_jso
         with open(tmp / CFG_FILE, "w") as fh:
             json.dump(cfg_json, fh, indent=1)
             fh.write("\n")
-        for name in (WEIGHTS_FILE, CFG_FILE):
-            with open(tmp / name, "rb") as fh:
-                os.fsync(fh.fileno())
-        _fsync_dir(tmp)
-        if path.exists():
-            old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.old-"))
-            os.replace(path, old / "sae")
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except BaseException:
-        if old is not None and not path.exists():
-            os.replace(old / "sae", path)  # put the previous directory back
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
     return path
 
 
