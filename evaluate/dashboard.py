@@ -34,8 +34,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import shutil
 from collections import Counter
 from collections.abc import Callable, Iterable
 from importlib.resources import files
@@ -239,9 +237,7 @@ def write_site(out: Path, info: dict[str, Any], latents: list[dict[str, Any]], t
     every window value) into `out`, replacing what was there only once the new site is complete."""
     out = Path(out)
     check_out(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = atomic.mkdtemp(out.parent, f".{out.name}.tmp-")
-    try:
+    with atomic.replace_dir(out) as tmp:
         data = tmp / "data"
         data.mkdir()
         atomic.apply_umask(data, directory=True)
@@ -268,16 +264,6 @@ def write_site(out: Path, info: dict[str, Any], latents: list[dict[str, Any]], t
         _write_data(tmp / MARKER, index, "SAE_INSPECT.index")
         atomic.write_bytes(tmp / "index.html", files(__package__).joinpath(APP).read_bytes())
         plot_density(hist, info, tmp / "density_histogram.png")
-        old = None
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-        os.replace(tmp, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -19,12 +19,12 @@ Row types: a spliced row is *massive* when its norm exceeds M × the site's medi
 --massive-factor, else the store's setting; the median from the store's statistics, else from the eval rows);
 every reconstruction metric is reported over all spliced rows and over typical and massive rows apart.
 
-Transcoders (a directory in SAELens' transcoder format, `sae.transcoder`): the spliced forward reads the
-input site (`hook_name`) and replaces the output site (`hook_name_out`) with the transcoder's prediction
-(`sae.sites.splice_from`); everything upstream of the output site runs as usual. Zero and mean ablation, the
-reconstruction metrics (FVU, NMSE of the prediction against the true output), the row types and the rows left
-out are all those of the output site: it is what the transcoder predicts, and a massive output row dominates
-Σ‖y − ȳ‖² just as a massive input row does an SAE's.
+Transcoders (a directory in SAELens' transcoder layout, `sae.saedir`): the spliced forward reads the input site
+(`hook_name`) and replaces the output site (`hook_name_out`) with the transcoder's prediction
+(`sae.sites.splice_from`); everything upstream of the output site runs as usual. An SAE is the case where both
+are one site. Zero and mean ablation, the reconstruction metrics (FVU, NMSE of the prediction against the true
+output), the row types and the rows left out are all those of the output site: it is what the transcoder
+predicts, and a massive output row dominates Σ‖y − ȳ‖² just as a massive input row does an SAE's.
 
 Batch mode selects as training did: the spliced rows of all eval contexts are shuffled with --seed and encoded
 in batches of --batch-rows, else the SAE's training batch size (metadata `batch_size`), so one context's
@@ -55,7 +55,6 @@ from sae.models import ModelInfo, check_model_name, load_model
 from sae.saedir import SparseAutoencoder, load_sae, recorded_store
 from sae.sites import SITE_TABLE, Site, capture, computed_before, parse_site, site_width, splice, splice_from
 from sae.store import Store
-from sae.transcoder import Transcoder, is_transcoder_dir, load_transcoder
 
 from .metrics import (
     CeAccumulator,
@@ -85,10 +84,10 @@ class SaeSpec(NamedTuple):
     """The SAE directory."""
     name: str
     """Short label in tables and plots (the directory name, with its parent when names repeat)."""
-    sae: SparseAutoencoder | Transcoder
+    sae: SparseAutoencoder
     """The loaded SAE (or transcoder)."""
     hook_name: str
-    """Site the SAE reads and is spliced at (a transcoder: its input site)."""
+    """Site the SAE reads (a transcoder: its input site)."""
     skip_bos: bool
     """Trained without BOS rows: position 0 is left unspliced."""
     model: dict[str, Any] | None
@@ -103,13 +102,13 @@ class SaeSpec(NamedTuple):
     """Rows the SAE was trained without besides BOS (metadata `exclude`); eval leaves them unspliced."""
     train_batch_size: int | None = None
     """Rows per training batch (metadata `batch_size`): batch mode's batch size."""
-    target: str | None = None
-    """A transcoder's output site (cfg `hook_name_out`), which it is spliced at; None for an SAE."""
+    hook_name_out: str | None = None
+    """Site the SAE writes (cfg `hook_name_out`: a transcoder's output site, an SAE's own); None: `hook_name`."""
 
     @property
     def spliced(self) -> str:
-        """The site whose activation is replaced (and ablated, and typed): the output site of a transcoder."""
-        return self.target if self.target is not None else self.hook_name
+        """The site whose activation is replaced (and ablated, and typed)."""
+        return self.hook_name_out or self.hook_name
 
 
 # --------------------------------------------------------------------------------------------------
@@ -159,23 +158,22 @@ def _names(paths: list[Path]) -> list[str]:
     return names
 
 
-def load_any(path: Path) -> SparseAutoencoder | Transcoder:
-    """The SAE or transcoder (ours or SAELens-made) in directory `path`."""
-    return load_transcoder(path) if is_transcoder_dir(path) else load_sae(path)
+def load_dictionary(path: Path, device: str | torch.device = "cpu") -> SparseAutoencoder:
+    """The SAE or transcoder (ours or SAELens-made) in directory `path`; SaeError when its cfg.json records no
+    site to read (`hook_name`) or, a transcoder's, to write (`hook_name_out`). Eval and inspect load through this."""
+    sae = load_sae(path, device=device)
+    if not sae.cfg.hook_name:
+        raise SaeError(f"SAE {path}: cfg.json records no hook_name (the site the SAE was trained on)")
+    if not sae.cfg.hook_name_out:  # (an SAE's is its hook_name)
+        raise SaeError(f"transcoder {path}: cfg.json records no hook_name_out (the site it predicts)")
+    return sae
 
 
-def describe(path: Path, name: str, sae: SparseAutoencoder | Transcoder) -> SaeSpec:
-    """What the SAE's cfg records: site (a transcoder's input and output sites), BOS handling, model, corpus and
+def describe(path: Path, name: str, sae: SparseAutoencoder) -> SaeSpec:
+    """What the SAE's cfg records: sites (a transcoder's input and output sites), BOS handling, model, corpus and
     store (metadata keys `keep_bos`, `model`, `corpus`, `store`, written by `sae train`; SAELens-made SAEs have
     none of them)."""
     cfg, meta = sae.cfg, sae.cfg.metadata
-    if not cfg.hook_name:
-        raise SaeError(f"SAE {path}: cfg.json records no hook_name (the site the SAE was trained on)")
-    target = None
-    if isinstance(sae, Transcoder):
-        if not cfg.hook_name_out:
-            raise SaeError(f"transcoder {path}: cfg.json records no hook_name_out (the site it predicts)")
-        target = str(cfg.hook_name_out)
     model = meta.get("model")
     if not isinstance(model, dict) or not model.get("id"):
         model = {"id": cfg.model_name} if cfg.model_name else None
@@ -195,7 +193,7 @@ def describe(path: Path, name: str, sae: SparseAutoencoder | Transcoder) -> SaeS
         store_note=store_note,
         exclude=rowtypes.exclusion_from_metadata(meta),
         train_batch_size=int(meta["batch_size"]) if isinstance(meta.get("batch_size"), int) else None,
-        target=target,
+        hook_name_out=str(cfg.hook_name_out),
     )
 
 
@@ -249,14 +247,11 @@ def check_model(specs: list[SaeSpec], info: ModelInfo, force: bool) -> None:
 
 
 def check_sites(specs: list[SaeSpec], model: Any) -> dict[str, Site]:
-    """The site of each SAE's hook name (and transcoder's output hook name) on `model` (SaeError for an unknown
-    site, an SAE whose width does not fit, or a transcoder whose output is computed before its input)."""
+    """The site of each SAE's hook name and output hook name on `model` (SaeError for an unknown site, an SAE
+    whose width does not fit, or a transcoder whose output is computed before its input)."""
     sites = {}
     for s in specs:
-        ends = [("d_in", s.hook_name, int(s.sae.cfg.d_in))]
-        if s.target is not None:
-            ends.append(("d_out", s.target, int(s.sae.cfg.d_out)))
-        for what, hook, width in ends:
+        for what, hook, width in (("d_in", s.hook_name, s.sae.d_in), ("d_out", s.spliced, s.sae.d_out)):
             site = parse_site(hook, model)
             have = site_width(model, site)
             if width != have:
@@ -265,10 +260,10 @@ def check_sites(specs: list[SaeSpec], model: Any) -> dict[str, Site]:
                     "the SAE belongs to another model or site"
                 )
             sites[hook] = site
-        if s.target is not None and not computed_before(sites[s.hook_name], sites[s.target]):
+        if not computed_before(sites[s.hook_name], sites[s.spliced]):
             raise SaeError(
                 f"transcoder {s.name} reads {s.hook_name}, which this model computes after its output site "
-                f"{s.target}: it cannot be spliced"
+                f"{s.spliced}: it cannot be spliced"
             )
     return sites
 
@@ -535,11 +530,6 @@ def _excluded(spec: SaeSpec, norms: Tensor, position: Tensor, tokens: Tensor, ty
     return rowtypes.excluded_mask(norms, position, tokens, ex, thr)
 
 
-def _predict(sae: SparseAutoencoder | Transcoder, a: Tensor, x: Tensor) -> Tensor:
-    """The reconstruction (a transcoder's prediction; its skip connection reads the input `x`) from latents `a`."""
-    return sae.decode(a, x) if isinstance(sae, Transcoder) else sae.decode(a)
-
-
 def _sae_splice(st: _SaeState, ids: Tensor, ctx0: int) -> Callable[..., Tensor]:
     """The splice of one SAE for the forward batch of contexts ctx0.. with token ids `ids` [B, T]: spliced
     positions ≥ t0 get x̂, except rows the SAE never trained on; the reconstruction statistics see the rest.
@@ -565,7 +555,7 @@ def _sae_splice(st: _SaeState, ids: Tensor, ctx0: int) -> Callable[..., Tensor]:
         keep = ~_excluded(st.spec, norms, position, tokens, st.types)
         xs = x.reshape(-1, x.shape[-1])[keep].to(dtype)
         a = sae.encode(xs)
-        x_hat = _predict(sae, a, xs)
+        x_hat = sae.decode(a, xs)  # (a skip transcoder's skip connection reads the input)
         st.stats.add(flat[keep], x_hat, a, context[keep], rowtypes.massive_mask(norms[keep], st.types.threshold))
         st.stats.n_excluded += int((~keep).sum())
         out = flat.clone()
@@ -603,7 +593,7 @@ def batch_reconstructions(
             j = order[i : i + batch_rows]
             xb = flat[j].to(device, dtype)
             a = sae.encode_batch(xb)
-            x_hat = _predict(sae, a, xb)
+            x_hat = sae.decode(a, xb)
             st.stats.add(flat_y[j].to(device), x_hat, a, context[j].to(device), massive[j].to(device))
             out[j] = x_hat.float().cpu()
     st.stats.n_excluded += int(excluded.sum())
@@ -695,8 +685,7 @@ class _SaeState:
         # site: where the SAE is spliced; source: what it reads (a transcoder's input site; else the same)
         self.spec, self.site, self.t0, self.mode, self.types = spec, site, t0, mode, types
         self.source = source if source is not None else site
-        width = spec.sae.cfg.d_out if spec.target is not None else spec.sae.cfg.d_in
-        self.stats = SpliceStats(int(width), int(spec.sae.cfg.d_sae), n_contexts, device)
+        self.stats = SpliceStats(spec.sae.d_out, spec.sae.d_sae, n_contexts, device)
         self.ce = CeAccumulator()
         self.batch_xhat: Tensor | None = None
         self.batch_excluded: Tensor | None = None
@@ -809,7 +798,7 @@ def evaluate(cfg: EvalConfig) -> Path:
         raise SaeError(f"report directory {str(cfg.out)!r} exists and is not a directory")
     dirs = find_sae_dirs(cfg.sae_dirs)
     names = _names(dirs)
-    specs = [describe(d, n, load_any(d)) for d, n in zip(dirs, names, strict=True)]
+    specs = [describe(d, n, load_dictionary(d)) for d, n in zip(dirs, names, strict=True)]
     record = outputs.eval_record(cfg)  # what this report is made from, before anything can change it
     for s in specs:
         if _snapshot(s):
@@ -892,10 +881,10 @@ def _result(
         "architecture": scfg.training_architecture or scfg.architecture,
         "saelens_architecture": scfg.architecture,
         "hook_name": spec.hook_name,
-        "target_site": spec.target,
-        "skip": bool(spec.target is not None and scfg.skip),
+        "target_site": spec.spliced if scfg.layout.transcoder else None,
+        "skip": scfg.layout.skip,
         "d_in": int(scfg.d_in),
-        "d_out": int(scfg.d_out) if spec.target is not None else int(scfg.d_in),
+        "d_out": int(scfg.d_out),  # type: ignore[arg-type]
         "d_sae": int(scfg.d_sae),
         "k": scfg.k,
         "mode": st.mode,

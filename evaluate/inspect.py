@@ -12,8 +12,8 @@
    every token of its windows, for the shading.
 3. From the weights alone: logit effects through the final norm's gain and the unembedding, and the latents
    with the most similar decoder rows. For a transcoder the encoder reads its input site and the decoder
-   writes to its output site: logit effects follow the decoder rows when that site adds into the residual
-   stream.
+   writes to its output site (an SAE's are one site): logit effects follow the decoder rows when that site adds
+   into the residual stream.
 The result is a static site (`sae.evaluate.dashboard`), then `settings.json` (`sae.outputs`), written last: what
 `sae run` compares to tell a current site from a stale or half-written one.
 """
@@ -37,13 +37,12 @@ from sae.errors import SaeError
 from sae.interrupt import NOTHING_KEPT, RERUN, interruptible
 from sae.metrics import DENSE_FREQUENCY
 from sae.progress import Progress, summary
-from sae.saedir import SparseAutoencoder, load_sae, recorded_store
+from sae.saedir import SparseAutoencoder, recorded_store
 from sae.store import Store
-from sae.transcoder import Transcoder, is_transcoder_dir, load_transcoder
 
 from .dashboard import check_out, write_site
 from .directions import logit_effects, similar_decoders
-from .evaluate import same_model
+from .evaluate import load_dictionary, same_model
 from .examples import TOP, TOP_TYPICAL, choose, window_values, windows
 from .latent_state import KINDS, Entries, LatentState
 from .rows import ModelRows, StoreRows
@@ -166,7 +165,7 @@ class RowKinds:
         }
 
 
-def row_kinds(cfg: InspectConfig, sae: SparseAutoencoder | Transcoder, site: str, store: Store | None) -> RowKinds:
+def row_kinds(cfg: InspectConfig, sae: SparseAutoencoder, site: str, store: Store | None) -> RowKinds:
     """The median from --store's statistics (else the SAE's store's, else the SAE's exclusion record, else the
     first batch of rows); M from --massive-factor, else the store's setting, else the default."""
     exclusion = rowtypes.exclusion_from_metadata(sae.cfg.metadata)
@@ -193,25 +192,7 @@ def row_kinds(cfg: InspectConfig, sae: SparseAutoencoder | Transcoder, site: str
     return RowKinds(None, f, "the first batch of rows", exclusion, skip_bos)
 
 
-def load_dictionary(path: Path, device: torch.device) -> SparseAutoencoder | Transcoder:
-    """An SAE directory or a transcoder directory (`sae.transcoder`), with the site its encoder reads."""
-    sae: SparseAutoencoder | Transcoder
-    sae = load_transcoder(path, device=device) if is_transcoder_dir(path) else load_sae(path, device=device)
-    if not sae.cfg.hook_name:
-        raise SaeError(f"SAE {path}: cfg.json records no hook_name (the site the SAE reads)")
-    return sae
-
-
-def output_site(sae: SparseAutoencoder | Transcoder) -> str:
-    """The site the decoder writes to: a transcoder's output site, an SAE's own."""
-    if isinstance(sae, Transcoder):
-        if not sae.cfg.hook_name_out:
-            raise SaeError("the transcoder's cfg.json records no metadata.hook_name_out (the site it writes to)")
-        return str(sae.cfg.hook_name_out)
-    return str(sae.cfg.hook_name)
-
-
-def _model_name(cfg: InspectConfig, sae: SparseAutoencoder | Transcoder, store: Store | None) -> str | None:
+def _model_name(cfg: InspectConfig, sae: SparseAutoencoder, store: Store | None) -> str | None:
     if cfg.model:
         return cfg.model
     recorded = sae.cfg.metadata.get("model")
@@ -255,7 +236,7 @@ def _load_model(
 
 
 def _source(
-    cfg: InspectConfig, sae: SparseAutoencoder | Transcoder, site: str, device: torch.device
+    cfg: InspectConfig, sae: SparseAutoencoder, site: str, device: torch.device
 ) -> tuple[StoreRows | ModelRows, Any, Any]:
     """The row source, and the model and tokenizer (None when unavailable)."""
     if cfg.dataset is not None:
@@ -301,9 +282,7 @@ def _store_of(source: StoreRows | ModelRows) -> Store | None:
 # The passes
 
 
-def nonzero_acts(
-    sae: SparseAutoencoder | Transcoder, x: Tensor, selected: Tensor | None
-) -> tuple[Tensor, Tensor, Tensor]:
+def nonzero_acts(sae: SparseAutoencoder, x: Tensor, selected: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
     """(row, latent, activation) of every nonzero of `sae.encode(x)` restricted to `selected`, row-major.
 
     With per-latent thresholds (SAELens jumprelu, our BatchTopK export, jumprelu transcoders) encode is
@@ -327,7 +306,7 @@ def nonzero_acts(
 
 def first_pass(
     source: StoreRows | ModelRows,
-    sae: SparseAutoencoder | Transcoder,
+    sae: SparseAutoencoder,
     selected: np.ndarray,
     cfg: InspectConfig,
     kinds: RowKinds,
@@ -414,7 +393,7 @@ def inspect(cfg: InspectConfig) -> InspectResult:
     record = outputs.inspect_record(cfg)  # what this site is made from, before anything can change it
     device = resolve_device(cfg.device)
     sae = load_dictionary(Path(cfg.sae_dir), device)
-    site, site_out = str(sae.cfg.hook_name), output_site(sae)
+    site, site_out = str(sae.cfg.hook_name), str(sae.cfg.hook_name_out)  # what the encoder reads, the decoder writes
     selected = parse_latents(cfg.latents, sae.cfg.d_sae, cfg.seed)
     source, model, tokenizer = _source(cfg, sae, site, device)
     kinds = row_kinds(cfg, sae, site, _store_of(source))
@@ -550,7 +529,7 @@ def inspect(cfg: InspectConfig) -> InspectResult:
             "d_sae": sae.cfg.d_sae,
             "site": site,
             "site_out": site_out,
-            "transcoder": isinstance(sae, Transcoder),
+            "transcoder": sae.cfg.layout.transcoder,
             "encoder": "θ mode (relu(pre)·1[pre > θ])" if sae.batch_topk else sae.cfg.architecture,
         },
         "source": {**source.describe(), **({"dataset": cfg.dataset} if cfg.dataset else {})},

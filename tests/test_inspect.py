@@ -583,25 +583,21 @@ TC_IN, TC_OUT = "blocks.1.ln2.hook_normalized", "blocks.1.hook_mlp_out"
 
 
 def _transcoder(path: Path, store: Path, model: Path, hook_out: str = TC_OUT) -> Path:
-    from sae.transcoder import TranscoderConfig, save_transcoder
-
     g = torch.Generator().manual_seed(4)
     w_enc = torch.nn.functional.normalize(torch.randn(F, D, generator=g), dim=1).T.contiguous()
     weights = {
         "W_enc": w_enc, "b_enc": torch.zeros(F), "W_dec": torch.randn(F, D, generator=g), "b_dec": torch.zeros(D),
         "threshold": torch.full((F,), 1.5), "W_skip": torch.zeros(D, D),
     }  # fmt: skip
-    cfg = TranscoderConfig(
+    cfg = SaeConfig(
         architecture="jumprelu_skip_transcoder", d_in=D, d_sae=F, d_out=D, k=4.0, hook_name=TC_IN,
         hook_name_out=hook_out, training_architecture="batchtopk", theta=1.5, complete=True,
         metadata={"keep_bos": False, "store": str(store), "model": {"id": str(model), "revision": None}},
     )  # fmt: skip
-    return save_transcoder(weights, cfg, path)
+    return save_sae(weights, cfg, path)
 
 
 def test_transcoder_reads_its_input_site_and_writes_logits_from_its_output_site(env, tmp_path):
-    from sae.transcoder import load_transcoder
-
     store = tmp_path / "tc.zarr"
     harvest(
         HarvestConfig(
@@ -619,7 +615,7 @@ def test_transcoder_reads_its_input_site_and_writes_logits_from_its_output_site(
         keep = np.asarray(st.chunk_meta(i).position) != 0
         xs.append(st.chunk(TC_IN, i).float()[torch.from_numpy(keep)])
         rows.append(np.arange(a, b)[keep])
-    t = load_transcoder(tc)
+    t = load_sae(tc)
     with torch.no_grad():
         acts = t.encode(torch.cat(xs)).numpy()
     rows = np.concatenate(rows)

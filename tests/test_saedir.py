@@ -98,6 +98,22 @@ def test_cfg_json_layout(tmp_path):
     assert meta["sae_lens_version"] >= "6"  # else SAELens rebuilds metadata as a pre-6.0 config, dropping ours
 
 
+TOP = ["architecture", "d_in", "d_sae", "dtype", "device", "apply_b_dec_to_input", "normalize_activations"]
+SAE_HEAD = ["sae_lens_version", "sae_lens_training_version", "sae_pipeline_version", "hook_head_index", "prepend_bos"]
+OURS = ["model_name", "hook_name", "training_architecture", "theta", "input_scale", "complete"]
+
+
+@pytest.mark.parametrize("arch", ["batchtopk", "topk"])
+def test_cfg_json_keys_and_their_order(tmp_path, arch):
+    """An SAE's cfg.json has these keys in this order (one writer serves SAEs and transcoders; a transcoder's are
+    pinned in test_transcoder_format): no d_out, hook_name_out or target_scale."""
+    _, path = exported_dir(tmp_path, arch)
+    cfg = json.loads((path / CFG_FILE).read_text())
+    topk = ["k", "rescale_acts_by_decoder_norm"] if arch == "topk" else []
+    assert list(cfg) == [*TOP, "reshape_activations", "metadata", *topk]
+    assert list(cfg["metadata"]) == [*SAE_HEAD, *META, "recon_variance", *OURS, "k"]
+
+
 def test_batchtopk_encode_batch_keeps_k_per_row_on_average(tmp_path):
     sae, _ = exported_dir(tmp_path, "batchtopk")
     x = raw_batch(50)

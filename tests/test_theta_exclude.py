@@ -225,9 +225,9 @@ def test_excluded_rows_leave_the_input_scale_and_variance(massive_store, tmp_pat
     this small store's every training row, so they equal a brute-force pass); without exclusions, the store's."""
     seen = []
 
-    def spy(cfg, point, d_in, device, input_scale, variance):
+    def spy(cfg, point, d_in, device, input_scale, variance, **kw):
         seen.append((input_scale, variance))
-        return make_run(cfg, point, d_in, device, input_scale, variance)
+        return make_run(cfg, point, d_in, device, input_scale, variance, **kw)
 
     make_run = trainer.make_run
     monkeypatch.setattr(trainer, "make_run", spy)

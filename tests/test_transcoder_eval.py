@@ -16,7 +16,7 @@ from test_evaluate import N_CONTEXTS, SEQ, D, _text, run
 from sae import rowtypes
 from sae.cli import main
 from sae.corpus import iter_contexts
-from sae.transcoder import Transcoder, TranscoderConfig, load_transcoder, save_transcoder
+from sae.saedir import SaeConfig, SparseAutoencoder, load_sae, save_sae
 
 IN, OUT = "blocks.1.ln2.hook_normalized", "blocks.1.hook_mlp_out"
 F = 96
@@ -35,17 +35,15 @@ def env(tmp_path_factory):
 def make_tc(path, env, *, arch="transcoder", seed=0, zero=False, hook=IN, hook_out=OUT, d_out=D, **kw):
     """A transcoder directory of ours (metadata as `sae train` writes it: trained without BOS)."""
     meta = {"keep_bos": False, "model": {"id": str(env["model"].resolve()), "revision": None, "sha256": None}}
-    cfg = TranscoderConfig(
-        arch, D, F, d_out, hook_name=hook, hook_name_out=hook_out, complete=True, metadata=meta, **kw
-    )
-    t = Transcoder(cfg)
+    cfg = SaeConfig(arch, D, F, d_out, hook_name=hook, hook_name_out=hook_out, complete=True, metadata=meta, **kw)
+    t = SparseAutoencoder(cfg)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in t.named_parameters():
             p.copy_(torch.zeros_like(p) if zero else torch.randn(p.shape, generator=g) * (0.3 if "W" in name else 0.05))
-        if cfg.jumprelu:
+        if cfg.layout.activation == "jumprelu":
             t.threshold.copy_(torch.rand(F, generator=g) * (0.0 if zero else 0.5))
-    return save_transcoder(t, None, path)
+    return save_sae(t, None, path)
 
 
 def direct_metrics(env, tc_dir, *, t0: int = 1) -> dict[str, float]:
@@ -57,7 +55,7 @@ def direct_metrics(env, tc_dir, *, t0: int = 1) -> dict[str, float]:
     ctx = np.stack(list(iter_contexts(str(env["heldout"]), make_tokenizer(), seq_len=SEQ, max_tokens=SEQ * N_CONTEXTS)))
     ids = torch.tensor(ctx, dtype=torch.long)
     block = model.model.layers[1]
-    tc = load_transcoder(tc_dir)
+    tc = load_sae(tc_dir)
     seen = {}
 
     def forward(replace=None):

@@ -18,9 +18,9 @@ from safetensors.torch import load_file
 from sae import cli
 from sae.config import TrainConfig
 from sae.errors import SaeError
+from sae.saedir import load_sae
 from sae.train import train as run_train
 from sae.train import trainer
-from sae.transcoder import load_transcoder
 
 IN, OUT = "blocks.0.ln2.hook_normalized", "blocks.0.hook_mlp_out"
 D = 16
@@ -73,7 +73,7 @@ def test_transcoders_and_skip_transcoders_train_and_load_in_sae_lens(store, tmp_
         assert meta["complete"] is True and meta["input_scale"] > 0 and meta["target_scale"] > 0
         assert ("W_skip" in load_file(str(path / "sae_weights.safetensors"))) == (path in skip)
         theirs = sl.SAE.load_from_disk(str(path))
-        ours = load_transcoder(path)
+        ours = load_sae(path)
         x = torch.randn(40, D)
         with torch.no_grad():
             torch.testing.assert_close(theirs(x), ours(x))
@@ -187,7 +187,7 @@ def test_massive_rows_of_a_transcoder_are_judged_by_its_target(store, tmp_path):
     kept = f.apply(Batch(x, torch.arange(4)))
     assert torch.equal(kept, x[[0, 1, 3]]) and (f.seen, f.excluded) == (4, 1)
     run_train(c)
-    meta = load_transcoder(tmp_path / "o" / "batchtopk-k4-F64").cfg.metadata
+    meta = load_sae(tmp_path / "o" / "batchtopk-k4-F64").cfg.metadata
     assert meta["exclude"]["massive_factor"] == 3.0 and meta["exclude"]["median_norm"] == pytest.approx(median)
 
 

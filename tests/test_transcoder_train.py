@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from sae.errors import SaeError
+from sae.saedir import load_sae
 from sae.train.archs import make_sae
-from sae.transcoder import Transcoder, load_transcoder
 
 D_IN, D_OUT, F, B = 16, 24, 64, 32
 ARCHS = ["batchtopk", "relu", "jumprelu", "matryoshka"]  # topk has no SAELens transcoder
@@ -114,7 +114,7 @@ def test_export_is_the_trained_transcoder_in_raw_units(tmp_path, arch):
     with torch.no_grad():
         trained = sae(x * c_in, target=y * c_out, decoder="dense").x_hat / c_out
         t = sae.export(model_name="m", hook_name="blocks.1.ln2.hook_normalized", hook_name_out="blocks.1.hook_mlp_out")
-    assert isinstance(t, Transcoder) and t.cfg.architecture.endswith("skip_transcoder")
+    assert t.cfg.layout.transcoder and t.cfg.architecture.endswith("skip_transcoder") and t.d_out == D_OUT
     assert t.cfg.input_scale == pytest.approx(c_in) and t.cfg.target_scale == pytest.approx(c_out)
     assert t.cfg.training_architecture == arch
     with torch.no_grad():
@@ -124,7 +124,7 @@ def test_export_is_the_trained_transcoder_in_raw_units(tmp_path, arch):
     theirs = sl.SAE.load_from_disk(str(path))
     assert theirs.cfg.metadata.hook_name_out == "blocks.1.hook_mlp_out" and theirs.cfg.d_out == D_OUT
     with torch.no_grad():
-        torch.testing.assert_close(theirs(x), load_transcoder(path)(x))
+        torch.testing.assert_close(theirs(x), load_sae(path)(x))
         torch.testing.assert_close(theirs(x), t(x))
 
 

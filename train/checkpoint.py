@@ -11,15 +11,14 @@ checkpoint must never run code).
 `save_run` / `restore_run` turn the trainer's state (every SAE's weights and Adam moments, the reader's position,
 the RNGs, the log lengths) into such a checkpoint and back; `save` / `load` read and write the folder.
 
-A checkpoint is written into a hidden temporary folder, fsynced, renamed to step-N, and only then does `latest`
-(replaced atomically) point at it; older ones are deleted last. A kill at any moment leaves `latest` naming a
-complete checkpoint (or no `latest` at all before the first one).
+A checkpoint is written into a hidden temporary folder, fsynced, renamed to step-N (`sae.atomic.replace_dir`), and
+only then does `latest` (replaced atomically) point at it; older ones are deleted last. A kill at any moment leaves
+`latest` naming a complete checkpoint (or no `latest` at all before the first one).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 from pathlib import Path
@@ -53,14 +52,6 @@ class Checkpoint(NamedTuple):
     """Everything else (state.json)."""
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def latest_name(out: Path) -> str | None:
     """Name of the newest complete checkpoint in `out`, or None."""
     try:
@@ -78,21 +69,12 @@ def save(out: Path, step: int, tensors: dict[str, torch.Tensor], state: dict[str
     final = root / name
     if latest_name(out) == name and final.is_dir():
         return final  # e.g. a SIGTERM right after a scheduled checkpoint of the same step
-    tmp = atomic.mkdtemp(root, f".{name}.")
-    try:
+    # An existing `final` was left by a run killed between its rename and the `latest` update: it is replaced.
+    # The temporary names start with `.step-`, so the cleanup below removes those of killed writes.
+    with atomic.replace_dir(final, prefix=f".{name}.") as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / "tensors.safetensors"))
         atomic.apply_umask(tmp / "tensors.safetensors")  # safetensors creates its file 0600
-        with open(tmp / "tensors.safetensors", "rb") as f:
-            os.fsync(f.fileno())
         atomic.write_json(tmp / "state.json", state)
-        _fsync_dir(tmp)
-        if final.exists():  # left by a run killed between this rename and the `latest` update
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     atomic.write_bytes(root / LATEST, (name + "\n").encode())
     for p in root.iterdir():  # older checkpoints and temporaries of killed writes
         if p.name not in (name, LATEST) and (p.name.startswith("step-") or p.name.startswith(".step-")):

@@ -17,7 +17,6 @@ from sae.embedded import embedded_model_source
 from sae.errors import SaeError
 from sae.saedir import save_sae as write_sae_dir
 from sae.store import Store
-from sae.transcoder import Transcoder, save_transcoder
 
 from .archs import TrainingSae, from_config
 from .calibrate import Theta, apply_theta
@@ -72,7 +71,7 @@ def make_run(
     """The SAE of sweep point `point` (sae.saedir.SweepPoint), freshly initialised, with its Adam; `variance` is
     σ² of the scaled training rows (a transcoder's: of its scaled targets), the fixed normaliser of its
     reconstruction term. A transcoder of targets of width `d_out` (dataset-level scale `target_scale`) when
-    `d_out` is given."""
+    `d_out` is given; an SAE's target is its input, scaled by `input_scale`."""
     sae = from_config(cfg, point, d_in, variance=variance, device=device, d_out=d_out)
     if sae.k is not None and sae.k > sae.d_sae:
         raise SaeError(f"{point.name}: k={sae.k} exceeds the dictionary size {sae.d_sae}")
@@ -138,18 +137,17 @@ def save_sae(
     # (export adds the architecture's own settings to the metadata)
     if exclude is not None:
         metadata["exclude"] = exclude
-    extra: dict[str, Any] = {}
-    if target is not None:
+    if target is not None:  # a transcoder's (an SAE's metadata has no such keys)
         metadata["target_site"] = target
         metadata["skip"] = r.sae.skip
-        extra["hook_name_out"] = target
-    inf = apply_theta(
-        r.sae.export(
-            model_name=hub_model_name(model.get("id")), hook_name=site, complete=complete, metadata=metadata, **extra
-        ),
-        theta,
+    inf = r.sae.export(
+        model_name=hub_model_name(model.get("id")),
+        hook_name=site,
+        hook_name_out=target,
+        complete=complete,
+        metadata=metadata,
     )
-    (save_transcoder if isinstance(inf, Transcoder) else write_sae_dir)(inf, None, r.dir)
+    write_sae_dir(apply_theta(inf, theta), None, r.dir)
     if r.log is not None:
         r.log.flush()
         atomic.write_bytes(r.dir / LOG_FILE, r.log_path.read_bytes())

@@ -111,6 +111,8 @@ def _train(cfg: TrainConfig, dd: Dist, device: torch.device) -> list[Path]:
     # What to do with --out: start, resume from its checkpoint, or nothing (already trained).
     store, site = open_store(cfg)
     target = target_site(cfg, store, site)  # a transcoder run's output site, None for SAEs
+    # a batch row holds the input site's columns, then a transcoder's target's: the output is compared with the last
+    sites = [site] if target is None else [site, target]
     d = store.d_model
     d_out = d if target is not None else None
     points = sweep(cfg)
@@ -119,7 +121,7 @@ def _train(cfg: TrainConfig, dd: Dist, device: torch.device) -> list[Path]:
     check_config(cfg, points, d, d_out=d_out)  # each architecture validates its settings before anything is written
     check_theta(cfg, points)
     # rows left out of training (--exclude-*); a transcoder's are judged by its target (the batch's last columns)
-    rowfilter = RowFilter(cfg, store, target or site, columns=slice(d, None) if target is not None else None)
+    rowfilter = RowFilter(cfg, store, sites[-1], columns=slice(d, None) if target is not None else None)
     names = [p.name for p in points]
     out = Path(cfg.out)
     identity = store_identity(store, site, target)
@@ -136,11 +138,11 @@ def _train(cfg: TrainConfig, dd: Dist, device: torch.device) -> list[Path]:
         compare_store(ck.state["store"], identity, out)
 
     # The reader (this rank's lanes; a checkpoint's position) and the store statistics of its site(s).
-    stats = {s: _site_stats(cfg, store, s) for s in ([site, target] if target is not None else [site])}
+    stats = {s: _site_stats(cfg, store, s) for s in sites}
     lanes = cfg.reader_lanes if cfg.reader_lanes is not None else dd.world  # (a checkpoint's state overrides)
     reader = ChunkReader(
         store,
-        [site, target] if target is not None else site,
+        sites if target is not None else site,
         batch_size=cfg.batch_size,
         seed=cfg.seed,
         buffer_mb=cfg.buffer_mb,
@@ -161,13 +163,12 @@ def _train(cfg: TrainConfig, dd: Dist, device: torch.device) -> list[Path]:
             sample = reader.sample(KEPT_STATS_ROWS)
             moments = {s: rowfilter.kept_stats(sample, slice(i * d, (i + 1) * d)) for i, s in enumerate(moments)}
         scale = math.sqrt(d) / moments[site][0]  # the input scale c
-        target_scale = math.sqrt(d) / moments[target][0] if target is not None else None  # the target's own
-        compared = target or site  # what the output is compared with
-        raw_variance = moments[compared][1]
+        target_scale = math.sqrt(d) / moments[sites[-1]][0]  # the scale of what the output is compared with (c)
+        raw_variance = moments[sites[-1]][1]
         if not (math.isfinite(raw_variance) and raw_variance > 0):
-            raise SaeError(f"store {cfg.store}: site {compared} has variance {raw_variance}; nothing to reconstruct")
+            raise SaeError(f"store {cfg.store}: site {sites[-1]} has variance {raw_variance}; nothing to reconstruct")
         # σ² of the scaled rows (a transcoder's: of its scaled targets): the fixed normaliser of the reconstruction
-        variance = raw_variance * (target_scale if target_scale is not None else scale) ** 2
+        variance = raw_variance * target_scale**2
         plan = make_plan(cfg, reader.train_rows, scale)
         short = short_run_warning(plan, reader.train_rows, cfg.tokens is not None)
         if short and dd.main and ck is None:
@@ -183,8 +184,7 @@ def _train(cfg: TrainConfig, dd: Dist, device: torch.device) -> list[Path]:
             out.mkdir(parents=True, exist_ok=True)
         if ck is None and dd.main:
             atomic.write_json(out / RUN_FILE, {**run_info, "plan": plan._asdict(), "started": time.time()})
-        tc = {"d_out": d_out, "target_scale": target_scale} if target is not None else {}  # a transcoder's
-        runs = [make_run(cfg, p, d, device, scale, variance, **tc) for p in points]
+        runs = [make_run(cfg, p, d, device, scale, variance, d_out=d_out, target_scale=target_scale) for p in points]
         if dd.group is not None:
             for r in runs:
                 r.sae.process_group = dd.group
@@ -213,7 +213,7 @@ def _train(cfg: TrainConfig, dd: Dist, device: torch.device) -> list[Path]:
         held = reader.validation_rows(2 * VAL_MAX_ROWS) if cfg.val_chunks > 0 and dd.main else None
         # alternate rows for the validation metrics and for calibrating θ (sae.train.calibrate)
         val, cal = split_held_out(rowfilter.rows(held), VAL_MAX_ROWS, VAL_MAX_ROWS)
-        if target is not None and cal is not None:  # θ is calibrated on the encoder's input columns
+        if cal is not None:  # θ is calibrated on the encoder's input columns
             cal = Rows(cal.x[:, :d], cal.rows)
         meta = {"config": config, "store": identity, "plan": plan._asdict()}
         stop = stack.enter_context(_StopFlag())

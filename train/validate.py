@@ -29,12 +29,10 @@ def validate(
     as threshold mode for the others). A transcoder's rows hold its input's columns, then its target's: the
     metrics are those of its prediction of the target."""
     inf = apply_theta(sae.export(), theta).to(device)  # θ mode at the exported θ
-    d_in, width = inf.d_in, (sae.d_out if sae.transcoder else inf.d_in)
-    acc = {m: ReconstructionAccumulator(width, inf.d_sae, device) for m in ("theta", "batch")}
+    acc = {m: ReconstructionAccumulator(inf.d_out, inf.d_sae, device) for m in ("theta", "batch")}
     for i in range(0, len(val.x), batch_size):
-        x = y = val.x[i : i + batch_size].to(device).float()
-        if sae.transcoder:
-            x, y = x[:, :d_in], x[:, d_in:]
+        rows = val.x[i : i + batch_size].to(device).float()
+        x, y = rows[:, : inf.d_in], (rows[:, inf.d_in :] if sae.transcoder else rows)
         if inf.batch_topk:  # one encoder pass for both modes
             pre = inf.pre_acts(x)
             by_mode = {"theta": pre.relu() * (pre > inf.threshold)}
@@ -46,7 +44,7 @@ def validate(
             a = inf.encode(x)
             by_mode = {"theta": a, "batch": a}
         for m, a in by_mode.items():
-            acc[m].add(y, inf.decode(a, x) if sae.transcoder else _decode(inf, a), a)
+            acc[m].add(y, _decode(inf, a, x), a)
     out = {}
     for m, a in acc.items():
         res = a.result()
@@ -64,10 +62,11 @@ def val_row(
     return {"split": "val", "step": step, "tokens": step * plan.batch_size, "rows": len(val.x), **m}
 
 
-def _decode(inf: Any, a: torch.Tensor) -> torch.Tensor:
-    """inf.decode(a); with few non-zeros (k per row) a sparse product instead of a dense [B, F]·[F, d] GEMM."""
-    if a.device.type != "cpu" or float((a != 0).float().mean()) > 0.05:  # (no [B, F] temporary on a GPU)
-        return inf.decode(a)
+def _decode(inf: Any, a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """inf.decode(a, x); with few non-zeros (k per row) and no skip connection a sparse product instead of a dense
+    [B, F]·[F, d] GEMM."""
+    if inf.cfg.layout.skip or a.device.type != "cpu" or float((a != 0).float().mean()) > 0.05:  # (no [B, F] on a GPU)
+        return inf.decode(a, x)
     with warnings.catch_warnings():  # torch's one-time "sparse CSR support is in beta" notice
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
         csr = a.to_sparse_csr()

@@ -64,9 +64,9 @@ def from_config(
 
 def check_config(cfg: Any, points: list[Any], d_in: int, d_out: int | None = None) -> None:
     """Let each point's architecture validate its settings (as a transcoder's when `d_out` is given), before a
-    run writes anything."""
+    run writes anything: SaeError from building it on the meta device (no memory, no initialisation)."""
     for p in points:
-        sae_class(p.arch).check(cfg, p, d_in, d_out=d_out)
+        from_config(cfg, p, d_in, variance=1.0, device="meta", d_out=d_out)
 
 
 ARCHS = architectures.NAMES

@@ -29,7 +29,8 @@ x·W_enc + b_enc, as SAELens' transcoders compute it: `centre` is a zero vector)
 and AuxK (which fits the residual y − ŷ) are taken against y, with σ² the target's variance; y has its own
 dataset-level scale (`target_scale`), folded back on export like the input's. With `skip`, ŷ gains an affine
 skip connection x·W_skipᵀ, W_skip [d_out, d_in] initialised at zero. W_enc is drawn independently of W_dec (the
-tied init W_enc = W_decᵀ is a reconstruction trick). The export is a `sae.transcoder.Transcoder`.
+tied init W_enc = W_decᵀ is a reconstruction trick). The export is the same `sae.saedir.SparseAutoencoder`, in
+SAELens' transcoder layout.
 
 Per step, the trainer:
     sae.before_step(step, plan)          # schedules that depend on the step (relu: λ warm-up)
@@ -53,8 +54,15 @@ from torch import Tensor, nn
 
 from sae import architectures
 from sae.errors import SaeError
-from sae.saedir import SaeConfig, SparseAutoencoder, flat_nonzero, save_sae
-from sae.transcoder import Transcoder, TranscoderConfig, fold_scales, save_transcoder, transcoder_architecture
+from sae.saedir import (
+    SaeConfig,
+    SparseAutoencoder,
+    architecture_name,
+    flat_nonzero,
+    fold_scales,
+    save_sae,
+    weight_shapes,
+)
 
 from ..kernels import AuxDecode, SparseDecode, SparseEncode, SparsePattern, dense_decode, no_autocast
 
@@ -200,20 +208,22 @@ class TrainingSae(nn.Module):
         super().__init__()
         if decoder not in DECODERS:
             raise SaeError(f"decoder {decoder!r} is not one of {', '.join(DECODERS)}")
-        if d_in < 1 or d_sae < 1 or (d_out is not None and d_out < 1):
+        transcoder = d_out is not None
+        d_out = d_out if transcoder else d_in  # an SAE's target is its input
+        if d_in < 1 or d_sae < 1 or d_out < 1:
             raise SaeError(f"d_in, d_sae and d_out must be positive, got {d_in}, {d_sae} and {d_out}")
-        if skip and d_out is None:
+        if skip and not transcoder:
             raise SaeError("a skip connection needs a transcoder (a target site, d_out)")
         if not (math.isfinite(variance) and variance > 0):
             raise SaeError(f"the dataset variance must be a positive number, got {variance}")
         self.info = architectures.get(self.arch)
         self.d_in, self.d_sae = d_in, d_sae
-        self.transcoder = d_out is not None
+        self.transcoder = transcoder
         """Predicts a target [B, d_out] instead of reconstructing its input."""
-        self.d_out = d_out if d_out is not None else d_in
+        self.d_out = d_out
         self.skip = bool(skip)
-        if self.transcoder:
-            transcoder_architecture(self.info.exports_as, skip=self.skip)  # one SAELens can load, or SaeError
+        self.saelens_architecture = architecture_name(self.info.exports_as, transcoder=self.transcoder, skip=self.skip)
+        """The SAELens architecture `export` writes (SaeError here for one SAELens lacks: a topk transcoder)."""
         self.k: float | None = None
         """Mean latents per row for the architectures that select a fixed number (set by them)."""
         self.variance = float(variance)
@@ -251,13 +261,6 @@ class TrainingSae(nn.Module):
     def options(cls, cfg: Any, point: Any) -> dict[str, Any]:
         """The architecture's own constructor arguments from TrainConfig `cfg` and sweep point `point`."""
         return {}
-
-    @classmethod
-    def check(cls, cfg: Any, point: Any, d_in: int, d_out: int | None = None) -> None:
-        """Raise SaeError when `cfg` cannot train sweep point `point` (before anything is written)."""
-        skip = bool(getattr(cfg, "skip", False)) and d_out is not None
-        kw = dict(variance=1.0, device="meta", d_out=d_out, skip=skip)
-        cls(d_in, point_size(point, d_in), **kw, **cls.options(cfg, point))
 
     @property
     def centre(self) -> Tensor:
@@ -672,49 +675,16 @@ class TrainingSae(nn.Module):
         hook_name_out: str | None = None,
         complete: bool = False,
         metadata: dict[str, Any] | None = None,
-    ) -> SparseAutoencoder | Transcoder:
-        """The inference SAE in raw activation units: with x_train = c·x, W_enc' = c·W_enc, W_dec' = W_dec/c,
-        b_dec' = b_dec/c; b_enc and thresholds unchanged. The SAELens architecture is the table's `exports_as`;
-        `metadata` gains σ² (`recon_variance`, scaled units) and the architecture's own keys. A transcoder is
-        exported as a `sae.transcoder.Transcoder` (`fold_scales` with its own input and target scales), with
-        `hook_name_out` its target site."""
-        if self.transcoder:
-            return self._export_transcoder(model_name, hook_name, hook_name_out, complete, metadata)
-        c = float(self.input_scale)
-        threshold = self.export_threshold()
+    ) -> SparseAutoencoder:
+        """The inference SAE in raw activation units (`sae.saedir.fold_scales`): with x_train = c·x, W_enc' = c·W_enc,
+        W_dec' = W_dec/c_out, b_dec' = b_dec/c_out (c_out = c for an SAE, a transcoder's own target scale); b_enc
+        and thresholds unchanged. The SAELens architecture is the table's `exports_as` (a transcoder's: its
+        transcoder counterpart, with `hook_name_out` its target site); `metadata` gains σ² (`recon_variance`,
+        scaled units) and the architecture's own keys."""
+        c_in = float(self.input_scale)
+        c_out = float(self.target_scale) if self.transcoder else c_in
         cfg = SaeConfig(
-            architecture=self.info.exports_as,
-            d_in=self.d_in,
-            d_sae=self.d_sae,
-            k=self.export_k(),
-            model_name=model_name,
-            hook_name=hook_name,
-            training_architecture=self.arch,
-            theta=float(self.theta) if self.info.has_theta else None,
-            input_scale=c,
-            complete=complete,
-            metadata={**(metadata or {}), "recon_variance": self.variance, **self.metadata()},
-        )
-        sae = SparseAutoencoder(cfg, device=self.W_enc.device)
-        sae.W_enc.copy_(self.W_enc * c)
-        sae.b_enc.copy_(self.b_enc)
-        sae.W_dec.copy_(self.W_dec / c)
-        sae.b_dec.copy_(self.b_dec / c)
-        if threshold is not None:
-            sae.threshold.copy_(threshold)
-        return sae
-
-    def _export_transcoder(
-        self,
-        model_name: str | None,
-        hook_name: str | None,
-        hook_name_out: str | None,
-        complete: bool,
-        metadata: dict[str, Any] | None,
-    ) -> Transcoder:
-        c_in, c_out = float(self.input_scale), float(self.target_scale)
-        cfg = TranscoderConfig(
-            architecture=transcoder_architecture(self.info.exports_as, skip=self.skip),
+            architecture=self.saelens_architecture,
             d_in=self.d_in,
             d_sae=self.d_sae,
             d_out=self.d_out,
@@ -729,30 +699,24 @@ class TrainingSae(nn.Module):
             complete=complete,
             metadata={**(metadata or {}), "recon_variance": self.variance, **self.metadata()},
         )
-        w = {"W_enc": self.W_enc, "b_enc": self.b_enc, "W_dec": self.W_dec, "b_dec": self.b_dec}
-        if self.skip:
-            w["W_skip"] = self.W_skip
-        threshold = self.export_threshold()
-        if threshold is not None:
-            w["threshold"] = threshold
-        t = Transcoder(cfg, device=self.W_enc.device)
-        raw = fold_scales(w, input_scale=c_in, target_scale=c_out)
-        t.load_state_dict({k: v.detach().float() for k, v in raw.items()})
-        return t
+        # the tensors of its SAELens layout, in training units (the threshold: the one exported)
+        w = {n: self.export_threshold() if n == "threshold" else getattr(self, n) for n in weight_shapes(cfg)}
+        sae = SparseAutoencoder(cfg, device=self.W_enc.device)
+        sae.load_state_dict(
+            {k: v.detach().float() for k, v in fold_scales(w, input_scale=c_in, target_scale=c_out).items()}
+        )
+        return sae
 
     def save(self, path: Any, **export_kw: Any) -> Any:
-        """`export` then `sae.saedir.save_sae` (a transcoder: `sae.transcoder.save_transcoder`) to `path`
-        (atomic)."""
-        out = self.export(**export_kw)
-        if isinstance(out, Transcoder):
-            return save_transcoder(out, None, path)
-        return save_sae(out, None, path)
+        """`export` then `sae.saedir.save_sae` to `path` (atomic)."""
+        return save_sae(self.export(**export_kw), None, path)
 
     def extra_repr(self) -> str:
-        extra = f", k={self.k}" if self.k is not None else ""
-        if self.transcoder:
-            extra += f", d_out={self.d_out}" + (", skip" if self.skip else "")
-        return f"{self.arch}, d_in={self.d_in}, d_sae={self.d_sae}{extra}, decoder={self.decoder}"
+        k = f", k={self.k}" if self.k is not None else ""
+        return (
+            f"{self.arch} as {self.saelens_architecture}, d_in={self.d_in}, d_sae={self.d_sae}, d_out={self.d_out}{k}, "
+            f"decoder={self.decoder}"
+        )
 
 
 def point_size(point: Any, d_in: int) -> int:
