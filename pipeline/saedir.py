@@ -348,7 +348,7 @@ def _number(v: Any) -> bool:
 
 def flat_nonzero(mask: Tensor) -> Tensor:
     """Ascending flat indices of the True entries of a contiguous bool tensor. On CPU a first pass finds the
-    8-byte words holding any True (for sparse masks ~2x faster than `nonzero` over every byte)."""
+    8-byte words holding any True (for sparse masks faster than `nonzero` over every byte)."""
     flat = mask.reshape(-1)
     n = flat.numel()
     n8 = n - n % 8

@@ -107,8 +107,8 @@ def _codec(codec: str, itemsize: int) -> list:
     if codec == "none":
         return []
     if codec == "blosc-zstd":
-        # zstd level 1 + byte shuffle: ~1.45x on bf16 activations at >1 GB/s; higher levels and bitshuffle
-        # cost far more time than they save space (docs/design.md, "The store").
+        # zstd level 1 + byte shuffle: higher levels and bitshuffle cost far more time than they save space
+        # (ratios and speeds in docs/design.md, "The store", and docs/benchmarks.md).
         return [BloscCodec(typesize=itemsize, cname="zstd", clevel=1, shuffle="shuffle", blocksize=1 << 20)]
     raise SaeError(f"unknown codec {codec!r}; use blosc-zstd or none")
 
@@ -319,7 +319,7 @@ class Store:
 
     def chunk_numpy(self, site: str, i: int) -> np.ndarray:
         """Chunk i of `site` as stored (uint16 bits for bfloat16). One contiguous slice: integer-array reads
-        on sharded arrays are 10-20x slower."""
+        on sharded arrays are many times slower."""
         start, stop = self.chunk_range(i)
         return self.array(site)[start:stop]  # type: ignore[return-value]
 
@@ -640,7 +640,7 @@ class StoreWriter:
 
     def _array(self, name: str) -> zarr.Array:
         """Array `name` for whole-shard writes. By default zarr scans every chunk to leave out those that are all
-        fill value (a third of a shard write's CPU time, measured); such chunks are rare here, and a reader sees
+        fill value (a large share of a shard write's CPU time); such chunks are rare here, and a reader sees
         the same values whether they are written or left out."""
         return self.group[name].with_config({"write_empty_chunks": True})  # type: ignore[union-attr]
 

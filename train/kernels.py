@@ -64,7 +64,7 @@ class SparsePattern:
 
     def _transpose(self) -> tuple[Tensor, Tensor, Tensor]:
         if self._t is None:
-            # int32 keys: torch's int64 sort is ~50x slower on CPU; stable keeps rows ascending per column
+            # int32 keys: torch's int64 sort is far slower on CPU; stable keeps rows ascending per column
             perm = torch.argsort(self.cols.to(torch.int32), stable=True)
             crow_t = _row_pointers(self.cols[perm], self.n_cols)
             self._t = (perm, crow_t, self.rows[perm])

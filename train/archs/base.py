@@ -395,7 +395,7 @@ class TrainingSae(nn.Module):
 
     def _pre(self, x: Tensor) -> Tensor:
         """Dense pre-activations without a graph, fp32 with autocast off (selection, θ and the STE windows see
-        fp32 values); on CPU into a reused buffer (a fresh 75 MB tensor per step costs ~20 ms of page faults)."""
+        fp32 values); on CPU into a reused buffer (a fresh [B, F] tensor per step costs page faults on every step)."""
         with no_autocast(x.device):
             xc = x.float() - self.centre
             if x.device.type == "cpu":
