@@ -449,6 +449,7 @@ def test_other_settings_are_refused_and_overwrite_starts_afresh(tmp_path, llama_
         ({"dtype": "float16"}, "dtype: store has 'bfloat16', this run 'float16'"),
         ({"max_tokens": 48 * 9}, "n_contexts_max: store has 8, this run 9"),
         ({"seed": 1}, "seed: store has 0, this run 1"),
+        ({"shuffle_buffer": 0}, "shuffle_buffer: store has 10000, this run 0"),
         ({"chunk_rows": 32}, "chunk_rows: store has 64"),
         ({"model_dtype": "bfloat16"}, "model: store has"),
         ({"model": str(save_model(tmp_path / "gpt2", "gpt2"))}, "model: store has"),

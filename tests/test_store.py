@@ -36,6 +36,7 @@ def make_meta(**kw):
         "chunk_rows": 16,
         "shard_rows": 32,
         "seed": 0,
+        "shuffle_buffer": 0,
     }
     meta.update(kw)
     return meta
