@@ -37,7 +37,7 @@ from sae.errors import SaeError
 from sae.interrupt import NOTHING_KEPT, RERUN, interruptible
 from sae.metrics import DENSE_FREQUENCY
 from sae.progress import Progress, summary
-from sae.saedir import SparseAutoencoder, recorded_store
+from sae.saedir import SparseAutoencoder, flat_nonzero, recorded_store
 from sae.store import Store
 
 from .dashboard import check_out, write_site
@@ -299,9 +299,10 @@ def nonzero_acts(sae: SparseAutoencoder, x: Tensor, selected: Tensor | None) -> 
         theta = threshold.detach().clamp(min=0)
         if selected is not None:
             pre, theta = pre[:, selected], theta[selected]
-        fired = pre > theta
-        r, f = fired.nonzero(as_tuple=True)
-        return r, f, pre[fired]
+        # flat indices of the few nonzeros, then one gather (`nonzero` and a masked select scan every entry)
+        idx = flat_nonzero(pre > theta)
+        n = pre.shape[1]
+        return idx // n, idx % n, pre.view(-1)[idx]
 
 
 def first_pass(

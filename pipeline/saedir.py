@@ -551,7 +551,8 @@ class SparseAutoencoder(nn.Module):
         x = x.to(self.W_enc.dtype)
         if self.cfg.apply_b_dec_to_input:
             x = x - self.b_dec
-        pre = x @ self.W_enc + self.b_enc
+        # addmm adds b_enc inside the GEMM instead of in a second pass over the [rows, d_sae] result
+        pre = torch.addmm(self.b_enc, x.reshape(-1, x.shape[-1]), self.W_enc).view(*x.shape[:-1], -1)
         if self.cfg.rescale_acts_by_decoder_norm:
             pre = pre * self.W_dec.norm(dim=-1)
         return pre
