@@ -481,23 +481,19 @@ class ChunkReader:
     def _batch(self) -> tuple[torch.Tensor, np.ndarray, dict[int, tuple[int, int, int]], Any]:
         """This rank's part of the next global batch gathered from the arena, its store rows, the lanes' positions
         after it and (on a GPU) the event its gathers end with."""
-        shape = (self._rows, self.width)
-        x = (
-            _batch_rows(shape, self.store.dtype)
-            if self._arena_bits is not None
-            else torch.empty(shape, dtype=self._arena.dtype, device=self.device)
-        )
+        on_host, shape = self._arena_bits is not None, (self._rows, self.width)
+        x = _batch_rows(shape, self.store.dtype) if on_host else self._arena.new_empty(shape)
         rows = np.empty(self._rows, np.int64)
         o, pos = 0, {}
         for i, lane in self._lanes.items():
             for at, r in lane.cut():
-                x_part = x[o : o + len(at)]
-                if self._arena_bits is not None:
-                    np.take(self._arena_bits, at, axis=0, out=_bits(x_part), mode="clip")
-                else:  # the indices go from pinned memory, so the copy is asynchronous too
+                if on_host:
+                    np.take(self._arena_bits, at, axis=0, out=_bits(x[o : o + len(at)]), mode="clip")
+                else:  # (indices from pinned memory: their copy is asynchronous too; index_select's out= variant
+                    # costs the host far more than a copy on the device)
                     idx = torch.from_numpy(at)
                     idx = (idx.pin_memory() if x.is_cuda else idx).to(self.device, non_blocking=True)
-                    torch.index_select(self._arena, 0, idx, out=x_part)
+                    x[o : o + len(at)] = self._arena.index_select(0, idx)
                 rows[o : o + len(at)] = r
                 o += len(at)
             pos[i] = lane.position
