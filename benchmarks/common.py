@@ -1,5 +1,4 @@
-"""Shared by the benchmark scripts: a one-line description of the machine, writing one section of a doc, and the
-host's share of a GPU reader measured on the CPU."""
+"""Shared by the benchmark scripts: a one-line description of the machine and writing one section of a doc."""
 
 from __future__ import annotations
 
@@ -8,12 +7,8 @@ import os
 import platform
 import re
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import torch
-
-from sae.train.reader import ChunkReader
 
 
 def machine() -> str:
@@ -35,20 +30,3 @@ def write_section(doc: Path, heading: str, section: str, title: str = "Benchmark
     pattern = re.compile(rf"^## {re.escape(heading)}\n.*?(?=^## |\Z)", re.S | re.M)
     text = pattern.sub(lambda _: section + "\n", text) if pattern.search(text) else text.rstrip() + "\n\n" + section
     doc.write_text(text.rstrip() + "\n")
-
-
-class DeviceArenaHost(ChunkReader):
-    """The host's share of a GPU reader, run on the CPU: chunks decoded (or copied, if raw) into staging and batches
-    planned. The copy to the device arena (a DMA, which costs the host no cycles) and the gather there (the GPU's
-    work) are left out: a batch is the arena rows it would gather."""
-
-    _device_arena, _host_float32 = True, False
-
-    def _upload(self, dest: torch.Tensor, stage: torch.Tensor, done: Any) -> None:
-        pass  # a GPU's DMA engine makes this copy: no host cycles (and the arena is never gathered from here)
-
-    def _to_device(self, part: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        if any(plan.at is None for plan, _, _ in part):
-            raise RuntimeError("a chunk fell outside the arena: this timing would leave out its gather")
-        at = np.concatenate([plan.at[a:b] for plan, a, b in part])
-        return torch.from_numpy(at), torch.from_numpy(np.concatenate([plan.rows[a:b] for plan, a, b in part]))

@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import DeviceArenaHost, machine, write_section
+from common import machine, write_section
 
 from sae.config import TrainConfig
 from sae.saedir import sweep
@@ -63,22 +63,22 @@ def cmd_line() -> str:
 
 
 def reader_rate(
-    store: Store, cls: type, b: int, batches: int, threads: int, device: str, warm: bool = False
+    store: Store, b: int, batches: int, threads: int, device: str, warm: bool = False
 ) -> tuple[float, float]:
-    """Rows/s of a reader over `store` through about `batches` batches rounded to whole epochs, and rows per CPU
-    second of the process (all its threads) meanwhile: from its start (every chunk read and scanned for NaN/Inf,
-    the start and the reading ahead into the next epoch counted), or with `warm` after a first epoch."""
-    with cls(store, store.sites[0], batch_size=b, threads=threads, buffer_mb=0, device=device) as r:
+    """Rows/s of a reader on `device` over `store` through about `batches` batches rounded to whole epochs, and rows
+    per CPU second of the process (all its threads) meanwhile: from its start (every chunk read and scanned for
+    NaN/Inf, the start and the reading ahead into the next epoch counted), or with `warm` after a first epoch."""
+    with ChunkReader(store, store.sites[0], batch_size=b, threads=threads, buffer_mb=0, device=device) as r:
         epoch = -(-r.train_rows // b)
         for _ in range(epoch if warm else 0):
             r.next_batch()
-        if warm and device != "cpu":
+        if warm and device == "cuda":
             torch.cuda.synchronize()
         t0, c0 = time.perf_counter(), time.process_time()
         batches = epoch * max(1, round(batches / epoch))
         for _ in range(batches):
             x = r.next_batch().x
-        if device != "cpu":
+        if device == "cuda":
             x.sum().item()  # the last batch is on the device
         return batches * b / (time.perf_counter() - t0), batches * b / (time.process_time() - c0)
 
@@ -174,9 +174,7 @@ def gpu_main(args: argparse.Namespace) -> None:
                         out[f"train/{codec}/{mode}"] = args.steps * b / total
                         out[f"wait/{codec}/{mode}"] = (r.wait_seconds - waited) / total
             for codec, p in paths.items():
-                out[f"reader/{codec}"] = reader_rate(
-                    Store.open(p), ChunkReader, b, args.reader_batches, threads, "cuda"
-                )[0]
+                out[f"reader/{codec}"] = reader_rate(Store.open(p), b, args.reader_batches, threads, "cuda")[0]
             if rnd:
                 for key, v in out.items():
                     res.setdefault(key, []).append(v)
@@ -233,9 +231,10 @@ def projection_main(args: argparse.Namespace) -> None:
             print(f"round {rnd}/{args.rounds}", file=sys.stderr)
             for codec, p in paths.items():
                 # one worker thread: the rows/s one core gives, doing the host's work for a GPU (chunks decoded or
-                # copied, and uploaded to the device arena), after a first epoch and from the start
+                # copied into staging; the meta device takes the copies and gathers at no cost), after a first
+                # epoch and from the start
                 for warm in (True, False):
-                    wall, cpu = reader_rate(Store.open(p), DeviceArenaHost, b, args.reader_batches, 1, "cpu", warm)
+                    wall, cpu = reader_rate(Store.open(p), b, args.reader_batches, 1, "meta", warm)
                     if rnd:
                         res.setdefault(codec + ("" if warm else "/start"), []).append(cpu)
                         res.setdefault(f"{codec}/wall" + ("" if warm else "/start"), []).append(wall)
@@ -253,8 +252,9 @@ def projection_main(args: argparse.Namespace) -> None:
         "link once, as bf16 (2·d bytes), against the link's datasheet peak per direction (PCIe Gen5 x16, 64 GB/s, "
         "for the H100 SXM; Gen4 x16, 32 GB/s, for the A100 SXM). Reader rows/s per core: "
         "rows per CPU second (all threads of the process) of the reader with one worker thread on this machine, "
-        "doing the host's work for a GPU (each chunk decoded, or copied from the mapped file if raw, into pinned "
-        "staging; the DMA to the device arena and the gather there cost the host no cycles and are left out), "
+        "doing the host's work for a GPU (each chunk decoded, or copied from the mapped file if raw, into "
+        'staging, and batches planned: `device="meta"`; the DMA to the device arena and the gather there cost '
+        "the host no cycles and are left out), "
         f"medians of {args.rounds} rounds of about {args.reader_batches} batches (whole epochs) after a first "
         "epoch; CPU time, not wall time, because "
         f"this box is shared: {machine()}; 1-min load average {load:.1f}.",

@@ -20,7 +20,7 @@ Without --store it writes a small store of Gaussian rows with SmolLM2-like norms
 measures the reader alone instead ("Reader" section): the same Gaussian rows stored with Blosc and with
 `--codec none`, the reader at 1, 2, 4 (and up to the core count) threads beside the raw limits, Blosc decode of
 the mapped chunks on as many threads and memcpy, interleaved in the same rounds, and the host's share of a GPU
-reader from each store (decode or copy, and upload to its device arena; the gather there is left out).
+reader from each store (`device="meta"`: decode or copy into staging; the upload and the gather are left out).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from common import DeviceArenaHost, machine
+from common import machine
 from common import write_section as write_doc_section
 
 from sae.config import TrainConfig
@@ -371,16 +371,17 @@ def compare_matryoshka(args, cfg, store, site, d, device, scale, variance, plan,
 def reader_main(args: argparse.Namespace) -> None:
     """The Reader section: the shuffled reader over a Blosc store and a `--codec none` store of the same rows,
     against raw Blosc decode on as many threads and memcpy, side by side in interleaved rounds."""
-    from sae.train.reader import ChunkReader
-
-    class Bf16Reader(ChunkReader):
-        _host_float32 = False  # the host gather alone, without the float32 conversion
-
     cores = os.cpu_count() or 1
     threads = [int(t) for t in args.reader_threads.split(",")] if args.reader_threads else sorted({1, 2, 4, cores})
     d, b, n_rows = args.d, args.batch_size, 32 * 8192
-    variants = [("blosc-zstd", ChunkReader), ("blosc-zstd", Bf16Reader), ("blosc-zstd", DeviceArenaHost)]
-    variants += [("none", ChunkReader), ("none", Bf16Reader), ("none", DeviceArenaHost)]
+    # what the reader delivers: float32 batches (the CPU trainer's), batches in the store's dtype (the host gather
+    # alone) and, on the meta device, the host's share of a GPU reader
+    outs = {
+        "float32": "float32 batches",
+        "bf16": "bf16 batches gathered on the host",
+        "meta": "the host's share of a GPU reader (chunks to a device arena, gathered there)",
+    }
+    variants = [(codec, out) for codec in ("blosc-zstd", "none") for out in outs]
     with tempfile.TemporaryDirectory() as tmp:
         print("writing two Gaussian stores ...", file=sys.stderr)
         paths = {c: gaussian_store(Path(tmp) / f"{c}.zarr", d, n_rows, codec=c) for c in ("blosc-zstd", "none")}
@@ -416,31 +417,34 @@ def reader_main(args: argparse.Namespace) -> None:
 
             timed(f"decode/{n}", n * per * chunk_rows, run)
 
-        def drain(r: Any, n: int) -> None:
+        def drain(r: ChunkReader, n: int, float32: bool) -> None:
             for _ in range(n):  # each batch dropped at once, as a trainer does: its memory is recycled
-                r.next_batch()
+                r.next_batch(float32)
 
         def t_memcpy() -> None:
             buf = np.empty((chunk_rows, d), np.uint16)
             timed("memcpy", 8 * chunk_rows, lambda: [np.copyto(buf, mapped["none"].chunk(c)) for c in chunks[:8]])
 
-        def t_reader(codec: str, cls: type, n: int) -> None:
-            key = f"{codec}/{cls.__name__}/{n}"
+        def t_reader(codec: str, out: str, n: int) -> None:
+            key = f"{codec}/{out}/{n}"
             seed = len(wall.get(key, []))
             # A fresh Store each time: its shard maps are new and the reader scans every chunk for NaN/Inf, as in
             # the first epoch of a run.
             # The first epoch fills the reader's arena (fresh pages) and scans each chunk for NaN/Inf; later epochs
             # reuse both. A store much larger than the buffer is mostly like the later epochs plus the scan.
             w0, c0 = time.perf_counter(), time.process_time()  # the first epoch from the start: every chunk read
-            with cls(Store.open(paths[codec]), site, batch_size=b, seed=seed, threads=n, buffer_mb=0) as r:
+            device, f32 = ("meta", True) if out == "meta" else ("cpu", out == "float32")
+            with ChunkReader(
+                Store.open(paths[codec]), site, batch_size=b, seed=seed, threads=n, buffer_mb=0, device=device
+            ) as r:
                 first = -(-r.train_rows // b)
-                drain(r, first)
+                drain(r, first, f32)
                 wall.setdefault(f"{key}/first", []).append((time.perf_counter() - w0) / (first * b))
                 cpu.setdefault(f"{key}/first", []).append((time.process_time() - c0) / (first * b))
                 # whole epochs, so the window starts and ends at the same point of the reading ahead (up to a
                 # group beside the batches drawn)
                 steady = first * max(1, round(args.reader_batches / first))
-                timed(key, steady * b, lambda: drain(r, steady))
+                timed(key, steady * b, lambda: drain(r, steady, f32))
 
         tasks = [t_memcpy] + [lambda n=n: t_decode(n) for n in threads]
         tasks += [lambda c=c, k=k, n=n: t_reader(c, k, n) for c, k in variants for n in threads]
@@ -462,12 +466,10 @@ def reader_main(args: argparse.Namespace) -> None:
         (f"raw Blosc decode of mapped chunks, {n} thread(s) at once", n, f"decode/{n}",
          f"{rate[f'decode/{n}'] / dec1:.2f}× one thread") for n in threads
     ]  # fmt: skip
-    for codec, cls in variants:
-        out = {ChunkReader: "float32 batches", Bf16Reader: "bf16 batches gathered on the host"}.get(
-            cls, "the host's share of a GPU reader (chunks to a device arena, gathered there)"
-        )
+    for codec, kind in variants:
+        out = outs[kind]
         for n in threads:
-            key = f"{codec}/{cls.__name__}/{n}"
+            key = f"{codec}/{kind}/{n}"
             f1 = rate[f"{key}/first"]
             if codec == "none":
                 what = f"reader, `--codec none` store, memory-mapped ({per_token['none']:.0f} bytes/token), {out}"
@@ -499,13 +501,14 @@ def reader_main(args: argparse.Namespace) -> None:
             f"about {args.reader_batches} batches of the later epochs, rounded to whole epochs so that the window "
             "starts and ends at the same point of the reader's reading ahead (the *rows/s* column, which the "
             "ratios use). A "
-            "store many times the buffer behaves like the later epochs plus the scan. Float32 batches are what "
-            "the CPU trainer gets (the bf16→fp32 conversion happens in the reader's workers); bf16 batches "
-            "gathered on the host are the host gather alone. A GPU reader instead copies each chunk whole "
-            "(decoded, or copied from the mapped file if raw) into an arena on the device and gathers the "
-            "batches there: the *host's share* rows run that path on the CPU (`DeviceArenaHost` in "
-            "benchmarks/common.py) without the copy to the device (a DMA, which costs the host no cycles) and the "
-            "gather there (the GPU's work). The raw limits run in the same rounds: Blosc "
+            "store many times the buffer behaves like the later epochs plus the scan. Every chunk goes whole into "
+            "the reader's arena (decoded, or copied from the mapped file if raw) on the reader's worker threads "
+            "(the *threads* column); one feed thread gathers each batch from it in the store's dtype (`next_batch"
+            "(float32=False)`: the bf16 rows) and `next_batch()` makes it float32 on the calling thread (what the "
+            "CPU trainer gets). A GPU reader's arena is on the device and its batches are gathered there: the "
+            '*host\'s share* rows run that path with `device="meta"`, which leaves out the copy to the device '
+            "(a DMA, which costs the host no cycles) and the gather there (the GPU's work). The raw limits run in "
+            "the same rounds: Blosc "
             "decoding whole chunks from the mapped shard bytes into preallocated buffers on n threads at once, "
             f"and a memcpy of the raw store's chunks. Medians of {args.rounds} interleaved rounds. Machine: "
             f"{machine()}; 1-min load "

@@ -231,8 +231,8 @@ class TrainConfig:
     """Gradient-norm clipping."""
 
     buffer_mb: int = 1024
-    """Shuffle buffer size in MB of stored activations, per reader lane (at least 32 chunks are held). On a GPU the
-    chunks live in an arena on the device: twice this in GPU memory."""
+    """Shuffle buffer size in MB of stored activations, per reader lane (at least 32 chunks are held). The chunks
+    live in an arena on the training device: one and a half times this (GPU memory on a GPU)."""
 
     reader_lanes: int | None = None
     """Seeded read streams over disjoint sets of chunks; each global batch takes equal parts from all of them.
