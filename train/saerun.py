@@ -7,7 +7,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -16,13 +16,14 @@ from sae.config import DEFAULT_MODEL, TrainConfig, hub_model_name
 from sae.embedded import embedded_model_source
 from sae.errors import SaeError
 from sae.saedir import save_sae as write_sae_dir
-from sae.store import Store
 
 from .archs import TrainingSae, from_config
 from .calibrate import Theta, apply_theta
-from .plan import Plan, default_lr
-from .reader import ChunkReader
+from .plan import default_lr
 from .rundir import LOG_DIR, LOG_FILE
+
+if TYPE_CHECKING:
+    from .trainer import RunState
 
 
 @dataclass
@@ -90,23 +91,11 @@ def write_log(run: SaeRun, row: dict[str, Any]) -> None:
     run.log.flush()
 
 
-def save_sae(
-    r: SaeRun,
-    cfg: TrainConfig,
-    plan: Plan,
-    store: Store,
-    site: str,
-    step: int,
-    reader: ChunkReader,
-    complete: bool,
-    *,
-    theta: Theta | None = None,
-    exclude: dict[str, Any] | None = None,
-    target: str | None = None,
-) -> None:
-    """Write `r`'s SAELens directory as of `step` (`complete`: the final one), with its log so far; `theta`: the
-    exported θ (sae.train.calibrate), `exclude`: the rows left out (metadata key `exclude`); a transcoder's
-    (`target`, its output site) in SAELens' transcoder format."""
+def save_sae(r: SaeRun, s: RunState, step: int, *, theta: Theta | None, exclude: dict[str, Any] | None) -> None:
+    """Write `r`'s SAELens directory as of `step` of run `s` (after its last step: the complete one), with its log
+    so far; `theta`: the exported θ (sae.train.calibrate), `exclude`: the rows left out (metadata key `exclude`);
+    a transcoder's (`s.target`, its output site) in SAELens' transcoder format."""
+    cfg, plan, store, site, target = s.cfg, s.plan, s.store, s.site, s.target
     a = store.attrs
     model = a.get("model") or {}
     metadata = {
@@ -129,8 +118,8 @@ def save_sae(
         "dead_fraction": float(r.sae.dead_mask(plan.dead_tokens).float().mean()),
         "decoder": r.sae.decoder,
         "sparse_max_density": r.sae.sparse_max_density,
-        "val_chunks": reader.val_chunks,
-        "reader_lanes": reader.lanes,
+        "val_chunks": s.reader.val_chunks,
+        "reader_lanes": s.reader.lanes,
     }
     if model.get("id") == DEFAULT_MODEL:  # model_name is the hub id; say what the weights really were
         metadata["model_source"] = embedded_model_source()
@@ -144,7 +133,7 @@ def save_sae(
         model_name=hub_model_name(model.get("id")),
         hook_name=site,
         hook_name_out=target,
-        complete=complete,
+        complete=step == plan.steps,
         metadata=metadata,
     )
     write_sae_dir(apply_theta(inf, theta), None, r.dir)

@@ -6,6 +6,11 @@ c = √d / E‖x‖ is one dataset-level scalar from the store's manifest; `Trai
 Checkpoints (sae.train.checkpoint) hold everything the loop's future depends on, so a run killed at any moment
 and resumed ends with the very weights of an uninterrupted run (bit for bit on CPU).
 
+Read top to bottom: `train` → `setup` (the checks, --out, the reader, the scales, the plan, the SAEs, the
+held-out rows: one `RunState`) → `loop`, whose step reads a batch (`next_batch`), steps each SAE (`train_step`),
+logs (`log_step`), asks whether a signal stops the run (`stop_requested`) and saves (`save`: the SAE directories,
+their validation rows and θ, and a checkpoint or the final export) → the summary.
+
 The parts live beside this file, one concern each: `plan` (run length, schedules), `rundir` (what `--out` holds,
 start/resume/skip), `saerun` (one SAE with its Adam, directory and log), `checkpoint`, `ddp` (torchrun),
 `signals` (SIGTERM/SIGINT), `log` (train rows, progress figures, the summary), `validate` (held-out rows,
@@ -25,6 +30,7 @@ import shutil
 import signal
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +48,7 @@ from sae.store import Store
 
 from . import checkpoint
 from .archs import check_config
-from .calibrate import check_theta, choose_theta, split_held_out
+from .calibrate import Theta, check_theta, choose_theta, split_held_out
 from .ddp import (
     SINGLE,
     Dist,
@@ -98,17 +104,76 @@ def train(cfg: TrainConfig) -> list[Path]:
     read from its own reader lanes (disjoint chunks); the gradients, the BatchTopK selection, the dead-latent
     counters and θ are global, so the weights match one process reading the same lanes. Rank 0 alone writes; the
     checkpoint holds global state only (every lane's position), so it resumes with any number of ranks."""
-    d, device, created = init_distributed(cfg)
+    dd, device, created = init_distributed(cfg)
     try:
-        return _train(cfg, d, device)
+        s = setup(cfg, dd, device)
+        if s is None:  # every SAE is already trained
+            return [Path(cfg.out) / p.name for p in sweep(cfg)]
+        # A signal ends the loop with TrainingInterrupted, after a checkpoint: no summary then, the progress bar's
+        # last line (closed with the rest of `s.closing`) says how far it got.
+        with s.closing:
+            loop(s)
+        # The SAEs are final, with their logs: the optimizer state and the growing logs are not needed any more.
+        if dd.main:
+            shutil.rmtree(s.out / checkpoint.DIR, ignore_errors=True)
+            shutil.rmtree(s.out / LOG_DIR, ignore_errors=True)
+            summary("train", [summary_line(r, s.last[r.name], s.plan) for r in s.runs])
+        return [r.dir for r in s.runs]
     finally:
         if created:
             destroy_process_group()
 
 
-def _train(cfg: TrainConfig, dd: Dist, device: torch.device) -> list[Path]:
+@dataclass
+class RunState:
+    """Everything the loop reads and updates, made by `setup`."""
+
+    cfg: TrainConfig
+    dd: Dist
+    """This process's place in a torchrun run (SINGLE in one process)."""
+    device: torch.device
+    store: Store
+    site: str
+    """The input site."""
+    target: str | None
+    """A transcoder's output site (its targets are a batch row's last columns); None for SAEs."""
+    target_scale: float
+    """The dataset-level scale of what the output is compared with (a transcoder's targets; an SAE's input)."""
+    plan: Plan
+    runs: list[SaeRun]
+    """The sweep's SAEs, in sweep order."""
+    reader: ChunkReader
+    rowfilter: RowFilter
+    """The rows left out of training (--exclude-*), and their counts."""
+    val: Rows | None
+    """Held-out rows of the validation metrics (rank 0, with --val-chunks; None otherwise)."""
+    cal: Rows | None
+    """Held-out rows θ is calibrated on (the encoder's input columns): the other half of the same rows."""
+    meta: dict[str, Any]
+    """Config, store identity and plan: what each checkpoint records beside the trainer's state."""
+    start: int
+    """The first step to take (a resumed run's checkpoint step)."""
+    stop: _StopFlag
+    prog: Progress
+    autocast: Any
+    """bf16 autocast on a GPU, a null context on the CPU."""
+    closing: contextlib.ExitStack
+    """What `setup` opened, closed in reverse at the end: the reader, the logs, the signal handlers, the progress."""
+    last: dict[str, dict[str, Any]]
+    """Each SAE's last log rows, by split ("train", "val"): the summary's figures."""
+    logged: tuple[float, int]
+    """(perf_counter time, step) of the last log step: the next log's tokens/s."""
+
+    @property
+    def out(self) -> Path:
+        return Path(self.cfg.out)
+
+
+def setup(cfg: TrainConfig, dd: Dist, device: torch.device) -> RunState | None:
+    """The run's state, from the checks (before anything is written) to the progress bar: what to do with --out,
+    the reader and the input scale, the plan, the SAEs (fresh, or as the checkpoint left them) and the held-out
+    rows. None when every SAE in --out is already trained."""
     check_values(cfg)
-    # What to do with --out: start, resume from its checkpoint, or nothing (already trained).
     store, site = open_store(cfg)
     target = target_site(cfg, store, site)  # a transcoder run's output site, None for SAEs
     # a batch row holds the input site's columns, then a transcoder's target's: the output is compared with the last
@@ -122,17 +187,18 @@ def _train(cfg: TrainConfig, dd: Dist, device: torch.device) -> list[Path]:
     check_theta(cfg, points)
     # rows left out of training (--exclude-*); a transcoder's are judged by its target (the batch's last columns)
     rowfilter = RowFilter(cfg, store, sites[-1], columns=slice(d, None) if target is not None else None)
-    names = [p.name for p in points]
+
+    # What to do with --out: start, resume from its checkpoint, or nothing (already trained).
     out = Path(cfg.out)
     identity = store_identity(store, site, target)
     config = to_dict(cfg)
     config["site"] = site
     run_info = {"config": config, "store": identity, "tool_version": __version__}
-    mode = check_out(cfg, names, run_info)
+    mode = check_out(cfg, [p.name for p in points], run_info)
     dd.barrier()  # every rank has looked at `out` before rank 0 writes into it
     if mode == "done":
         print(f"every SAE in {out} is already trained; nothing to do", file=sys.stderr)
-        return [out / n for n in names]
+        return None
     ck = checkpoint.load(out) if mode == "resume" else None
     if ck is not None:
         compare_store(ck.state["store"], identity, out)
@@ -154,21 +220,9 @@ def _train(cfg: TrainConfig, dd: Dist, device: torch.device) -> list[Path]:
         world=dd.world,
         state=ck.state["reader"] if ck is not None else None,
     )
-    with contextlib.ExitStack() as stack:
-        stack.callback(reader.close)
-        # (E‖x‖, σ²) per site: the store's, or with rows excluded the kept rows' from a seeded sample (the same on
-        # every rank and resume); a transcoder's batch rows hold its input's columns, then its target's.
-        moments = {s: (st.mean_norm, st.variance) for s, st in stats.items()}
-        if rowfilter.active:
-            sample = reader.sample(KEPT_STATS_ROWS)
-            moments = {s: rowfilter.kept_stats(sample, slice(i * d, (i + 1) * d)) for i, s in enumerate(moments)}
-        scale = math.sqrt(d) / moments[site][0]  # the input scale c
-        target_scale = math.sqrt(d) / moments[sites[-1]][0]  # the scale of what the output is compared with (c)
-        raw_variance = moments[sites[-1]][1]
-        if not (math.isfinite(raw_variance) and raw_variance > 0):
-            raise SaeError(f"store {cfg.store}: site {sites[-1]} has variance {raw_variance}; nothing to reconstruct")
-        # σ² of the scaled rows (a transcoder's: of its scaled targets): the fixed normaliser of the reconstruction
-        variance = raw_variance * target_scale**2
+    with contextlib.ExitStack() as closing:  # closed here on an error; handed to the state otherwise
+        closing.callback(reader.close)
+        scale, target_scale, variance = _scales(cfg, stats, reader, rowfilter)
         plan = make_plan(cfg, reader.train_rows, scale)
         short = short_run_warning(plan, reader.train_rows, cfg.tokens is not None)
         if short and dd.main and ck is None:
@@ -185,63 +239,80 @@ def _train(cfg: TrainConfig, dd: Dist, device: torch.device) -> list[Path]:
         if ck is None and dd.main:
             atomic.write_json(out / RUN_FILE, {**run_info, "plan": plan._asdict(), "started": time.time()})
         runs = [make_run(cfg, p, d, device, scale, variance, d_out=d_out, target_scale=target_scale) for p in points]
-        if dd.group is not None:
-            for r in runs:
-                r.sae.process_group = dd.group
         for r in runs:
+            r.sae.process_group = dd.group  # (None in one process)
             if dd.main:
                 r.log_path.parent.mkdir(parents=True, exist_ok=True)
-        if ck is None:
-            for r in runs:
-                if dd.main:
+                if ck is None:
                     r.log_path.unlink(missing_ok=True)  # left by a run that died before its first checkpoint
+        if ck is None:
             sample = rowfilter.rows(reader.sample(GEOMEDIAN_ROWS)).x.to(device)
             x0, y0 = sample[:, :d] * scale, (sample[:, d:] * target_scale if target is not None else None)
             for r in runs:
                 r.sae.init_from_sample(x0, y0)
             del sample, x0, y0
-            start = 0
         else:
             checkpoint.restore_run(ck, runs, truncate_logs=dd.main)
             rowfilter.restore(ck.state.get("exclude_rows"), dd.main)
-            start = int(ck.state["step"])
         if dd.group is not None:
             broadcast_state([r.sae for r in runs], dd)
-        for r in runs:
-            if dd.main:
-                r.log = stack.enter_context(open(r.log_path, "a"))
+        if dd.main:
+            for r in runs:
+                r.log = closing.enter_context(open(r.log_path, "a"))
+
         held = reader.validation_rows(2 * VAL_MAX_ROWS) if cfg.val_chunks > 0 and dd.main else None
         # alternate rows for the validation metrics and for calibrating θ (sae.train.calibrate)
         val, cal = split_held_out(rowfilter.rows(held), VAL_MAX_ROWS, VAL_MAX_ROWS)
         if cal is not None:  # θ is calibrated on the encoder's input columns
             cal = Rows(cal.x[:, :d], cal.rows)
-        meta = {"config": config, "store": identity, "plan": plan._asdict()}
-        stop = stack.enter_context(_StopFlag())
+        start = int(ck.state["step"]) if ck is not None else 0
+        stop = closing.enter_context(_StopFlag())
         # progress lines (or a bar on a terminal) from rank 0 only
-        quiet = None if dd.main else stack.enter_context(open(os.devnull, "w"))
-        prog = stack.enter_context(Progress("train", plan.tokens, "tok", initial=start * plan.batch_size, file=quiet))
-        last: dict[str, dict[str, Any]] = {r.name: {} for r in runs}  # each SAE's last log rows, by split
-        # A signal ends the loop with TrainingInterrupted, after a checkpoint: no summary then, the progress bar's
-        # last line (closed by `stack`) says how far it got.
-        _loop(
-            cfg, plan, runs, reader, val, device, start, stop, meta, store, site, prog, last, dd, cal, rowfilter,
-            target, target_scale,
-        )  # fmt: skip
-        prog.close()
-        counts = rowfilter.state(dd)  # (a collective under DDP)
-        if dd.main:
-            for r in runs:
-                th, ex = choose_theta(r.sae, cfg.theta, cal, device), rowfilter.metadata(**counts)
-                save_sae(
-                    r, cfg, plan, store, site, plan.steps, reader, complete=True, theta=th, exclude=ex, target=target
-                )
-    dd.barrier()
-    # The SAEs are final, with their logs: the optimizer state and the growing logs are not needed any more.
-    if dd.main:
-        shutil.rmtree(out / checkpoint.DIR, ignore_errors=True)
-        shutil.rmtree(out / LOG_DIR, ignore_errors=True)
-        summary("train", [summary_line(r, last[r.name], plan) for r in runs])
-    return [r.dir for r in runs]
+        quiet = None if dd.main else closing.enter_context(open(os.devnull, "w"))
+        prog = closing.enter_context(Progress("train", plan.tokens, "tok", initial=start * plan.batch_size, file=quiet))
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+        return RunState(
+            cfg=cfg,
+            dd=dd,
+            device=device,
+            store=store,
+            site=site,
+            target=target,
+            target_scale=target_scale,
+            plan=plan,
+            runs=runs,
+            reader=reader,
+            rowfilter=rowfilter,
+            val=val,
+            cal=cal,
+            meta={"config": config, "store": identity, "plan": plan._asdict()},
+            start=start,
+            stop=stop,
+            prog=prog,
+            autocast=autocast,
+            closing=closing.pop_all(),
+            last={r.name: {} for r in runs},
+            logged=(time.perf_counter(), start),
+        )
+
+
+def _scales(cfg: TrainConfig, stats: dict[str, Any], reader: ChunkReader, rowfilter: RowFilter) -> tuple[float, ...]:
+    """(c, c_target, σ²): the input scale c = √d / E‖x‖, the scale of what the output is compared with (an SAE's
+    input; a transcoder's target, the last site of `stats`) and σ² of those scaled rows, the fixed normaliser of
+    the reconstruction term."""
+    d = reader.store.d_model
+    # (E‖x‖, σ²) per site: the store's, or with rows excluded the kept rows' from a seeded sample (the same on
+    # every rank and resume); a transcoder's batch rows hold its input's columns, then its target's.
+    moments = {s: (st.mean_norm, st.variance) for s, st in stats.items()}
+    if rowfilter.active:
+        sample = reader.sample(KEPT_STATS_ROWS)
+        moments = {s: rowfilter.kept_stats(sample, slice(i * d, (i + 1) * d)) for i, s in enumerate(moments)}
+    site, target = list(moments)[0], list(moments)[-1]
+    raw_variance = moments[target][1]
+    if not (math.isfinite(raw_variance) and raw_variance > 0):
+        raise SaeError(f"store {cfg.store}: site {target} has variance {raw_variance}; nothing to reconstruct")
+    target_scale = math.sqrt(d) / moments[target][0]
+    return math.sqrt(d) / moments[site][0], target_scale, raw_variance * target_scale**2
 
 
 def _site_stats(cfg: TrainConfig, store: Store, site: str) -> Any:
@@ -260,102 +331,115 @@ def _find_bad_rows(store: Store, site: str, keep_bos: bool) -> None:
         read_rows(store, site, c, keep_bos=keep_bos)
 
 
-def _loop(
-    cfg: TrainConfig,
-    plan: Plan,
-    runs: list[SaeRun],
-    reader: ChunkReader,
-    val: Rows | None,
-    device: torch.device,
-    start: int,
-    stop: _StopFlag,
-    meta: dict[str, Any],
-    store: Store,
-    site: str,
-    prog: Progress,
-    last: dict[str, dict[str, Any]],
-    dd: Dist = SINGLE,
-    cal: Rows | None = None,
-    rowfilter: RowFilter | None = None,
-    target: str | None = None,
-    target_scale: float | None = None,
-) -> None:
-    """Steps `start`..plan.steps; keeps each SAE's last log rows by split ("train", "val") in `last`.
-    Transcoders: a batch holds the input's columns, then the target's (`target_scale` scales the latter)."""
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-    out = Path(cfg.out)
-    t_last, step_last = time.perf_counter(), start
-    for step in range(start, plan.steps):
-        batch = reader.next_batch()  # this rank's rows of the global batch, less the excluded ones
-        x = rowfilter.apply(batch) if rowfilter is not None else batch.x
-        y = None
-        if target is not None:
-            x, y = x[:, : runs[0].sae.d_in], x[:, runs[0].sae.d_in :] * target_scale
-        x = x * plan.input_scale
-        n_rows = global_rows(len(x), dd, varies=rowfilter is not None and rowfilter.active)
-        if step == start and step == 0:
-            for r in runs:
-                if r.sae.decoder == "auto":
-                    r.sae.choose_decoder(x, autocast=autocast, target=y)  # timed as the steps run
-                    # the ranks' timings differ: rank 0's choice for all
-                    r.sae.sparse_max_density = broadcast_float(r.sae.sparse_max_density, dd)
-
-        # One optimizer step of every SAE on the same batch.
-        lr_f = plan.lr_factor(step)
-        outs = []
-        for r in runs:
-            outs.append(train_step(r, x, lr_f * r.lr, step, plan, cfg, autocast, dd, y, n_rows=n_rows))
+def loop(s: RunState) -> None:
+    """Steps s.start..plan.steps, every SAE on the same batches. The SAEs are saved at each scheduled checkpoint,
+    when a signal stops the run (which then raises TrainingInterrupted) and, complete, after the last step."""
+    for step in range(s.start, s.plan.steps):
+        x, y, n_rows = next_batch(s)
+        if step == 0:
+            choose_decoders(s, x, y)
+        lr_f = s.plan.lr_factor(step)
+        outs = [train_step(r, x, lr_f * r.lr, step, s.plan, s.cfg, s.autocast, s.dd, y, n_rows=n_rows) for r in s.runs]
         done = step + 1
-
-        # Log (the only host reads of the step's figures).
-        if done % cfg.log_every == 0 or done == plan.steps:
-            now = time.perf_counter()
-            tok_s = (done - step_last) * plan.batch_size / max(now - t_last, 1e-9)
-            t_last, step_last = now, done
-            for r, (o, gn) in zip(runs, outs, strict=True):
-                o = reduce_output(o, dd)
-                row = train_row(r, o, gn, x, done, plan, lr_f * r.lr, tok_s)
-                write_log(r, row)
-                last[r.name]["train"] = row
-            prog.figures(**{r.name: progress_figures(last[r.name]["train"]) for r in runs})
-        prog.update(plan.batch_size)
-
-        # Checkpoint when scheduled or stopped by a signal; the ranks must agree on stopping (a signal may reach
-        # them a step apart), so under DDP they ask each other at the same steps.
-        scheduled = done % plan.checkpoint_steps == 0
-        ask = dd.group is None or scheduled or done % STOP_CHECK_STEPS == 0
-        stopped = ask and any_rank(stop.signum is not None, dd)
-        if stopped and stop.signum is None:
-            stop.signum = signal.SIGTERM
-        if done < plan.steps and (scheduled or stopped):
-            path = out / checkpoint.DIR
-            state = reader_state(reader, dd)
-            counts = rowfilter.state(dd) if rowfilter is not None else {"seen": 0, "excluded": 0}
-            if dd.main:
-                thetas = {r.name: choose_theta(r.sae, cfg.theta, cal, device) for r in runs}
-                if val is not None and scheduled:  # (not on a signal: the log stays that of an uninterrupted run)
-                    for r in runs:
-                        write_log(r, val_row(r.sae, val, plan, done, device, theta=thetas[r.name]))
-                for r in runs:
-                    ex = rowfilter.metadata(**counts) if rowfilter is not None else None
-                    th = thetas[r.name]
-                    save_sae(
-                        r, cfg, plan, store, site, done, reader, complete=False, theta=th, exclude=ex, target=target
-                    )
-                path = checkpoint.save_run(out, done, runs, state, {**meta, "exclude_rows": counts})
-            dd.barrier()  # the other ranks wait until rank 0's checkpoint is complete
+        if done % s.cfg.log_every == 0 or done == s.plan.steps:
+            log_step(s, done, outs, x, lr_f)
+        s.prog.update(s.plan.batch_size)
+        final = done == s.plan.steps
+        scheduled = done % s.plan.checkpoint_steps == 0
+        stopped = stop_requested(s, done, scheduled) and not final  # (after the last step the SAEs are complete)
+        if final or scheduled or stopped:
+            # validation rows at the scheduled checkpoints and the end, not on a signal alone: the log stays that
+            # of an uninterrupted run
+            path = save(s, done, log_val=final or scheduled)
             if stopped:
-                name = signal.Signals(stop.signum).name
-                raise TrainingInterrupted(
-                    f"train stopped by {name} after step {done} of {plan.steps}",
-                    f"checkpoint written to {path}",
-                    RESUME,
-                )
-    if val is not None and dd.main:
-        for r in runs:
-            th = choose_theta(r.sae, cfg.theta, cal, device)
-            last[r.name]["val"] = row = val_row(r.sae, val, plan, plan.steps, device, theta=th)
-            write_log(r, row)
+                raise interrupted(s, done, path)
+
+
+def next_batch(s: RunState) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+    """This rank's rows of the next global batch, less the excluded ones, scaled: (x, a transcoder's targets y or
+    None, the global batch's row count)."""
+    x = s.rowfilter.apply(s.reader.next_batch())
+    y = None
+    if s.target is not None:  # a transcoder's rows hold the input's columns, then the target's
+        d = s.store.d_model
+        x, y = x[:, :d], x[:, d:] * s.target_scale
+    x = x * s.plan.input_scale
+    return x, y, global_rows(len(x), s.dd, varies=s.rowfilter.active)
+
+
+def choose_decoders(s: RunState, x: torch.Tensor, y: torch.Tensor | None) -> None:
+    """--decoder auto: each SAE times its dense and sparse decoders on the first batch (a resumed run restores the
+    choice from its checkpoint)."""
+    for r in s.runs:
+        if r.sae.decoder == "auto":
+            r.sae.choose_decoder(x, autocast=s.autocast, target=y)  # timed as the steps run
+            # the ranks' timings differ: rank 0's choice for all
+            r.sae.sparse_max_density = broadcast_float(r.sae.sparse_max_density, s.dd)
+
+
+def log_step(s: RunState, done: int, outs: list[tuple[Any, torch.Tensor]], x: torch.Tensor, lr_f: float) -> None:
+    """Each SAE's log row after step `done` (the only host reads of the step's figures) and the progress line's
+    figures; `outs`: each SAE's SaeOutput and gradient norm."""
+    now = time.perf_counter()
+    tok_s = (done - s.logged[1]) * s.plan.batch_size / max(now - s.logged[0], 1e-9)
+    s.logged = (now, done)
+    for r, (o, gn) in zip(s.runs, outs, strict=True):
+        o = reduce_output(o, s.dd)
+        row = train_row(r, o, gn, x, done, s.plan, lr_f * r.lr, tok_s)
+        write_log(r, row)
+        s.last[r.name]["train"] = row
+    s.prog.figures(**{r.name: progress_figures(s.last[r.name]["train"]) for r in s.runs})
+
+
+def stop_requested(s: RunState, done: int, scheduled: bool) -> bool:
+    """Whether a SIGTERM/SIGINT stops the run after step `done`. The ranks must agree on stopping (a signal may
+    reach them a step apart), so under DDP they ask each other at the same steps: every STOP_CHECK_STEPS and at
+    each scheduled checkpoint."""
+    ask = s.dd.group is None or scheduled or done % STOP_CHECK_STEPS == 0
+    stopped = ask and any_rank(s.stop.signum is not None, s.dd)
+    if stopped and s.stop.signum is None:
+        s.stop.signum = signal.SIGTERM  # another rank's signal
+    return stopped
+
+
+def interrupted(s: RunState, done: int, path: Path) -> TrainingInterrupted:
+    """What a signal's stop raises once the checkpoint after step `done` is in `path` (the CLI prints it and exits
+    with sae.interrupt.EXIT_CODE)."""
+    name = signal.Signals(s.stop.signum).name
+    return TrainingInterrupted(
+        f"train stopped by {name} after step {done} of {s.plan.steps}", f"checkpoint written to {path}", RESUME
+    )
+
+
+def save(s: RunState, step: int, log_val: bool) -> Path:
+    """Every SAE's directory as of `step` (after the last step: the complete one), with θ chosen once for its
+    validation row (`log_val`) and its export; before the last step also a checkpoint of the run, whose folder is
+    returned. Every rank calls it (the reader's position and the row counts are gathered); rank 0 writes, the
+    others wait until it is done."""
+    final = step == s.plan.steps
+    reader = None if final else reader_state(s.reader, s.dd)
+    counts = s.rowfilter.state(s.dd)
+    path = s.out / checkpoint.DIR
+    if s.dd.main:
+        thetas = {r.name: choose_theta(r.sae, s.cfg.theta, s.cal, s.device) for r in s.runs}
+        if log_val and s.val is not None:
+            log_validation(s, s.val, step, thetas)
+        if final:
+            s.prog.close()  # the run's time and tokens/s cover its training and validation, not the export
+        for r in s.runs:
+            save_sae(r, s, step, theta=thetas[r.name], exclude=s.rowfilter.metadata(**counts))
+        if not final:
+            path = checkpoint.save_run(s.out, step, s.runs, reader, {**s.meta, "exclude_rows": counts})
+    s.dd.barrier()
+    return path
+
+
+def log_validation(s: RunState, val: Rows, step: int, thetas: dict[str, Theta | None]) -> None:
+    """Each SAE's validation row after `step`: the metrics of the SAE as exported (at its θ) on the held-out rows
+    `val`."""
+    for r in s.runs:
+        s.last[r.name]["val"] = row = val_row(r.sae, val, s.plan, step, s.device, theta=thetas[r.name])
+        write_log(r, row)
 
 
 def global_rows(n: int, dd: Dist, varies: bool) -> int:
@@ -420,6 +504,7 @@ __all__ = [
     "LOG_FILE",
     "Plan",
     "RUN_FILE",
+    "RunState",
     "SaeRun",
     "TrainingInterrupted",
     "default_lr",
@@ -427,6 +512,7 @@ __all__ = [
     "make_plan",
     "make_run",
     "resolve_device",
+    "setup",
     "train",
     "train_step",
     "validate",
