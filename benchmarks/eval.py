@@ -42,7 +42,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from common import machine, write_section
+from common import ROOT, machine, write_section
 
 from sae.config import EvalConfig
 from sae.evaluate.evaluate import (
@@ -61,7 +61,6 @@ from sae.models import load_model
 from sae.saedir import SaeConfig, SparseAutoencoder, load_sae, save_sae
 from sae.sites import capture, parse_site, splice
 
-ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "benchmarks.md"
 HELDOUT = str(Path(__file__).resolve().parents[2] / "shared" / "corpus" / "heldout.jsonl.gz")
 GOAL = 0.8

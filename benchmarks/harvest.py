@@ -26,11 +26,9 @@ import contextlib
 import os
 import shlex
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
-import types
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +36,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from common import machine, write_section
+from common import ROOT, machine, modules_at, write_section
 
 import sae.harvest.loop
 from sae import store
@@ -47,7 +45,6 @@ from sae.corpus import iter_contexts
 from sae.models import ModelInfo, load_model
 from sae.sites import Site, capture, parse_site
 
-ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "benchmarks.md"
 TRAIN = str(Path(__file__).resolve().parents[2] / "shared" / "corpus" / "train.jsonl.gz")
 HARVEST_MODULES = ("sae.sites", "sae.store", "sae.harvest.loop")
@@ -67,33 +64,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
 
 def harvest_at(rev: str) -> Callable[[HarvestConfig], Path]:
     """`sae.harvest.harvest` as of git revision `rev`."""
-    return code_at(rev)["sae.harvest.loop"].harvest
-
-
-def code_at(rev: str) -> dict[str, types.ModuleType]:
-    """HARVEST_MODULES as of git revision `rev`: their source from git, executed as fresh modules that import
-    each other (and the working tree's copy of everything else)."""
-    saved = {name: sys.modules[name] for name in HARVEST_MODULES}
-    loaded: dict[str, types.ModuleType] = {}
-    try:
-        for name in HARVEST_MODULES:
-            rel = Path(saved[name].__file__).resolve().relative_to(ROOT).as_posix()
-            source = subprocess.run(
-                ["git", "-C", str(ROOT), "show", f"{rev}:{rel}"], capture_output=True, text=True, check=True
-            ).stdout
-            module = types.ModuleType(name)
-            module.__file__ = f"{rev}:{rel}"
-            module.__package__ = name.rpartition(".")[0]
-            # `from sae.sites import ...` reads sys.modules, `from sae import store` the package attribute.
-            sys.modules[name] = module
-            setattr(sys.modules[module.__package__], name.rpartition(".")[2], module)
-            exec(compile(source, module.__file__, "exec"), module.__dict__)
-            loaded[name] = module
-    finally:
-        for name, module in saved.items():
-            sys.modules[name] = module
-            setattr(sys.modules[name.rpartition(".")[0]], name.rpartition(".")[2], module)
-    return loaded
+    return modules_at(rev, HARVEST_MODULES)["sae.harvest.loop"].harvest
 
 
 @dataclass

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import machine, write_section
+from common import ROOT, machine, write_section
 
 from sae.config import InspectConfig
 from sae.device import resolve_device
@@ -39,7 +39,6 @@ from sae.store import Store
 from sae.train.reader import ChunkReader
 from train import gaussian_store
 
-ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "benchmarks.md"
 SECTION = "## Inspect"
 

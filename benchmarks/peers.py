@@ -54,7 +54,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from common import machine, write_section
+from common import ROOT, machine, write_section
 
 from sae import store
 from sae.config import DEFAULT_MODEL, HarvestConfig, TrainConfig
@@ -67,7 +67,6 @@ from sae.train.reader import ChunkReader
 from sae.train.trainer import make_plan, make_run, train_step
 from train import SaeLens, sync
 
-ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "benchmarks.md"
 TRAIN = str(Path(__file__).resolve().parents[2] / "shared" / "corpus" / "train.jsonl.gz")
 PEER_INSTALL = (

@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from common import machine
+from common import ROOT, machine
 from common import write_section as write_doc_section
 
 from sae.config import TrainConfig
@@ -49,7 +49,6 @@ from sae.store import Store, finalize, init_store
 from sae.train.reader import ChunkReader
 from sae.train.trainer import make_plan, make_run, resolve_device, train_step
 
-ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "benchmarks.md"
 SECTION = "## Train"
 MATRYOSHKA_SECTION = "## Train: Matryoshka vs BatchTopK"

@@ -49,14 +49,13 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # the shared benchmark harness
-from common import machine, write_section  # noqa: E402
+from common import ROOT, machine, write_section  # noqa: E402
 
 from sae.errors import SaeError  # noqa: E402
 from sae.evaluate.report import plot_l0_histogram  # noqa: E402
 from sae.saedir import checkpoint_path, is_complete  # noqa: E402
 from sae.store import Store  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "results.md"
 README = ROOT / "README.md"
 IMG = ROOT / "docs" / "img"
